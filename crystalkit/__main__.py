@@ -1,0 +1,3 @@
+from crystalkit.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""The ``crystalkit`` command line (Typer).
+
+Every command turns user mistakes (:class:`~crystalkit.errors.UsageError`) into one red line on
+stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from crystalkit.errors import UsageError, did_you_mean
+from crystalkit.registry import PluginWarning
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="crystalkit",
+    help="Crystallized latent visual reasoning: train, evaluate and inspect recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Show, validate and describe recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(func: F) -> F:
+    """Report :class:`UsageError` as one line with exit code 2; show plugin warnings briefly."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PluginWarning)
+            try:
+                return func(*args, **kwargs)
+            except UsageError as exc:
+                err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            finally:
+                for warning in caught:
+                    if issubclass(warning.category, PluginWarning):
+                        err.print(
+                            f"[yellow]warning:[/] {warning.message}",
+                            highlight=False,
+                            soft_wrap=True,
+                        )
+                    else:
+                        warnings.showwarning(
+                            warning.message, warning.category, warning.filename, warning.lineno
+                        )
+
+    return wrapper  # type: ignore[return-value]
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="overrides like train.lr=3e-4 or ~eval.max_samples", show_default=False),
+]
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run from its latest checkpoint")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an existing run of the same name")
+    ] = False,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="output folder (default OUTPUT_DIR/NAME)")
+    ] = None,
+) -> None:
+    """Train a recipe; prints held-out accuracy at the end."""
+    from crystalkit.config import load_recipe
+    from crystalkit.training.trainer import train as run_training
+
+    resolved = load_recipe(recipe, overrides or [])
+    result = run_training(
+        resolved, run_dir=run_dir, resume=resume, overwrite=overwrite, console=err
+    )
+    if result.final is not None:
+        _print_eval(result.final, resolved.eval.final_split, result.run_dir)
+
+
+@app.command("eval")
+@user_errors
+def evaluate_run(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory made by `crystalkit train`")],
+    split: Annotated[str, typer.Option(help="dataset split to evaluate")] = "test",
+    max_samples: Annotated[int | None, typer.Option(help="evaluate at most this many")] = None,
+) -> None:
+    """Re-evaluate a saved run's latest checkpoint."""
+    from crystalkit.evaluation.runs import evaluate_run_dir
+
+    result = evaluate_run_dir(run_dir, split, max_samples)
+    _print_eval(result, split, run_dir)
+
+
+def _print_eval(result: Any, split: str, run_dir: Path) -> None:
+    table = Table(title=f"{run_dir} — {split}", show_edge=False)
+    table.add_column("category")
+    table.add_column("accuracy", justify="right")
+    for category, accuracy in result.per_category.items():
+        table.add_row(category, f"{accuracy:.1%}")
+    table.add_row("[bold]overall", f"[bold]{result.accuracy:.1%}")
+    out.print(table)
+    out.print(
+        f"{split} accuracy {result.accuracy:.1%} on {result.num_samples} samples "
+        f"(chance {result.chance:.1%})"
+    )
+
+
+@app.command("list")
+@user_errors
+def list_components(
+    kind: Annotated[
+        str | None, typer.Argument(help="backbones, datasets, corruptions, ...")
+    ] = None,
+) -> None:
+    """List registered components (built-in and plugins) with a one-line description."""
+    from crystalkit.registries import ALL
+
+    if kind is not None and kind not in ALL:
+        raise UsageError(f"unknown kind {kind!r}{did_you_mean(kind, ALL)}; valid: {', '.join(ALL)}")
+    for registry in [ALL[kind]] if kind else ALL.values():
+        table = Table(title=registry.kind, title_justify="left", show_edge=False)
+        table.add_column("name", style="bold cyan")
+        table.add_column("source")
+        table.add_column("description")
+        for entry in registry.entries():
+            table.add_row(entry.name, entry.source, entry.description)
+        if not len(table.rows):
+            table.add_row(
+                "—", "", f"none registered (entry point group {registry.entry_point_group})"
+            )
+        out.print(table)
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Print the fully resolved recipe (inheritance, overrides and defaults applied)."""
+    from crystalkit.config import load_recipe
+    from crystalkit.config.loader import dump_recipe
+
+    text = dump_recipe(load_recipe(recipe, overrides or []))
+    out.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+
+
+@recipe_app.command("validate")
+@user_errors
+def recipe_validate(recipes: Annotated[list[Path], typer.Argument(help="recipe files")]) -> None:
+    """Check recipes without running them (exit 2 on the first invalid one)."""
+    from crystalkit.config import load_recipe
+
+    for path in recipes:
+        resolved = load_recipe(path)
+        out.print(f"[green]ok[/] {path} ({resolved.name})", highlight=False)
+
+
+@recipe_app.command("schema")
+@user_errors
+def recipe_schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write to a file")] = None,
+) -> None:
+    """Emit the recipe JSON Schema (for editor autocompletion and validation)."""
+    from crystalkit.config.loader import recipe_json_schema
+    from crystalkit.io import atomic_write_text
+
+    text = json.dumps(recipe_json_schema(), indent=2)
+    if output is None:
+        out.print(text, highlight=False, markup=False, soft_wrap=True)
+    else:
+        atomic_write_text(output, text + "\n")
+
+
+def main() -> None:
+    app()

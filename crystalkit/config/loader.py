@@ -1,0 +1,213 @@
+"""Load a recipe: YAML -> ``inherit`` chain -> CLI overrides -> typed, validated :class:`Recipe`.
+
+Every failure is a :class:`RecipeError` with one line that names the file the offending value came
+from, its dotted key, the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from crystalkit.config.components import component_schema, config_model
+from crystalkit.config.overrides import apply_override, parse_override
+from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.errors import RecipeError, UsageError, did_you_mean
+from crystalkit.registries import BACKBONES, DATASETS
+from crystalkit.registry import Registry
+
+#: recipe section -> registry its ``name`` resolves in
+COMPONENT_SECTIONS: dict[str, Registry] = {"backbone": BACKBONES, "dataset": DATASETS}
+
+Path_ = tuple[str, ...]
+
+
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` a user file, turning I/O and syntax problems into one-line errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
+def _merge(
+    base: dict, child: dict, prov: dict[Path_, str], source: str, prefix: Path_ = ()
+) -> dict:
+    """Deep-merge ``child`` over ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in child.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, prov, source, path)
+        else:
+            out[key] = copy.deepcopy(value)
+            _mark(prov, path, value, source)
+    return out
+
+
+def _mark(prov: dict[Path_, str], path: Path_, value: Any, source: str) -> None:
+    prov[path] = source
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _mark(prov, (*path, str(key)), sub, source)
+
+
+def _load_tree(path: Path, prov: dict[Path_, str], chain: tuple[Path, ...] = ()) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError(f"{path}: inherit cycle: {cycle}")
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    parents = data.pop("inherit", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(
+            f"{path}: inherit: expected a file path or a list of them, got {parents!r}"
+        )
+    tree: dict = {}
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise RecipeError(
+                f"{path}: inherit: {parent!r} not found (looked for {parent_path}; paths are "
+                "relative to the recipe file)"
+            )
+        tree = _merge(
+            tree, _load_tree(parent_path, prov, (*chain, resolved)), prov, str(parent_path)
+        )
+    return _merge(tree, data, prov, str(path))
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, merge, override and validate a recipe file."""
+    path = Path(path)
+    prov: dict[Path_, str] = {}
+    tree = _load_tree(path, prov)
+    for text in overrides:
+        override = parse_override(text)
+        apply_override(tree, override)
+        _mark(prov, override.path, override.value, f"override {text!r}")
+    tree.setdefault("name", path.stem)
+    return validate_recipe(tree, source=str(path), provenance=prov)
+
+
+def validate_recipe(
+    tree: dict[str, Any], source: str = "<recipe>", provenance: dict[Path_, str] | None = None
+) -> Recipe:
+    """Validate a merged recipe tree; component parameters are checked against their registry."""
+    provenance = provenance or {}
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(exc, Recipe, source, provenance)) from None
+    for section, registry in COMPONENT_SECTIONS.items():
+        spec: ComponentSpec = getattr(recipe, section)
+        setattr(recipe, section, _resolve_component(spec, registry, section, source, provenance))
+    return recipe
+
+
+def _resolve_component(
+    spec: ComponentSpec, registry: Registry, section: str, source: str, prov: dict[Path_, str]
+) -> ComponentSpec:
+    where = _source_of((section, "name"), prov, source)
+    try:
+        obj = registry.get(spec.name)
+    except UsageError as exc:
+        raise RecipeError(f"{where}: {section}.name: {exc}") from None
+    model = config_model(obj)
+    try:
+        params = model.model_validate(spec.params)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(exc, model, source, prov, prefix=(section,))) from None
+    return ComponentSpec(name=spec.name, **params.model_dump(mode="json"))
+
+
+def _format_error(
+    exc: ValidationError,
+    model: type[BaseModel],
+    source: str,
+    prov: dict[Path_, str],
+    prefix: Path_ = (),
+) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = (*prefix, *(str(p) for p in err["loc"]))
+    key = ".".join(loc) or "<root>"
+    where = _source_of(loc, prov, source)
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        valid = _field_names(model, err["loc"][:-1])
+        hint = did_you_mean(loc[-1], valid)
+        return f"{where}: {key}: unknown key{hint}; valid keys here: {', '.join(valid)}{more}"
+    if err["type"] == "missing":
+        return f"{where}: {key}: required key is missing{more}"
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    got = "" if "got" in message else f", got {err['input']!r}"
+    return f"{where}: {key}: {message}{got}{more}"
+
+
+def _source_of(loc: Path_, prov: dict[Path_, str], default: str) -> str:
+    """Which file (or override) set the value at ``loc``: itself, else a key below it (an unknown
+    section), else the closest enclosing key."""
+    if loc in prov:
+        return prov[loc]
+    below = [p for p in prov if p[: len(loc)] == loc]
+    if below:
+        return prov[min(below, key=len)]
+    return next((prov[loc[:i]] for i in range(len(loc) - 1, 0, -1) if loc[:i] in prov), default)
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (sub)model at ``loc`` inside ``model``, for did-you-mean hints."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        current = annotation
+    return sorted(current.model_fields)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of recipes, with one alternative per registered component (for editors)."""
+    schema = Recipe.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    for section, registry in COMPONENT_SECTIONS.items():
+        component = component_schema(registry)
+        for alternative in component["anyOf"]:
+            defs.update(alternative.pop("$defs", {}))
+        schema["properties"][section] = {
+            "description": schema["properties"][section].get("description", ""),
+            **component,
+        }
+    schema["properties"]["inherit"] = {
+        "description": "base recipe(s), relative to this file",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    }
+    return schema
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what runs write next to their outputs)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

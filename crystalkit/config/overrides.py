@@ -1,0 +1,113 @@
+"""Command-line overrides: ``key.sub=value`` sets, ``~key.sub`` removes (restores the default).
+
+Values are parsed as YAML scalars/flow collections (``lr=3e-4``, ``tasks=[colour,shape]``,
+``grad_clip=null``), then validated with the rest of the recipe, so an override can never smuggle in
+a value that the same key in a file would reject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from crystalkit.errors import RecipeError
+
+_SEGMENT = r"[A-Za-z_][A-Za-z0-9_\-]*|\d+"
+_KEY_RE = re.compile(rf"^(?:{_SEGMENT})(?:\.(?:{_SEGMENT}))*$")
+
+
+@dataclass(frozen=True)
+class Override:
+    """One parsed override. ``value`` is ignored when ``delete`` is set."""
+
+    path: tuple[str, ...]
+    value: Any = None
+    delete: bool = False
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+
+def parse_override(text: str) -> Override:
+    """Parse ``a.b=value`` or ``~a.b``."""
+    if text.startswith("~"):
+        key, value, delete = text[1:], None, True
+        if "=" in key:
+            raise RecipeError(f"override {text!r}: '~KEY' removes a key and takes no '=VALUE'")
+    else:
+        key, sep, raw = text.partition("=")
+        if not sep:
+            raise RecipeError(f"override {text!r}: expected KEY=VALUE (e.g. train.lr=3e-4) or ~KEY")
+        delete = False
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(f"override {text!r}: value is not valid YAML ({problem})") from None
+    key = key.strip()
+    if not _KEY_RE.match(key):
+        raise RecipeError(
+            f"override {text!r}: key {key!r} is not a dotted path like 'train.lr' or 'objectives.0.weight'"
+        )
+    return Override(tuple(key.split(".")), value, delete)
+
+
+def apply_override(tree: dict[str, Any], override: Override) -> None:
+    """Apply ``override`` to a nested dict/list tree in place, creating missing dicts."""
+    node: Any = tree
+    for depth, segment in enumerate(override.path[:-1]):
+        node = _child(node, segment, override, depth, create=not override.delete)
+        if node is None:  # deleting below a key that is not there: nothing to do
+            return
+    last = override.path[-1]
+    if isinstance(node, list):
+        index = _index(node, last, override, len(override.path) - 1)
+        if override.delete:
+            del node[index]
+        else:
+            node[index] = override.value
+    elif isinstance(node, dict):
+        if override.delete:
+            node.pop(last, None)
+        else:
+            node[last] = override.value
+    else:
+        _not_container(node, override, len(override.path) - 1)
+
+
+def _child(node: Any, segment: str, override: Override, depth: int, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, segment, override, depth)]
+    if not isinstance(node, dict):
+        _not_container(node, override, depth)
+    if segment not in node or node[segment] is None:
+        if not create:
+            return None
+        node[segment] = {}
+    return node[segment]
+
+
+def _index(node: list, segment: str, override: Override, depth: int) -> int:
+    where = ".".join(override.path[:depth]) or "<root>"
+    if not segment.isdigit():
+        raise RecipeError(
+            f"override {override.key!r}: {where} is a list; use an index, not {segment!r}"
+        )
+    index = int(segment)
+    if index >= len(node):
+        raise RecipeError(
+            f"override {override.key!r}: index {index} is out of range for {where} (length {len(node)})"
+        )
+    return index
+
+
+def _not_container(node: Any, override: Override, depth: int) -> None:
+    where = ".".join(override.path[:depth])
+    raise RecipeError(
+        f"override {override.key!r}: {where} is {node!r}, not a mapping, so it has no key "
+        f"{override.path[depth]!r}"
+    )

@@ -1,0 +1,81 @@
+"""The recipe's typed structure. Every field has a default and a description (shown in the docs
+and in the JSON Schema editors use for autocompletion)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(BaseModel):
+    """A registered component: ``name`` plus that component's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="registered name, 'package.module:attr' or 'file.py:attr'")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(600, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="samples per step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warmup (transformers' schedulers)"
+    )
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps with linear warmup")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables")
+    log_every: int = Field(10, ge=1, description="steps between metric lines")
+    eval_every: int = Field(0, ge=0, description="steps between validation passes; 0 = only at end")
+    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at end")
+    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept on disk")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; null = torch default"
+    )
+
+
+class EvalConfig(_Strict):
+    split: str = Field("val", description="split evaluated periodically during training")
+    final_split: str = Field("test", description="split evaluated once training finishes")
+    max_samples: int | None = Field(None, ge=1, description="cap on evaluated samples per split")
+    batch_size: int = Field(128, ge=1, description="samples per evaluation batch")
+    max_new_tokens: int = Field(4, ge=1, description="greedy decoding budget for the answer")
+
+
+class Recipe(_Strict):
+    """A complete, runnable experiment."""
+
+    name: str = Field(description="run name; outputs go to OUTPUT_DIR/NAME (defaults to file stem)")
+    description: str = Field("", description="free text, kept with the run")
+    seed: int = Field(0, description="seeds model init, data order and every random op")
+    output_dir: str = Field("runs", description="parent folder of run directories")
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'")
+    backbone: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="embedded"), description="model (BACKBONES)"
+    )
+    dataset: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="synthetic_shapes"),
+        description="data (DATASETS)",
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_name(self) -> Recipe:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name {self.name!r} must be a plain folder name")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe as plain YAML-able data."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Image corruptions for the corrupted path (registry: ``CORRUPTIONS``)."""

@@ -1,0 +1,101 @@
+"""Multiple-choice accuracy by greedy decoding (not by restricted argmax over option letters), so
+the number reflects what the model actually writes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from crystalkit.data.collate import Collator
+from crystalkit.data.sample import LETTERS
+from crystalkit.io import atomic_write_json, atomic_write_text
+from crystalkit.models.backbone import Backbone
+from crystalkit.models.generation import greedy_generate
+
+
+def extract_choice(text: str, num_options: int) -> str | None:
+    """The first standalone option letter in ``text`` (``None`` if the model wrote none)."""
+    valid = LETTERS[:num_options]
+    match = re.search(rf"(?<![A-Za-z])([{valid}])(?![A-Za-z])", text)
+    return match.group(1) if match else None
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    chance: float
+    num_samples: int
+    per_category: dict[str, float]
+    predictions: list[dict[str, Any]] = field(repr=False)
+
+    def save(self, run_dir: Path, split: str, step: int) -> None:
+        """Write ``eval_SPLIT.json`` (summary) and ``predictions_SPLIT.jsonl`` (per sample)."""
+        atomic_write_json(
+            run_dir / f"eval_{split}.json", {"step": step, "split": split, **self.summary()}
+        )
+        atomic_write_text(
+            run_dir / f"predictions_{split}.jsonl",
+            "".join(json.dumps(p) + "\n" for p in self.predictions),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "chance": self.chance,
+            "num_samples": self.num_samples,
+            "per_category": self.per_category,
+        }
+
+
+def evaluate(
+    backbone: Backbone,
+    dataset: Dataset,
+    batch_size: int = 128,
+    max_samples: int | None = None,
+    max_new_tokens: int = 4,
+) -> EvalResult:
+    """Greedy-decode an answer for every sample and score the extracted letter."""
+    was_training = backbone.training
+    backbone.eval()
+    collate = Collator(backbone, with_answer=False)
+    tokenizer = backbone.tokenizer
+    device = next(backbone.parameters()).device
+    total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    predictions: list[dict[str, Any]] = []
+    for start in range(0, total, batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, total))]
+        batch = collate(samples).to(device)
+        tokens = greedy_generate(backbone, batch, max_new_tokens, [tokenizer.eos_token_id])
+        for sample, row in zip(samples, tokens.tolist(), strict=True):
+            raw = tokenizer.decode(row, skip_special_tokens=True)
+            choice = extract_choice(raw, len(sample.options))
+            predictions.append(
+                {
+                    "index": sample.index,
+                    "category": sample.category,
+                    "question": sample.question,
+                    "raw": raw,
+                    "prediction": choice,
+                    "answer": sample.answer,
+                    "num_options": len(sample.options),
+                    "correct": choice == sample.answer,
+                }
+            )
+    backbone.train(was_training)
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_category[p["category"]].append(p["correct"])
+    count = max(len(predictions), 1)
+    return EvalResult(
+        accuracy=sum(p["correct"] for p in predictions) / count,
+        chance=sum(1 / p["num_options"] for p in predictions) / count,
+        num_samples=len(predictions),
+        per_category={k: sum(v) / len(v) for k, v in sorted(by_category.items())},
+        predictions=predictions,
+    )

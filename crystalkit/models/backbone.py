@@ -1,0 +1,93 @@
+"""The interface every backbone implements.
+
+It is the smallest surface that both the CPU-sized embedded model and a real Hugging Face VLM
+(Qwen2.5-VL, LLaVA, ...) can offer without forking the model: token embeddings, image features
+merged at image-placeholder tokens, and a forward over ``inputs_embeds`` with an explicit 4-D mask,
+position ids and a KV cache that returns logits and hidden states. Latent reasoning is built on
+top of exactly this: writing vectors into ``inputs_embeds`` and reading hidden states back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    """``logits`` ``[B, T, V]``; ``hidden_states`` one ``[B, T, D]`` per layer (embeddings first,
+    last layer last) when requested; ``past_key_values`` the updated cache when ``use_cache``."""
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    past_key_values: Any = None
+
+
+class Backbone(nn.Module, ABC):
+    """A multimodal causal LM as crystalkit drives it."""
+
+    Config: type[BaseModel]
+
+    #: placeholder token the collator repeats ``num_image_tokens`` times per image
+    image_token: str = "<image>"
+
+    @classmethod
+    @abstractmethod
+    def create(
+        cls, config: BaseModel, *, corpus: Sequence[str], assets: Path | None = None
+    ) -> Backbone:
+        """Build the model. ``assets`` is a run directory whose saved assets (tokenizer, ...) must
+        be reused; otherwise fresh ones are made (``corpus`` lists the dataset's words)."""
+
+    @abstractmethod
+    def save_assets(self, directory: Path) -> None:
+        """Write what :meth:`create` needs besides weights (tokenizer, processor config)."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A ``transformers`` tokenizer (``encode``/``decode``, special token ids)."""
+
+    @property
+    @abstractmethod
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image."""
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @abstractmethod
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``uint8`` ``[B, 3, H, W]`` -> model pixel values."""
+
+    @abstractmethod
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings, with image features written at the image-placeholder positions."""
+
+    @abstractmethod
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BackboneOutput:
+        """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]``."""
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for incremental decoding."""
+        from transformers import DynamicCache
+
+        return DynamicCache()

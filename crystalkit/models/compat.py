@@ -1,0 +1,30 @@
+"""transformers API differences crystalkit bridges (tested range: see pyproject).
+
+transformers 5.2x renamed the KV-cache argument and output field from ``past_key_values`` to
+``cache``; passing the old name still works there but warns, and older 5.x releases only know it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+
+
+@functools.cache
+def _cache_kwarg(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``, whichever ``model`` accepts."""
+    return {_cache_kwarg(type(model)): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache returned in a model output, whatever the release calls it."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

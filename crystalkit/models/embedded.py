@@ -1,0 +1,205 @@
+"""The embedded backbone: a multimodal LM small enough to train from scratch on a CPU.
+
+A timm convolutional encoder (no pretrained weights) turns the image into a grid of features, a
+projector with a learned 2-D position embedding maps them to the LM width, and an unmodified
+``transformers`` causal LM (Qwen2 by default) reads them as ordinary input embeddings. It is the
+default of every CPU recipe and implements the same :class:`Backbone` interface as the real VLM
+adapters, so everything tested on it runs unchanged on those.
+
+Two choices matter for learning from scratch (measured): a convolutional encoder (a from-scratch
+ViT stays at chance for minutes) and Xavier-initialised LM projections (with the LM's default
+``N(0, 0.02)`` init, attention to the image tokens barely learns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from einops import rearrange
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from crystalkit.errors import UsageError
+from crystalkit.models.backbone import Backbone, BackboneOutput
+from crystalkit.models.compat import cache_kwargs, output_cache
+from crystalkit.models.tokenizer import (
+    IMAGE_TOKEN,
+    TOKENIZER_FILE,
+    build_word_tokenizer,
+    load_word_tokenizer,
+    save_word_tokenizer,
+)
+from crystalkit.registries import BACKBONES
+
+
+class EmbeddedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(64, ge=16, description="images are resized to this square size")
+    encoder: str = Field("resnet10t", description="timm model name (built without weights)")
+    encoder_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"channels": [32, 64, 128, 256]},
+        description="extra keyword arguments for timm.create_model",
+    )
+    feature_stride: int = Field(8, description="encoder stride of the feature map used as tokens")
+    lm_type: str = Field("qwen2", description="transformers model_type of the language model")
+    hidden_size: int = Field(128, ge=8, description="LM width")
+    num_layers: int = Field(4, ge=1, description="LM decoder layers")
+    num_heads: int = Field(4, ge=1, description="LM attention heads")
+    intermediate_size: int = Field(512, ge=8, description="LM MLP width")
+    max_positions: int = Field(1024, ge=16, description="LM maximum sequence length")
+    lm_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra fields for the transformers LM config"
+    )
+    init: Literal["xavier", "default"] = Field(
+        "xavier", description="initialisation of the LM's linear layers"
+    )
+
+
+@BACKBONES.register("embedded")
+class EmbeddedBackbone(Backbone):
+    """timm CNN encoder + projector + small transformers causal LM; trains from scratch on CPU."""
+
+    Config = EmbeddedConfig
+
+    def __init__(self, config: EmbeddedConfig, tokenizer: Any):
+        super().__init__()
+        self.config = config
+        self._tokenizer = tokenizer
+        self.encoder = _timm_features(config)
+        channels = self.encoder.feature_info.channels()[0]
+        side = config.image_size // config.feature_stride
+        self._num_image_tokens = side * side
+        self.projector = nn.Sequential(
+            nn.Linear(channels, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
+        self.image_pos = nn.Parameter(torch.zeros(self._num_image_tokens, config.hidden_size))
+        lm_config = AutoConfig.for_model(
+            config.lm_type,
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_positions,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **config.lm_kwargs,
+        )
+        lm_config._attn_implementation = "sdpa"
+        self.lm = AutoModelForCausalLM.from_config(lm_config)
+        if config.init == "xavier":
+            for module in self.lm.model.layers.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        nn.init.normal_(self.image_pos, std=0.02)
+
+    @classmethod
+    def create(
+        cls, config: EmbeddedConfig, *, corpus: Sequence[str], assets: Path | None = None
+    ) -> EmbeddedBackbone:
+        if assets is not None and (assets / TOKENIZER_FILE).is_file():
+            tokenizer = load_word_tokenizer(assets)
+        else:
+            tokenizer = build_word_tokenizer(corpus)
+        return cls(config, tokenizer)
+
+    def save_assets(self, directory: Path) -> None:
+        save_word_tokenizer(self._tokenizer, directory)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self._num_image_tokens
+
+    image_token = IMAGE_TOKEN
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float().div(255.0)
+        size = self.config.image_size
+        if pixels.shape[-2:] != (size, size):
+            pixels = nn.functional.interpolate(
+                pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return (pixels - 0.5) / 0.5
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> ``[B, N, D]`` image token embeddings."""
+        features = self.encoder(pixel_values)[0]
+        tokens = rearrange(features, "b c h w -> b (h w) c")
+        return self.projector(tokens) + self.image_pos
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        is_image = input_ids == self.image_token_id
+        image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
+        expected = image_embeds.shape[0] * image_embeds.shape[1]
+        if int(is_image.sum()) != expected:
+            raise ValueError(
+                f"{int(is_image.sum())} image placeholder tokens for {image_embeds.shape[0]} images "
+                f"of {image_embeds.shape[1]} tokens each"
+            )
+        return embeds.masked_scatter(is_image[..., None], image_embeds)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BackboneOutput:
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **cache_kwargs(self.lm, past_key_values),
+        )
+        return BackboneOutput(out.logits, out.hidden_states, output_cache(out))
+
+
+def _timm_features(config: EmbeddedConfig) -> nn.Module:
+    kwargs = dict(config.encoder_kwargs)
+    if isinstance(kwargs.get("channels"), list):
+        kwargs["channels"] = tuple(kwargs["channels"])
+    try:
+        probe = timm.create_model(config.encoder, pretrained=False, features_only=True, **kwargs)
+    except (RuntimeError, TypeError) as exc:  # unknown model name or bad kwargs
+        raise UsageError(f"backbone.encoder: timm cannot build {config.encoder!r}: {exc}") from None
+    reductions = probe.feature_info.reduction()
+    if config.feature_stride not in reductions:
+        raise UsageError(
+            f"backbone.feature_stride: {config.encoder!r} offers strides {reductions}, "
+            f"got {config.feature_stride}"
+        )
+    index = reductions.index(config.feature_stride)
+    if config.image_size % config.feature_stride:
+        raise UsageError(
+            f"backbone.image_size: {config.image_size} is not a multiple of feature_stride "
+            f"{config.feature_stride}"
+        )
+    return timm.create_model(
+        config.encoder, pretrained=False, features_only=True, out_indices=(index,), **kwargs
+    )

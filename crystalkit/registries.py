@@ -1,0 +1,19 @@
+"""The registries every recipe section resolves against.
+
+Each one lazily imports its built-in modules and its entry-point group
+(``crystalkit.<kind>``) on first lookup, so plugins and built-ins are always visible.
+"""
+
+from __future__ import annotations
+
+from crystalkit.registry import Registry
+
+BACKBONES: Registry = Registry("backbones", ("crystalkit.models.embedded",))
+DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic",))
+CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))
+OBJECTIVES: Registry = Registry("objectives")
+SCHEDULES: Registry = Registry("schedules")
+
+ALL: dict[str, Registry] = {
+    r.kind: r for r in (BACKBONES, DATASETS, CORRUPTIONS, OBJECTIVES, SCHEDULES)
+}

@@ -1,0 +1,216 @@
+"""A small, generic name -> component registry with lazy built-ins and entry-point plugins.
+
+Names are the API: recipes refer to components by registered name, by ``package.module:attr`` or
+by ``path/to/file.py:attr``. Lookups always load the built-in modules and the installed plugins
+first, so a component is never "unknown" merely because nothing imported its module yet (the most
+common complaint about timm's and mmengine's registries).
+
+Plugins are ``importlib.metadata`` entry points, one group per registry (e.g.
+``crystalkit.corruptions``). An entry point may point at a module (which registers its components
+with the decorator when imported) or at a single object (registered under the entry point's name).
+A plugin that fails to import is reported as a warning naming it; it never breaks unrelated
+commands. Set ``CRYSTALKIT_DISABLE_PLUGINS=1`` to skip plugin loading altogether.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from crystalkit.errors import UsageError, did_you_mean
+
+T = TypeVar("T")
+
+DISABLE_PLUGINS_ENV = "CRYSTALKIT_DISABLE_PLUGINS"
+
+
+class PluginWarning(UserWarning):
+    """A third-party plugin could not be loaded; the rest of crystalkit keeps working."""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered component."""
+
+    name: str
+    obj: T
+    description: str
+    source: str  # "builtin", "plugin:<dist>" or "path"
+
+
+def _first_doc_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def plugins_disabled() -> bool:
+    return os.environ.get(DISABLE_PLUGINS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class Registry(Generic[T]):
+    """Maps names to components of one kind (backbones, corruptions, ...).
+
+    Args:
+        kind: plural noun used in messages and by ``crystalkit list KIND``.
+        builtin_modules: modules imported on first use; they register the built-in components.
+        entry_point_group: ``importlib.metadata`` group scanned for third-party plugins.
+    """
+
+    def __init__(
+        self, kind: str, builtin_modules: tuple[str, ...] = (), entry_point_group: str = ""
+    ):
+        self.kind = kind
+        self.entry_point_group = entry_point_group or f"crystalkit.{kind}"
+        self._builtin_modules = builtin_modules
+        self._entries: dict[str, Entry[T]] = {}
+        self._loaded = False
+        self._loading = False
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register(
+        self, name: str | None = None, *, description: str | None = None
+    ) -> Callable[[T], T]:
+        """Decorator: ``@CORRUPTIONS.register("blur")``. The description defaults to the docstring's
+        first line, which ``crystalkit list`` prints."""
+
+        def decorator(obj: T) -> T:
+            self.add(name or getattr(obj, "__name__", None) or repr(obj), obj, description)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: T, description: str | None = None, source: str = "") -> None:
+        """Register ``obj`` under ``name``; registering a different object twice is an error."""
+        if ":" in name:
+            raise ValueError(f"{self.kind} name {name!r} may not contain ':' (reserved for paths)")
+        existing = self._entries.get(name)
+        if existing is not None and existing.obj is not obj:
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered (by {existing.source or 'builtin'}); "
+                "choose another name"
+            )
+        source = source or self._current_source
+        self._entries[name] = Entry(name, obj, description or _first_doc_line(obj), source)
+
+    _current_source = "builtin"
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def get(self, name: str) -> T:
+        """Resolve a registered name, ``package.module:attr`` or ``path/to/file.py:attr``."""
+        if ":" in name and name not in self._entries:
+            return resolve_import_path(name, kind=self.kind)
+        self._ensure_loaded()
+        try:
+            return self._entries[name].obj
+        except KeyError:
+            raise UsageError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        valid = ", ".join(self.names()) or "none registered"
+        return f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} {name!r}" + (
+            f"{did_you_mean(name, self.names())}; valid: {valid}"
+        )
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure_loaded()
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        self._ensure_loaded()
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {len(self._entries)} entries)"
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded or self._loading:
+            return
+        self._loading = True
+        try:
+            for module in self._builtin_modules:
+                importlib.import_module(module)
+            if not plugins_disabled():
+                self._load_plugins()
+            self._loaded = True
+        finally:
+            self._loading = False
+
+    def _load_plugins(self) -> None:
+        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            self._current_source = f"plugin:{dist}"
+            try:
+                obj = ep.load()
+                if not inspect.ismodule(obj) and ep.name not in self._entries:
+                    self.add(ep.name, obj)
+            except Exception as exc:  # a broken plugin must not break unrelated commands
+                warnings.warn(
+                    f"crystalkit: skipped plugin {ep.name!r} = {ep.value!r} from distribution "
+                    f"{dist!r} (entry point group {self.entry_point_group!r}): "
+                    f"{type(exc).__name__}: {exc}. Set {DISABLE_PLUGINS_ENV}=1 to skip all plugins.",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+            finally:
+                self._current_source = "builtin"
+
+
+def resolve_import_path(spec: str, kind: str = "component") -> Any:
+    """Import ``package.module:attr`` or ``path/to/file.py:attr`` (dotted attrs allowed)."""
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise UsageError(f"{kind} {spec!r}: expected 'package.module:attr' or 'file.py:attr'")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{kind} {spec!r}: file {str(path)!r} does not exist")
+        mod_name = f"crystalkit_user_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise UsageError(f"{kind} {spec!r}: cannot import {str(path)!r}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[mod_name]
+                raise UsageError(f"{kind} {spec!r}: importing {str(path)!r} failed: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UsageError(f"{kind} {spec!r}: cannot import module {target!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise UsageError(
+                f"{kind} {spec!r}: {target!r} has no attribute {part!r}{did_you_mean(part, names)}"
+            )
+        obj = getattr(obj, part)
+    return obj

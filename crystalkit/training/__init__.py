@@ -1,0 +1,1 @@
+"""Training: the loop, optimisation, checkpoints and metrics."""
