@@ -162,7 +162,7 @@ def _format_error(
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
-    got = "" if "got" in message else f", got {err['input']!r}"
+    got = "" if "got" in message or not err["loc"] else f", got {err['input']!r}"
     return f"{where}: {key}: {message}{got}{more}"
 
 

@@ -26,5 +26,5 @@ def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
 
 def output_cache(output: Any) -> Any:
     """The KV cache returned in a model output, whatever the release calls it."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
+    name = "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
+    return getattr(output, name, None)

@@ -193,14 +193,14 @@ def train(
                 rate = window_samples / max(elapsed, 1e-9)
                 record = {
                     "step": done,
-                    "loss": float(loss),
-                    **{f"loss/{k}": float(v) for k, v in terms.items()},
+                    "loss": loss.item(),
+                    **{f"loss/{k}": v.item() for k, v in terms.items()},
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "samples_per_s": rate,
                 }
                 metrics.append(record)
-                progress.update(task, loss=float(loss), rate=rate)
+                progress.update(task, loss=record["loss"], rate=rate)
                 window_start, window_samples = time.perf_counter(), 0
             progress.update(task, completed=done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:

@@ -1,0 +1,156 @@
+"""The embedded backbone, masks, collation and decoding against slow reference computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crystalkit.build import build_backbone, build_dataset
+from crystalkit.data.collate import IGNORE_INDEX, Collator
+from crystalkit.evaluation.accuracy import extract_choice
+from crystalkit.models.generation import greedy_generate
+from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
+from crystalkit.models.tokenizer import load_word_tokenizer
+
+
+@pytest.fixture
+def parts(tiny_recipe):
+    torch.manual_seed(0)
+    recipe = tiny_recipe()
+    dataset = build_dataset(recipe)
+    backbone = build_backbone(recipe, dataset).eval()
+    return backbone, dataset.split("val")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    width=st.integers(7, 9),
+    past=st.integers(0, 6),
+)
+def test_causal_mask_matches_reference(lengths, width, past):
+    valid = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        valid[row, width - n :] = 1  # left padding
+    allowed = causal_allowed(valid, past_length=past)
+    for b in range(len(lengths)):
+        for qi, q in enumerate(range(past, width)):
+            for k in range(width):
+                expected = (k <= q and bool(valid[b, k])) or (k == q and not valid[b, q])
+                assert bool(allowed[b, qi, k]) == expected
+    assert allowed.any(-1).all()  # no fully masked row: SDPA would return NaN
+
+
+def test_additive_mask_values():
+    allowed = torch.tensor([[[True, False], [True, True]]])
+    mask = additive(allowed, torch.float32)
+    assert mask.shape == (1, 1, 2, 2)
+    assert mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 1] == torch.finfo(torch.float32).min
+
+
+def test_positions_skip_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_collator_left_pads_and_labels_only_the_answer(parts):
+    backbone, split = parts
+    samples = [split[i] for i in range(4)]
+    batch = Collator(backbone)(samples)
+    tok = backbone.tokenizer
+    for row, sample in enumerate(samples):
+        labelled = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
+        assert labelled == [tok.convert_tokens_to_ids(sample.answer), tok.eos_token_id]
+        ids = batch.input_ids[row][batch.attention_mask[row].bool()]
+        assert int((ids == backbone.image_token_id).sum()) == backbone.num_image_tokens
+        assert ids[0] == tok.bos_token_id
+        assert batch.input_ids[row, -1] == tok.eos_token_id  # answers end at the right edge
+
+
+def test_image_features_land_on_placeholders(parts):
+    backbone, split = parts
+    batch = Collator(backbone)([split[0], split[1]])
+    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
+    features = backbone.encode_images(batch.pixel_values)
+    for row in range(2):
+        at = batch.input_ids[row] == backbone.image_token_id
+        torch.testing.assert_close(embeds[row][at], features[row])
+    with pytest.raises(ValueError, match="image placeholder"):
+        backbone.embed(batch.input_ids, batch.pixel_values[:1])
+
+
+def test_padding_does_not_change_a_samples_logits(parts):
+    backbone, split = parts
+    samples = [split[i] for i in range(5)]
+    collate = Collator(backbone)
+    batch = collate(samples)
+    with torch.no_grad():
+        embeds = backbone.embed(batch.input_ids, batch.pixel_values)
+        mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
+        batched = backbone(embeds, mask, positions_from_mask(batch.attention_mask)).logits
+        for row, sample in enumerate(samples):
+            alone = collate([sample])
+            e = backbone.embed(alone.input_ids, alone.pixel_values)
+            m = additive(causal_allowed(alone.attention_mask), e.dtype)
+            logits = backbone(e, m, positions_from_mask(alone.attention_mask)).logits[0]
+            torch.testing.assert_close(
+                batched[row, -logits.shape[0] :], logits, atol=1e-5, rtol=1e-4
+            )
+
+
+def test_hidden_states_per_layer(parts):
+    backbone, split = parts
+    batch = Collator(backbone)([split[0]])
+    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
+    mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
+    out = backbone(
+        embeds, mask, positions_from_mask(batch.attention_mask), output_hidden_states=True
+    )
+    assert len(out.hidden_states) == backbone.config.num_layers + 1
+    assert out.hidden_states[-1].shape == (*batch.input_ids.shape, backbone.config.hidden_size)
+
+
+def _naive_greedy(backbone, batch, steps):
+    """Reference decoding: recompute the whole sequence for every new token (no cache)."""
+    ids, valid = batch.input_ids, batch.attention_mask
+    out = []
+    for _ in range(steps):
+        embeds = backbone.embed(ids, batch.pixel_values)
+        mask = additive(causal_allowed(valid), embeds.dtype)
+        token = backbone(embeds, mask, positions_from_mask(valid)).logits[:, -1].argmax(-1)
+        out.append(token)
+        ids = torch.cat([ids, token[:, None]], 1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
+    return torch.stack(out, 1)
+
+
+def test_cached_greedy_decoding_matches_full_recompute(parts):
+    backbone, split = parts
+    batch = Collator(backbone, with_answer=False)([split[i] for i in range(6)])
+    with torch.no_grad():
+        # an unreachable stop id forces the full length, so every cached step is compared
+        cached = greedy_generate(backbone, batch, max_new_tokens=4, stop_ids=[-1])
+        naive = _naive_greedy(backbone, batch, 4)
+    assert torch.equal(cached, naive)
+
+
+def test_tokenizer_round_trips_through_the_run_dir(parts, tmp_path):
+    backbone, split = parts
+    backbone.save_assets(tmp_path)
+    reloaded = load_word_tokenizer(tmp_path)
+    text = f"{split[0].question} A B"
+    assert reloaded.encode(text) == backbone.tokenizer.encode(text)
+    assert len(reloaded) == len(backbone.tokenizer)
+
+
+@given(st.sampled_from("ABCD"), st.sampled_from(["{}", "({})", "{}.", "answer : {}", " {} </s>"]))
+def test_extract_choice_finds_the_letter(letter, template):
+    assert extract_choice(template.format(letter), 4) == letter
+
+
+def test_extract_choice_rejects_letters_inside_words_and_out_of_range():
+    assert extract_choice("Because", 4) is None
+    assert extract_choice("E", 4) is None
+    assert extract_choice("red", 4) is None

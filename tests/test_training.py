@@ -1,0 +1,114 @@
+"""End-to-end training: loss goes down, resume is exact, checkpoints survive crashes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crystalkit.errors import UsageError
+from crystalkit.evaluation.runs import evaluate_run_dir
+from crystalkit.training import checkpoint as ckpt
+from crystalkit.training.trainer import train
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest is not None
+    return load_file(str(latest.path / ckpt.WEIGHTS))
+
+
+def test_training_reduces_loss_and_writes_run(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("train.steps=30", "train.lr=3e-3", "train.log_every=5")
+    result = train(recipe)
+    run = result.run_dir
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+    assert len(losses) == 6
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
+    assert (run / "recipe.yaml").is_file() and (run / "tokenizer.json").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert results["num_samples"] == 32 and 0.0 <= results["accuracy"] <= 1.0
+    predictions = (run / "predictions_test.jsonl").read_text().splitlines()
+    assert (
+        len(predictions) == 32
+        and {"raw", "prediction", "correct"} <= json.loads(predictions[0]).keys()
+    )
+
+
+def test_resume_gives_same_weights_as_uninterrupted(tiny_recipe, tmp_path):
+    full = train(tiny_recipe("name=full", "train.steps=6"))
+    interrupted = tiny_recipe("name=resumed", "train.steps=6", "train.save_every=3")
+    partial = train(interrupted, stop_after=3)
+    assert partial.final is None and ckpt.latest_checkpoint(partial.run_dir).step == 3
+    resumed = train(interrupted, resume=True)
+    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").open()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # + the final eval record
+
+
+def test_resume_refuses_a_changed_recipe(tiny_recipe):
+    first = tiny_recipe("name=r", "train.steps=4", "train.save_every=2")
+    train(first, stop_after=2)
+    with pytest.raises(UsageError, match=r"train\.lr"):
+        train(
+            tiny_recipe("name=r", "train.steps=4", "train.save_every=2", "train.lr=0.5"),
+            resume=True,
+        )
+
+
+def test_existing_run_is_not_overwritten_silently(tiny_recipe):
+    recipe = tiny_recipe("name=twice", "train.steps=2")
+    train(recipe)
+    with pytest.raises(UsageError, match="--resume"):
+        train(recipe)
+    assert train(recipe, overwrite=True).steps == 2
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tiny_recipe, monkeypatch):
+    recipe = tiny_recipe("name=crash", "train.steps=4", "train.save_every=2")
+    train(recipe, stop_after=2)
+    run_dir = Path(recipe.output_dir) / "crash"
+    before = _weights(run_dir)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies in the middle of writing step 4
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, resume=True)
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest is not None and latest.step == 2
+    assert all(torch.equal(before[k], v) for k, v in _weights(run_dir).items())
+    assert not list((run_dir / "checkpoints").glob(".step_*"))  # no half-written folder left
+
+
+def test_latest_pointer_falls_back_to_newest_complete_checkpoint(tiny_recipe):
+    recipe = tiny_recipe(
+        "name=ptr", "train.steps=4", "train.save_every=2", "train.keep_checkpoints=3"
+    )
+    run_dir = train(recipe).run_dir
+    root = run_dir / "checkpoints"
+    (root / "latest").write_text("step_000099\n")  # points at nothing
+    (root / "step_000004" / ckpt.META).unlink()  # newest is incomplete
+    assert ckpt.latest_checkpoint(run_dir).step == 2
+
+
+def test_eval_reproduces_final_accuracy(tiny_recipe):
+    run_dir = train(tiny_recipe("name=ev", "train.steps=4")).run_dir
+    expected = json.loads((run_dir / "results.json").read_text())["accuracy"]
+    again = evaluate_run_dir(run_dir, "test")
+    assert again.accuracy == expected
+    assert json.loads((run_dir / "eval_test.json").read_text())["step"] == 4
+
+
+def test_corrupt_checkpoint_is_a_usage_error(tiny_recipe):
+    run_dir = train(tiny_recipe("name=bad", "train.steps=2")).run_dir
+    latest = ckpt.latest_checkpoint(run_dir)
+    (latest.path / ckpt.WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(UsageError, match="cannot load weights"):
+        evaluate_run_dir(run_dir, "test")
