@@ -203,8 +203,10 @@ def resolve_import_path(spec: str, kind: str = "component") -> Any:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UsageError(f"{kind} {spec!r}: cannot import module {target!r}: {exc}") from exc
+        except Exception as exc:  # the user's module may fail in any way while importing
+            raise UsageError(
+                f"{kind} {spec!r}: cannot import module {target!r}: {type(exc).__name__}: {exc}"
+            ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -18,6 +18,7 @@ from crystalkit.config.components import component_schema, config_model
 from crystalkit.config.overrides import apply_override, parse_override
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.errors import RecipeError, UsageError, did_you_mean
+from crystalkit.io import read_yaml
 from crystalkit.registries import BACKBONES, DATASETS
 from crystalkit.registry import Registry
 
@@ -25,23 +26,6 @@ from crystalkit.registry import Registry
 COMPONENT_SECTIONS: dict[str, Registry] = {"backbone": BACKBONES, "dataset": DATASETS}
 
 Path_ = tuple[str, ...]
-
-
-def read_yaml(path: Path) -> Any:
-    """``yaml.safe_load`` a user file, turning I/O and syntax problems into one-line errors."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}{where}: invalid YAML: {problem}") from None
 
 
 def _merge(
@@ -71,7 +55,7 @@ def _load_tree(path: Path, prov: dict[Path_, str], chain: tuple[Path, ...] = ())
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise RecipeError(f"{path}: inherit cycle: {cycle}")
-    data = read_yaml(path)
+    data = read_yaml(path, RecipeError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -102,11 +86,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     prov: dict[Path_, str] = {}
     tree = _load_tree(path, prov)
+    if prov.get(("name",)) != str(path):  # a run is named by its own file, never by a base
+        tree["name"] = path.stem
     for text in overrides:
         override = parse_override(text)
         apply_override(tree, override)
         _mark(prov, override.path, override.value, f"override {text!r}")
-    tree.setdefault("name", path.stem)
     return validate_recipe(tree, source=str(path), provenance=prov)
 
 
@@ -115,6 +100,12 @@ def validate_recipe(
 ) -> Recipe:
     """Validate a merged recipe tree; component parameters are checked against their registry."""
     provenance = provenance or {}
+    for section in COMPONENT_SECTIONS:  # a section without a name keeps the default component
+        if isinstance(tree.get(section), dict) and "name" not in tree[section]:
+            tree[section] = {
+                "name": Recipe.model_fields[section].get_default(call_default_factory=True).name,
+                **tree[section],
+            }
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
@@ -201,6 +192,7 @@ def recipe_json_schema() -> dict[str, Any]:
             "description": schema["properties"][section].get("description", ""),
             **component,
         }
+    schema["required"] = [key for key in schema.get("required", []) if key != "name"]
     schema["properties"]["inherit"] = {
         "description": "base recipe(s), relative to this file",
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],

@@ -45,8 +45,8 @@ def parse_override(text: str) -> Override:
         delete = False
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        except Exception as exc:  # PyYAML also raises ValueError, KeyError, ... (e.g. 2020-13-45)
+            problem = getattr(exc, "problem", None) or _first_line(exc)
             raise RecipeError(f"override {text!r}: value is not valid YAML ({problem})") from None
     key = key.strip()
     if not _KEY_RE.match(key):
@@ -54,6 +54,11 @@ def parse_override(text: str) -> Override:
             f"override {text!r}: key {key!r} is not a dotted path like 'train.lr' or 'objectives.0.weight'"
         )
     return Override(tuple(key.split(".")), value, delete)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def apply_override(tree: dict[str, Any], override: Override) -> None:

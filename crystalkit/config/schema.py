@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -70,11 +70,12 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @model_validator(mode="after")
-    def _check_name(self) -> Recipe:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError(f"name {self.name!r} must be a plain folder name")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError("must be a plain folder name (no slashes)")
+        return name
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe as plain YAML-able data."""

@@ -1,0 +1,167 @@
+"""Entry-point plugins, end to end: two real distributions are installed into a temporary folder and
+real ``python -m crystalkit`` processes see them (or, for the broken one, warn and carry on)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+INSTALL_BUDGET_S = 15.0
+
+TINY_BACKBONE = '''
+class TinyBackbone:
+    """A stand-in backbone."""
+
+    def __init__(self, width: int = 8):
+        self.width = width
+'''
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding ``crystalkit-demo-plugin`` and ``crystalkit-broken-plugin``, installed."""
+    work = tmp_path_factory.mktemp("plugins")
+    sources = []
+    for name in ("plugin_good", "plugin_broken"):
+        # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+        sources.append(shutil.copytree(FIXTURES / name, work / "src" / name))
+    target = work / "site"
+    begin = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+            "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target),
+            *map(str, sources),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - begin
+    assert elapsed < INSTALL_BUDGET_S, f"installing the plugin fixtures took {elapsed:.1f}s"
+    assert (target / "crystalkit_demo_plugin" / "invert.py").is_file()
+    assert (target / "crystalkit_broken_plugin" / "broken.py").is_file()
+    return target
+
+
+def start(*args: str, site: Path, disable: bool = False) -> subprocess.Popen:
+    """Start ``python -m crystalkit ARGS`` with ``site`` on the path."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CRYSTALKIT_DISABLE_PLUGINS", "FORCE_COLOR", "PY_COLORS", "PYTHONPATH")
+    }
+    env["COLUMNS"] = "250"  # keep rich's table rows on one line
+    env["PYTHONPATH"] = str(site)
+    if disable:
+        env["CRYSTALKIT_DISABLE_PLUGINS"] = "1"
+    return subprocess.Popen(
+        [sys.executable, "-m", "crystalkit", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def rows(stdout: str) -> dict[str, list[str]]:
+    """Table rows of ``crystalkit list`` keyed by name: name -> [source, description]."""
+    out = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) == 3:
+            out[cells[0]] = cells[1:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recipe whose backbone comes from a file, so the command loads the dataset registry (and
+    its plugins) but not the heavy built-in backbone."""
+    folder = tmp_path_factory.mktemp("recipe")
+    backbone = folder / "tiny_backbone.py"
+    backbone.write_text(TINY_BACKBONE)
+    recipe = folder / "plugged.yaml"
+    recipe.write_text(f"backbone: {{name: '{backbone}:TinyBackbone', width: 4}}\n")
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def runs(site: Path, recipe_file: Path) -> dict[str, subprocess.CompletedProcess]:
+    """The commands under test, started together (each one spends seconds importing torch)."""
+    processes = {
+        "list": start("list", "corruptions", site=site),
+        "disabled": start("list", "corruptions", site=site, disable=True),
+        "recipe": start("recipe", "validate", str(recipe_file), site=site),
+    }
+    return {name: finish(process) for name, process in processes.items()}
+
+
+def test_plugins_are_listed_with_description_and_distribution(runs):
+    listed = runs["list"]
+    assert listed.returncode == 0, listed.stderr
+    table = rows(listed.stdout)
+    assert table["demo_invert"] == [
+        "plugin:crystalkit-demo-plugin",
+        "Demo plugin: invert every pixel (1 - x).",
+    ]  # a module entry point that registers with the decorator
+    assert table["demo_posterize"] == [
+        "plugin:crystalkit-demo-plugin",
+        "Demo plugin: quantise each channel to a few levels.",
+    ]  # an object entry point, registered under the entry point's name
+    assert table["none"][0] == "builtin"
+
+
+def test_broken_plugin_is_one_warning_line_and_the_rest_still_works(runs):
+    listed = runs["list"]
+    assert listed.returncode == 0
+    mentions = [line for line in listed.stderr.splitlines() if "crystalkit_broken_plugin" in line]
+    assert len(mentions) == 1, listed.stderr
+    warning = mentions[0]
+    assert warning.startswith("warning: ")
+    assert "'demo_broken'" in warning
+    assert "crystalkit-broken-plugin" in warning
+    assert "ImportError" in warning and "definitely_not_installed" in warning
+    assert "CRYSTALKIT_DISABLE_PLUGINS=1" in warning
+    assert "Traceback" not in listed.stderr
+    assert "demo_broken" not in rows(listed.stdout)
+    assert {"demo_invert", "demo_posterize", "none"} <= set(rows(listed.stdout))
+
+
+def test_disabling_plugins_hides_all_of_them(runs):
+    result = runs["disabled"]
+    assert result.returncode == 0, result.stderr
+    assert set(rows(result.stdout)) == {"none"}
+    assert "demo_" not in result.stdout
+    assert "warning" not in result.stderr
+
+
+def test_recipe_commands_are_unaffected_by_the_broken_plugin(runs, recipe_file: Path):
+    result = runs["recipe"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ok {recipe_file} (plugged)"
+    # the broken distribution's dataset entry point is skipped with one warning
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert "'demo_broken_dataset'" in warnings[0]
+    assert "crystalkit.datasets" in warnings[0]
+    assert "error" not in result.stderr
