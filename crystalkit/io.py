@@ -74,7 +74,7 @@ def read_yaml(path: Path, error: type[UsageError] = UsageError) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
