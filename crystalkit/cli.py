@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from crystalkit.errors import UsageError, did_you_mean
@@ -46,7 +47,9 @@ def user_errors(func: F) -> F:
             try:
                 return func(*args, **kwargs)
             except UsageError as exc:
-                err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                err.print(
+                    f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+                )
                 raise typer.Exit(2) from None
             finally:
                 for warning in caught:

@@ -112,3 +112,12 @@ def test_corrupt_checkpoint_is_a_usage_error(tiny_recipe):
     (latest.path / ckpt.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(UsageError, match="cannot load weights"):
         evaluate_run_dir(run_dir, "test")
+
+
+def test_overwrite_removes_the_previous_runs_checkpoints(tiny_recipe):
+    long = tiny_recipe("name=ow", "train.steps=6", "train.save_every=3")
+    run_dir = train(long).run_dir
+    short = tiny_recipe("name=ow", "train.steps=2")
+    train(short, overwrite=True)
+    assert ckpt.latest_checkpoint(run_dir).step == 2
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_000002"]

@@ -158,13 +158,11 @@ def _format_error(
 
 
 def _source_of(loc: Path_, prov: dict[Path_, str], default: str) -> str:
-    """Which file (or override) set the value at ``loc``: itself, else a key below it (an unknown
-    section), else the closest enclosing key."""
-    if loc in prov:
-        return prov[loc]
+    """Which files or overrides set the value at ``loc`` (a section may be assembled from
+    several), else the closest enclosing key's source."""
     below = [p for p in prov if p[: len(loc)] == loc]
-    if below:
-        return prov[min(below, key=len)]
+    if below:  # the key itself, or an unknown section whose subkeys were set somewhere
+        return " + ".join(dict.fromkeys(prov[p] for p in sorted(below, key=len)))
     return next((prov[loc[:i]] for i in range(len(loc) - 1, 0, -1) if loc[:i] in prov), default)
 
 

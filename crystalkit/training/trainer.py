@@ -7,6 +7,7 @@ ops an uninterrupted run would have, and ends with the same weights.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,16 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
         )
 
 
+def _clear_outputs(run_dir: Path) -> None:
+    """Remove a previous run's outputs so that nothing stale (a later checkpoint, old
+    predictions) can be mistaken for this run's."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for pattern in ("metrics.jsonl", RESULTS_FILE, "eval_*.json", "predictions_*.jsonl"):
+        for stale in run_dir.glob(pattern):
+            stale.unlink()
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -140,9 +151,7 @@ def train(
         metrics.truncate_after(start)
         console.print(f"resuming {run_dir} from step {start}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics.path.unlink(missing_ok=True)
-        (run_dir / RESULTS_FILE).unlink(missing_ok=True)
+        _clear_outputs(run_dir)
         atomic_write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
         backbone.save_assets(run_dir)
 
