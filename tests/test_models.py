@@ -147,10 +147,19 @@ def test_tokenizer_round_trips_through_the_run_dir(parts, tmp_path):
 
 @given(st.sampled_from("ABCD"), st.sampled_from(["{}", "({})", "{}.", "answer : {}", " {} </s>"]))
 def test_extract_choice_finds_the_letter(letter, template):
-    assert extract_choice(template.format(letter), 4) == letter
+    assert extract_choice(template.format(letter), OPTIONS) == letter
+
+
+OPTIONS = ["red", "top left", "top", "blue"]
+
+
+def test_extract_choice_accepts_option_text_preferring_the_longest_match():
+    assert extract_choice("top left", OPTIONS) == "B"
+    assert extract_choice("top", OPTIONS) == "C"
+    assert extract_choice("blue </s>", OPTIONS) == "D"
 
 
 def test_extract_choice_rejects_letters_inside_words_and_out_of_range():
-    assert extract_choice("Because", 4) is None
-    assert extract_choice("E", 4) is None
-    assert extract_choice("red", 4) is None
+    assert extract_choice("Because", OPTIONS) is None
+    assert extract_choice("E", OPTIONS) is None
+    assert extract_choice("green", OPTIONS) is None

@@ -52,6 +52,14 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(4, ge=1, description="greedy decoding budget for the answer")
 
 
+class PromptConfig(_Strict):
+    answer: Literal["letter", "text"] = Field(
+        "letter",
+        description="what the model learns to write: the option letter, or the option's text "
+        "(evaluation accepts either)",
+    )
+
+
 class Recipe(_Strict):
     """A complete, runnable experiment."""
 
@@ -67,6 +75,7 @@ class Recipe(_Strict):
         default_factory=lambda: ComponentSpec(name="synthetic_shapes"),
         description="data (DATASETS)",
     )
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

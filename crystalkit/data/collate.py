@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
@@ -42,11 +43,18 @@ class Batch:
 
 
 class Collator:
-    """Builds :class:`Batch` es for one backbone; ``with_answer=False`` gives generation prompts."""
+    """Builds :class:`Batch` es for one backbone; ``with_answer=False`` gives generation prompts.
+    ``answer`` chooses the target text: the option ``letter`` or the option's ``text``."""
 
-    def __init__(self, backbone: Backbone, with_answer: bool = True):
+    def __init__(
+        self,
+        backbone: Backbone,
+        with_answer: bool = True,
+        answer: Literal["letter", "text"] = "letter",
+    ):
         self.backbone = backbone
         self.with_answer = with_answer
+        self.answer = answer
         tok = backbone.tokenizer
         self._prefix = [tok.bos_token_id] + [backbone.image_token_id] * backbone.num_image_tokens
         self._eos = tok.eos_token_id
@@ -58,7 +66,8 @@ class Collator:
         prompt = self._prefix + encode(format_prompt(sample), add_special_tokens=False)
         if not self.with_answer:
             return prompt, [IGNORE_INDEX] * len(prompt)
-        answer = [*encode(sample.answer, add_special_tokens=False), self._eos]
+        target = sample.answer if self.answer == "letter" else sample.answer_text
+        answer = [*encode(target, add_special_tokens=False), self._eos]
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,20 @@ from crystalkit.models.backbone import Backbone
 from crystalkit.models.generation import greedy_generate
 
 
-def extract_choice(text: str, num_options: int) -> str | None:
-    """The first standalone option letter in ``text`` (``None`` if the model wrote none)."""
-    valid = LETTERS[:num_options]
+def extract_choice(text: str, options: Sequence[str]) -> str | None:
+    """The option the model chose: the first standalone option letter in ``text``, else the option
+    whose text the output is (or starts with); ``None`` if it wrote neither."""
+    valid = LETTERS[: len(options)]
     match = re.search(rf"(?<![A-Za-z])([{valid}])(?![A-Za-z])", text)
-    return match.group(1) if match else None
+    if match:
+        return match.group(1)
+    said = " ".join(text.lower().split())
+    by_length = sorted(range(len(options)), key=lambda i: -len(options[i]))
+    for i in by_length:
+        option = " ".join(options[i].lower().split())
+        if said == option or said.startswith(option + " "):
+            return LETTERS[i]
+    return None
 
 
 @dataclass
@@ -74,7 +84,7 @@ def evaluate(
         tokens = greedy_generate(backbone, batch, max_new_tokens, [tokenizer.eos_token_id])
         for sample, row in zip(samples, tokens.tolist(), strict=True):
             raw = tokenizer.decode(row, skip_special_tokens=True)
-            choice = extract_choice(raw, len(sample.options))
+            choice = extract_choice(raw, sample.options)
             predictions.append(
                 {
                     "index": sample.index,

@@ -158,7 +158,7 @@ def train(
     train_split = dataset.split("train")
     eval_split = dataset.split(recipe.eval.split)
     sampler = StepSampler(len(train_split), cfg.batch_size, recipe.seed)
-    collate = Collator(backbone)
+    collate = Collator(backbone, answer=recipe.prompt.answer)
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
 
     def save(step: int) -> None:

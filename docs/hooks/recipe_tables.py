@@ -44,9 +44,9 @@ LOOSE_MARKER = re.compile(r"<!--\s*keys\b")
 
 
 def _section_models() -> dict[str, type[BaseModel]]:
-    from crystalkit.config.schema import EvalConfig, Recipe, TrainConfig
+    from crystalkit.config.schema import EvalConfig, PromptConfig, Recipe, TrainConfig
 
-    return {"top": Recipe, "train": TrainConfig, "eval": EvalConfig}
+    return {"top": Recipe, "prompt": PromptConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 def _registries() -> dict[str, Any]:
