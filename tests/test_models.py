@@ -163,3 +163,13 @@ def test_extract_choice_rejects_letters_inside_words_and_out_of_range():
     assert extract_choice("Because", OPTIONS) is None
     assert extract_choice("E", OPTIONS) is None
     assert extract_choice("green", OPTIONS) is None
+
+
+def test_collator_text_answers_label_the_option_words(parts):
+    backbone, split = parts
+    sample = split[0]
+    batch = Collator(backbone, answer="text")([sample])
+    labelled = batch.labels[0][batch.labels[0] != IGNORE_INDEX].tolist()
+    words = backbone.tokenizer.encode(sample.answer_text, add_special_tokens=False)
+    assert labelled == [*words, backbone.tokenizer.eos_token_id]
+    assert extract_choice(backbone.tokenizer.decode(words), sample.options) == sample.answer
