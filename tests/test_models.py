@@ -114,14 +114,15 @@ def test_hidden_states_per_layer(parts):
 
 def _naive_greedy(backbone, batch, steps):
     """Reference decoding: recompute the whole sequence for every new token (no cache)."""
-    ids, valid = batch.input_ids, batch.attention_mask
-    out = []
+    prompt = backbone.embed(batch.input_ids, batch.pixel_values)
+    valid = batch.attention_mask
+    out: list[torch.Tensor] = []
     for _ in range(steps):
-        embeds = backbone.embed(ids, batch.pixel_values)
+        generated = torch.stack(out, 1) if out else batch.input_ids[:, :0]
+        embeds = torch.cat([prompt, backbone.embed(generated)], 1)
         mask = additive(causal_allowed(valid), embeds.dtype)
         token = backbone(embeds, mask, positions_from_mask(valid)).logits[:, -1].argmax(-1)
         out.append(token)
-        ids = torch.cat([ids, token[:, None]], 1)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
     return torch.stack(out, 1)
 
