@@ -4,13 +4,11 @@ are one ``error:`` line with exit code 2, never a traceback."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_process import finish, start
 from typer.testing import CliRunner
 
 from crystalkit.cli import app
@@ -136,33 +134,10 @@ def test_recipe_schema_to_file_and_stdout(tmp_path: Path):
 # -- a real process ---------------------------------------------------------------------------
 
 
-def _start(*args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PY_COLORS")}
-    env["COLUMNS"] = "200"
-    return subprocess.Popen(
-        [sys.executable, "-m", "crystalkit", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def validate_process():
     """Started when this module's first test runs, so its imports overlap the in-process tests."""
-    process = _start("recipe", "validate", "recipes/direct_finetune.yaml")
+    process = start("recipe", "validate", "recipes/direct_finetune.yaml")
     yield process
     if process.poll() is None:
         process.kill()
@@ -176,7 +151,7 @@ def test_no_arguments_prints_help(args: list[str]):
 
 
 def test_subprocess_bad_override_is_one_error_line():
-    bad = _finish(_start("recipe", "show", "recipes/direct_finetune.yaml", "train.lr=[1"))
+    bad = finish(start("recipe", "show", "recipes/direct_finetune.yaml", "train.lr=[1"))
     assert bad.returncode == 2
     assert bad.stdout == ""
     lines = bad.stderr.strip().splitlines()
@@ -185,7 +160,7 @@ def test_subprocess_bad_override_is_one_error_line():
 
 
 def test_subprocess_validate(validate_process):  # keep last: it waits for the process
-    ok = _finish(validate_process)
+    ok = finish(validate_process)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == "ok recipes/direct_finetune.yaml (direct_finetune)"
     assert "Traceback" not in ok.stderr

@@ -3,7 +3,6 @@ real ``python -m crystalkit`` processes see them (or, for the broken one, warn a
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_process import finish
+from cli_process import start as start_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -54,33 +55,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start(*args: str, site: Path, disable: bool = False) -> subprocess.Popen:
     """Start ``python -m crystalkit ARGS`` with ``site`` on the path."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("CRYSTALKIT_DISABLE_PLUGINS", "FORCE_COLOR", "PY_COLORS", "PYTHONPATH")
-    }
-    env["COLUMNS"] = "250"  # keep rich's table rows on one line
-    env["PYTHONPATH"] = str(site)
+    env = {"PYTHONPATH": str(site)}
     if disable:
         env["CRYSTALKIT_DISABLE_PLUGINS"] = "1"
-    return subprocess.Popen(
-        [sys.executable, "-m", "crystalkit", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return start_cli(*args, env=env)
 
 
 def rows(stdout: str) -> dict[str, list[str]]:
