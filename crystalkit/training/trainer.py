@@ -151,12 +151,13 @@ def train(
         metrics.truncate_after(start)
         console.print(f"resuming {run_dir} from step {start}")
     else:
+        if resume:
+            console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
         _clear_outputs(run_dir)
         atomic_write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
         backbone.save_assets(run_dir)
 
     train_split = dataset.split("train")
-    eval_split = dataset.split(recipe.eval.split)
     sampler = StepSampler(len(train_split), cfg.batch_size, recipe.seed)
     collate = Collator(backbone, answer=recipe.prompt.answer)
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
@@ -165,10 +166,10 @@ def train(
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         save_checkpoint(run_dir, step, backbone, state, cfg.keep_checkpoints)
 
-    def run_eval(step: int, split_name: str, split: Any) -> EvalResult:
+    def run_eval(step: int, split_name: str) -> EvalResult:
         result = evaluate(
             backbone,
-            split,
+            dataset.split(split_name),
             recipe.eval.batch_size,
             recipe.eval.max_samples,
             recipe.eval.max_new_tokens,
@@ -213,37 +214,23 @@ def train(
                 window_start, window_samples = time.perf_counter(), 0
             progress.update(task, completed=done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                result = run_eval(done, recipe.eval.split, eval_split)
+                result = run_eval(done, recipe.eval.split)
                 progress.console.print(
                     f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
                     f"(chance {result.chance:.1%})"
                 )
+                window_start, window_samples = time.perf_counter(), 0  # rate: training only
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 save(done)
+                window_start, window_samples = time.perf_counter(), 0
 
     if end < cfg.steps:
         return TrainResult(run_dir, end, None)
     train_time = time.perf_counter() - train_start
-    final = finish(run_dir, recipe, backbone, dataset, metrics, end)
+    final = run_eval(end, recipe.eval.final_split)
+    final.save(run_dir, recipe.eval.final_split, end)
     _write_results(run_dir, recipe, final, end, train_time if start == 0 else None)
     return TrainResult(run_dir, end, final)
-
-
-def finish(
-    run_dir: Path, recipe: Recipe, backbone: Any, dataset: Any, metrics: MetricsLog, step: int
-) -> EvalResult:
-    """Evaluate the final split and keep per-sample predictions next to the summary."""
-    split = recipe.eval.final_split
-    result = evaluate(
-        backbone,
-        dataset.split(split),
-        recipe.eval.batch_size,
-        recipe.eval.max_samples,
-        recipe.eval.max_new_tokens,
-    )
-    metrics.append({"step": step, "split": split, **result.summary()})
-    result.save(run_dir, split, step)
-    return result
 
 
 def _write_results(
