@@ -12,7 +12,7 @@ BACKBONES: Registry = Registry("backbones", ("crystalkit.models.embedded",))
 DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic",))
 CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))
 OBJECTIVES: Registry = Registry("objectives")
-SCHEDULES: Registry = Registry("schedules")
+SCHEDULES: Registry = Registry("schedules", ("crystalkit.latents.schedules",))
 
 ALL: dict[str, Registry] = {
     r.kind: r for r in (BACKBONES, DATASETS, CORRUPTIONS, OBJECTIVES, SCHEDULES)
