@@ -1,0 +1,1 @@
+"""Alignment objectives between the intact and the corrupted path (registry: ``OBJECTIVES``)."""
