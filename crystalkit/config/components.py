@@ -24,7 +24,7 @@ def config_model(obj: Any) -> type[BaseModel]:
     if isinstance(declared, type) and issubclass(declared, BaseModel):
         return declared
     target = obj.__init__ if inspect.isclass(obj) else obj
-    hints = typing.get_type_hints(target)
+    hints = typing.get_type_hints(target, include_extras=True)  # keep Annotated[..., Field(...)]
     fields: dict[str, Any] = {}
     extra = "forbid"
     for i, (pname, param) in enumerate(inspect.signature(target).parameters.items()):
