@@ -54,7 +54,9 @@ class EmbeddedConfig(BaseModel):
     intermediate_size: int = Field(512, ge=8, description="LM MLP width")
     max_positions: int = Field(1024, ge=16, description="LM maximum sequence length")
     lm_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra fields for the transformers LM config"
+        default_factory=dict,
+        description="fields for the transformers LM config; override the ones above "
+        "(e.g. num_key_value_heads for grouped-query attention)",
     )
     init: Literal["xavier", "default"] = Field(
         "xavier", description="initialisation of the LM's linear layers"
@@ -81,21 +83,20 @@ class EmbeddedBackbone(Backbone):
             nn.Linear(config.hidden_size, config.hidden_size),
         )
         self.image_pos = nn.Parameter(torch.zeros(self._num_image_tokens, config.hidden_size))
-        lm_config = AutoConfig.for_model(
-            config.lm_type,
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
-            max_position_embeddings=config.max_positions,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **config.lm_kwargs,
-        )
+        lm_fields = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_heads,
+            "intermediate_size": config.intermediate_size,
+            "max_position_embeddings": config.max_positions,
+            "tie_word_embeddings": True,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        lm_config = AutoConfig.for_model(config.lm_type, **(lm_fields | config.lm_kwargs))
         lm_config._attn_implementation = "sdpa"
         self.lm = AutoModelForCausalLM.from_config(lm_config)
         if config.init == "xavier":
