@@ -1,0 +1,1 @@
+"""The CrystaL method: two paths through one model, sharing one latent block."""
