@@ -7,6 +7,7 @@ from typing import Any
 
 from crystalkit.config.components import config_model
 from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.data.collate import template_text
 from crystalkit.models.backbone import Backbone
 from crystalkit.registries import BACKBONES, DATASETS
 
@@ -23,4 +24,5 @@ def build_dataset(recipe: Recipe) -> Any:
 def build_backbone(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Backbone:
     """A fresh backbone, reusing the run's saved assets (tokenizer, ...) when ``assets`` has them."""
     cls = BACKBONES.get(recipe.backbone.name)
-    return cls.create(_params(cls, recipe.backbone), corpus=dataset.corpus(), assets=assets)
+    corpus = [*dataset.corpus(), template_text()]
+    return cls.create(_params(cls, recipe.backbone), corpus=corpus, assets=assets)

@@ -174,3 +174,40 @@ def test_collator_text_answers_label_the_option_words(parts):
     words = backbone.tokenizer.encode(sample.answer_text, add_special_tokens=False)
     assert labelled == [*words, backbone.tokenizer.eos_token_id]
     assert extract_choice(backbone.tokenizer.decode(words), sample.options) == sample.answer
+
+
+def test_added_tokens_copy_the_init_row_and_survive_the_run_dir(parts, tmp_path):
+    backbone, split = parts
+    before = len(backbone.tokenizer)
+    tokens = [f"<latent_{i}>" for i in range(3)] + ["<bot>"]
+    ids = backbone.add_tokens(tokens, init_from="answer")
+    assert ids == list(range(before, before + 4))
+    assert backbone.add_tokens(tokens[:1], init_from="answer") == ids[:1]  # idempotent
+    weight = backbone.lm.get_input_embeddings().weight
+    source = backbone.tokenizer.convert_tokens_to_ids("answer")
+    assert all(torch.equal(weight[i], weight[source]) for i in ids)
+    assert (
+        backbone.tokenizer.encode("answer : <latent_2> <bot>", add_special_tokens=False)[-2:]
+        == ids[2:]
+    )
+    batch = Collator(backbone)([split[0]])
+    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
+    mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
+    assert (
+        backbone(embeds, mask, positions_from_mask(batch.attention_mask)).logits.shape[-1]
+        == before + 4
+    )
+
+    backbone.save_assets(tmp_path)
+    reloaded = load_word_tokenizer(tmp_path)
+    assert reloaded.convert_tokens_to_ids(tokens) == ids
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        backbone.add_tokens(["<x>"], init_from="no-such-word")
+
+
+def test_every_prompt_word_is_in_the_vocabulary(parts):
+    backbone, split = parts
+    collate = Collator(backbone, answer="text")
+    for i in range(20):
+        ids, _ = collate.encode(split[i])
+        assert backbone.tokenizer.unk_token_id not in ids

@@ -18,10 +18,15 @@ from crystalkit.models.backbone import Backbone
 IGNORE_INDEX = -100
 
 
-def format_prompt(sample: Sample) -> str:
+def format_prompt(question: str, options: Sequence[str]) -> str:
     """``question options : A opt B opt ... answer :`` — the text the model conditions on."""
-    options = " ".join(f"{LETTERS[i]} {option}" for i, option in enumerate(sample.options))
-    return f"{sample.question} options : {options} answer :"
+    listed = " ".join(f"{LETTERS[i]} {option}" for i, option in enumerate(options))
+    return f"{question} options : {listed} answer :"
+
+
+def template_text() -> str:
+    """Every word the template itself adds (for building a vocabulary next to a dataset's)."""
+    return format_prompt("", [""] * len(LETTERS))
 
 
 @dataclass
@@ -63,7 +68,9 @@ class Collator:
     def encode(self, sample: Sample) -> tuple[list[int], list[int]]:
         """Token ids and labels of one sample."""
         encode = self.backbone.tokenizer.encode
-        prompt = self._prefix + encode(format_prompt(sample), add_special_tokens=False)
+        prompt = self._prefix + encode(
+            format_prompt(sample.question, sample.options), add_special_tokens=False
+        )
         if not self.with_answer:
             return prompt, [IGNORE_INDEX] * len(prompt)
         target = sample.answer if self.answer == "letter" else sample.answer_text

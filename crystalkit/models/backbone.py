@@ -86,6 +86,12 @@ class Backbone(nn.Module, ABC):
     ) -> BackboneOutput:
         """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]``."""
 
+    @abstractmethod
+    def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
+        """Add special tokens (latent slots, block markers) and return their ids. New embedding
+        (and output) rows start as copies of ``init_from``'s row, as Coconut does: random rows
+        with norms unlike the trained ones destabilise early training."""
+
     def new_cache(self) -> Any:
         """An empty KV cache for incremental decoding."""
         from transformers import DynamicCache

@@ -130,6 +130,25 @@ class EmbeddedBackbone(Backbone):
 
     image_token = IMAGE_TOKEN
 
+    def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
+        source = self._tokenizer.convert_tokens_to_ids(init_from)
+        if source == self._tokenizer.unk_token_id and init_from != self._tokenizer.unk_token:
+            raise ValueError(
+                f"cannot initialise new tokens from {init_from!r}: not in the vocabulary"
+            )
+        new = [t for t in tokens if t not in self._tokenizer.get_vocab()]
+        if new:
+            self._tokenizer.add_tokens(new, special_tokens=True)
+            self.lm.resize_token_embeddings(len(self._tokenizer), mean_resizing=False)
+            ids = self._tokenizer.convert_tokens_to_ids(new)
+            with torch.no_grad():
+                for matrix in {
+                    self.lm.get_input_embeddings().weight,
+                    self.lm.get_output_embeddings().weight,
+                }:
+                    matrix[ids] = matrix[source].clone()
+        return self._tokenizer.convert_tokens_to_ids(list(tokens))
+
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.float().div(255.0)
         size = self.config.image_size
