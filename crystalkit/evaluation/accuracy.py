@@ -13,6 +13,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from crystalkit.config.schema import EvalConfig
 from crystalkit.data.collate import Collator
 from crystalkit.data.sample import LETTERS
 from crystalkit.io import atomic_write_json, atomic_write_text
@@ -63,25 +64,19 @@ class EvalResult:
         }
 
 
-def evaluate(
-    backbone: Backbone,
-    dataset: Dataset,
-    batch_size: int = 128,
-    max_samples: int | None = None,
-    max_new_tokens: int = 4,
-) -> EvalResult:
+def evaluate(backbone: Backbone, dataset: Dataset, cfg: EvalConfig) -> EvalResult:
     """Greedy-decode an answer for every sample and score the extracted letter."""
     was_training = backbone.training
     backbone.eval()
     collate = Collator(backbone, with_answer=False)
     tokenizer = backbone.tokenizer
     device = next(backbone.parameters()).device
-    total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    total = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     predictions: list[dict[str, Any]] = []
-    for start in range(0, total, batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, total))]
+    for start in range(0, total, cfg.batch_size):
+        samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
         batch = collate(samples).to(device)
-        tokens = greedy_generate(backbone, batch, max_new_tokens, [tokenizer.eos_token_id])
+        tokens = greedy_generate(backbone, batch, cfg.max_new_tokens, [tokenizer.eos_token_id])
         for sample, row in zip(samples, tokens.tolist(), strict=True):
             raw = tokenizer.decode(row, skip_special_tokens=True)
             choice = extract_choice(raw, sample.options)

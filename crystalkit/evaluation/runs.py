@@ -35,12 +35,11 @@ def load_run(run_dir: Path) -> tuple[Recipe, object, Backbone, int]:
 def evaluate_run_dir(run_dir: Path, split: str, max_samples: int | None = None) -> EvalResult:
     """Evaluate ``split``; writes ``eval_SPLIT.json`` and ``predictions_SPLIT.jsonl``."""
     recipe, dataset, backbone, step = load_run(run_dir)
-    result = evaluate(
-        backbone,
-        dataset.split(split),
-        recipe.eval.batch_size,
-        max_samples if max_samples is not None else recipe.eval.max_samples,
-        recipe.eval.max_new_tokens,
+    cfg = (
+        recipe.eval
+        if max_samples is None
+        else recipe.eval.model_copy(update={"max_samples": max_samples})
     )
+    result = evaluate(backbone, dataset.split(split), cfg)
     result.save(run_dir, split, step)
     return result

@@ -167,13 +167,7 @@ def train(
         save_checkpoint(run_dir, step, backbone, state, cfg.keep_checkpoints)
 
     def run_eval(step: int, split_name: str) -> EvalResult:
-        result = evaluate(
-            backbone,
-            dataset.split(split_name),
-            recipe.eval.batch_size,
-            recipe.eval.max_samples,
-            recipe.eval.max_new_tokens,
-        )
+        result = evaluate(backbone, dataset.split(split_name), recipe.eval)
         metrics.append({"step": step, "split": split_name, **result.summary()})
         return result
 
