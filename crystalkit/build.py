@@ -7,7 +7,7 @@ from typing import Any
 
 from crystalkit.config.components import config_model
 from crystalkit.config.schema import ComponentSpec, Recipe
-from crystalkit.data.collate import template_text
+from crystalkit.data.prompt import template_text
 from crystalkit.models.backbone import Backbone
 from crystalkit.registries import BACKBONES, DATASETS
 

@@ -107,12 +107,15 @@ def evaluate_run(
     run_dir: Annotated[Path, typer.Argument(help="a run directory made by `crystalkit train`")],
     split: Annotated[str, typer.Option(help="dataset split to evaluate")] = "test",
     max_samples: Annotated[int | None, typer.Option(help="evaluate at most this many")] = None,
+    corrupted: Annotated[
+        bool, typer.Option(help="show the model the recipe's corrupted images instead")
+    ] = False,
 ) -> None:
     """Re-evaluate a saved run's latest checkpoint."""
     from crystalkit.evaluation.runs import evaluate_run_dir
 
-    result = evaluate_run_dir(run_dir, split, max_samples)
-    _print_eval(result, split, run_dir)
+    result = evaluate_run_dir(run_dir, split, max_samples, corrupted)
+    _print_eval(result, f"{split} (corrupted)" if corrupted else split, run_dir)
 
 
 def _print_eval(result: Any, split: str, run_dir: Path) -> None:

@@ -11,7 +11,7 @@ from crystalkit.registry import Registry
 BACKBONES: Registry = Registry("backbones", ("crystalkit.models.embedded",))
 DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic",))
 CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))
-OBJECTIVES: Registry = Registry("objectives")
+OBJECTIVES: Registry = Registry("objectives", ("crystalkit.objectives.alignment",))
 SCHEDULES: Registry = Registry("schedules", ("crystalkit.latents.schedules",))
 
 ALL: dict[str, Registry] = {

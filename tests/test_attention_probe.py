@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from crystalkit.build import build_backbone, build_dataset
-from crystalkit.data.collate import Collator
+from crystalkit.crystal.layout import Packer
 from crystalkit.models.attention_probe import enable_attention_probe, record_attention
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
 
@@ -19,11 +19,12 @@ def setup(tiny_recipe):
     recipe = tiny_recipe("backbone.num_layers=3", "backbone.lm_kwargs={num_key_value_heads: 1}")
     dataset = build_dataset(recipe)
     backbone = build_backbone(recipe, dataset)
-    batch = Collator(backbone)([dataset.split("val")[i] for i in range(3)])
-    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
-    mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
-    inputs = (embeds, mask, positions_from_mask(batch.attention_mask))
-    width = batch.input_ids.shape[1]
+    layout = Packer(backbone)([dataset.split("val")[i] for i in range(3)])
+    valid = (layout.segments != 0).long()
+    embeds = backbone.embed(layout.input_ids, layout.pixel_values)
+    mask = additive(causal_allowed(valid), embeds.dtype)
+    inputs = (embeds, mask, positions_from_mask(valid))
+    width = layout.input_ids.shape[1]
     query_index = torch.tensor([[width - 3, width - 2], [width - 2, width - 1], [0, width - 1]])
     return backbone, inputs, query_index
 

@@ -8,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crystalkit.build import build_backbone, build_dataset
-from crystalkit.data.collate import IGNORE_INDEX, Collator
+from crystalkit.crystal.layout import Packer
+from crystalkit.crystal.packing import Segment
+from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.evaluation.accuracy import extract_choice
-from crystalkit.models.generation import greedy_generate
+from crystalkit.evaluation.generation import generate_answers
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
 from crystalkit.models.tokenizer import load_word_tokenizer
 
@@ -55,70 +57,86 @@ def test_positions_skip_padding():
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
-def test_collator_left_pads_and_labels_only_the_answer(parts):
+def _valid(layout):
+    return (layout.segments != Segment.PAD).long()
+
+
+def test_packer_lays_out_segments_and_labels_only_the_answer(parts):
     backbone, split = parts
     samples = [split[i] for i in range(4)]
-    batch = Collator(backbone)(samples)
+    layout = Packer(backbone)(samples)
     tok = backbone.tokenizer
+    cue = tok.encode("answer :", add_special_tokens=False)
+    answer = layout.regions[Segment.ANSWER_INTACT]
     for row, sample in enumerate(samples):
-        labelled = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
+        labelled = layout.labels[row][layout.labels[row] != IGNORE_INDEX].tolist()
         assert labelled == [tok.convert_tokens_to_ids(sample.answer), tok.eos_token_id]
-        ids = batch.input_ids[row][batch.attention_mask[row].bool()]
+        ids = layout.input_ids[row][_valid(layout)[row].bool()]
         assert int((ids == backbone.image_token_id).sum()) == backbone.num_image_tokens
         assert ids[0] == tok.bos_token_id
-        assert batch.input_ids[row, -1] == tok.eos_token_id  # answers end at the right edge
+        # every segment is one column range: the answer segment starts with the cue in every row
+        assert layout.input_ids[row, answer.start : answer.start + 2].tolist() == cue
+    assert set(layout.regions) == {
+        Segment.PREFIX,
+        Segment.INTACT,
+        Segment.LATENT,
+        Segment.ANSWER_INTACT,
+    }
 
 
 def test_image_features_land_on_placeholders(parts):
     backbone, split = parts
-    batch = Collator(backbone)([split[0], split[1]])
-    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
-    features = backbone.encode_images(batch.pixel_values)
+    layout = Packer(backbone)([split[0], split[1]])
+    embeds = backbone.embed(layout.input_ids, layout.pixel_values)
+    features = backbone.encode_images(layout.pixel_values)
     for row in range(2):
-        at = batch.input_ids[row] == backbone.image_token_id
+        at = layout.input_ids[row] == backbone.image_token_id
         torch.testing.assert_close(embeds[row][at], features[row])
     with pytest.raises(ValueError, match="image placeholder"):
-        backbone.embed(batch.input_ids, batch.pixel_values[:1])
+        backbone.embed(layout.input_ids, layout.pixel_values[:1])
 
 
 def test_padding_does_not_change_a_samples_logits(parts):
     backbone, split = parts
     samples = [split[i] for i in range(5)]
-    collate = Collator(backbone)
-    batch = collate(samples)
+    pack = Packer(backbone)
+    layout = pack(samples)
+    valid = _valid(layout)
     with torch.no_grad():
-        embeds = backbone.embed(batch.input_ids, batch.pixel_values)
-        mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
-        batched = backbone(embeds, mask, positions_from_mask(batch.attention_mask)).logits
+        embeds = backbone.embed(layout.input_ids, layout.pixel_values)
+        mask = additive(causal_allowed(valid), embeds.dtype)
+        batched = backbone(embeds, mask, positions_from_mask(valid)).logits
         for row, sample in enumerate(samples):
-            alone = collate([sample])
+            alone = pack([sample])
+            alone_valid = _valid(alone)
             e = backbone.embed(alone.input_ids, alone.pixel_values)
-            m = additive(causal_allowed(alone.attention_mask), e.dtype)
-            logits = backbone(e, m, positions_from_mask(alone.attention_mask)).logits[0]
+            m = additive(causal_allowed(alone_valid), e.dtype)
+            logits = backbone(e, m, positions_from_mask(alone_valid)).logits[0]
             torch.testing.assert_close(
-                batched[row, -logits.shape[0] :], logits, atol=1e-5, rtol=1e-4
+                batched[row][valid[row].bool()],
+                logits[alone_valid[0].bool()],
+                atol=1e-5,
+                rtol=1e-4,
             )
 
 
 def test_hidden_states_per_layer(parts):
     backbone, split = parts
-    batch = Collator(backbone)([split[0]])
-    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
-    mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
-    out = backbone(
-        embeds, mask, positions_from_mask(batch.attention_mask), output_hidden_states=True
-    )
+    layout = Packer(backbone)([split[0]])
+    embeds = backbone.embed(layout.input_ids, layout.pixel_values)
+    mask = additive(causal_allowed(_valid(layout)), embeds.dtype)
+    out = backbone(embeds, mask, positions_from_mask(_valid(layout)), output_hidden_states=True)
     assert len(out.hidden_states) == backbone.config.num_layers + 1
-    assert out.hidden_states[-1].shape == (*batch.input_ids.shape, backbone.config.hidden_size)
+    assert out.hidden_states[-1].shape == (*layout.input_ids.shape, backbone.config.hidden_size)
 
 
-def _naive_greedy(backbone, batch, steps):
+def _naive_greedy(backbone, layout, steps):
     """Reference decoding: recompute the whole sequence for every new token (no cache)."""
-    prompt = backbone.embed(batch.input_ids, batch.pixel_values)
-    valid = batch.attention_mask
+    prompt = backbone.embed(layout.input_ids, layout.pixel_values)
+    valid = _valid(layout)
     out: list[torch.Tensor] = []
     for _ in range(steps):
-        generated = torch.stack(out, 1) if out else batch.input_ids[:, :0]
+        generated = torch.stack(out, 1) if out else layout.input_ids[:, :0]
         embeds = torch.cat([prompt, backbone.embed(generated)], 1)
         mask = additive(causal_allowed(valid), embeds.dtype)
         token = backbone(embeds, mask, positions_from_mask(valid)).logits[:, -1].argmax(-1)
@@ -129,11 +147,11 @@ def _naive_greedy(backbone, batch, steps):
 
 def test_cached_greedy_decoding_matches_full_recompute(parts):
     backbone, split = parts
-    batch = Collator(backbone, with_answer=False)([split[i] for i in range(6)])
+    layout = Packer(backbone)([split[i] for i in range(6)], with_answer=False)
     with torch.no_grad():
         # an unreachable stop id forces the full length, so every cached step is compared
-        cached = greedy_generate(backbone, batch, max_new_tokens=4, stop_ids=[-1])
-        naive = _naive_greedy(backbone, batch, 4)
+        cached = generate_answers(backbone, layout, max_new_tokens=4, stop_ids=[-1]).tokens
+        naive = _naive_greedy(backbone, layout, 4)
     assert torch.equal(cached, naive)
 
 
@@ -169,8 +187,8 @@ def test_extract_choice_rejects_letters_inside_words_and_out_of_range():
 def test_collator_text_answers_label_the_option_words(parts):
     backbone, split = parts
     sample = split[0]
-    batch = Collator(backbone, answer="text")([sample])
-    labelled = batch.labels[0][batch.labels[0] != IGNORE_INDEX].tolist()
+    layout = Packer(backbone, answer="text")([sample])
+    labelled = layout.labels[0][layout.labels[0] != IGNORE_INDEX].tolist()
     words = backbone.tokenizer.encode(sample.answer_text, add_special_tokens=False)
     assert labelled == [*words, backbone.tokenizer.eos_token_id]
     assert extract_choice(backbone.tokenizer.decode(words), sample.options) == sample.answer
@@ -190,12 +208,11 @@ def test_added_tokens_copy_the_init_row_and_survive_the_run_dir(parts, tmp_path)
         backbone.tokenizer.encode("answer : <latent_2> <bot>", add_special_tokens=False)[-2:]
         == ids[2:]
     )
-    batch = Collator(backbone)([split[0]])
-    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
-    mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
+    layout = Packer(backbone)([split[0]])
+    embeds = backbone.embed(layout.input_ids, layout.pixel_values)
+    mask = additive(causal_allowed(_valid(layout)), embeds.dtype)
     assert (
-        backbone(embeds, mask, positions_from_mask(batch.attention_mask)).logits.shape[-1]
-        == before + 4
+        backbone(embeds, mask, positions_from_mask(_valid(layout))).logits.shape[-1] == before + 4
     )
 
     backbone.save_assets(tmp_path)
@@ -207,7 +224,5 @@ def test_added_tokens_copy_the_init_row_and_survive_the_run_dir(parts, tmp_path)
 
 def test_every_prompt_word_is_in_the_vocabulary(parts):
     backbone, split = parts
-    collate = Collator(backbone, answer="text")
-    for i in range(20):
-        ids, _ = collate.encode(split[i])
-        assert backbone.tokenizer.unk_token_id not in ids
+    layout = Packer(backbone, answer="text")([split[i] for i in range(20)])
+    assert backbone.tokenizer.unk_token_id not in layout.input_ids.tolist()

@@ -70,7 +70,8 @@ def test_the_copy_is_that_f_reads_d_and_never_c():
     [
         ([S.PREFIX, S.INTACT, S.CORRUPTED, S.LATENT, S.ANSWER_INTACT, S.ANSWER_CORRUPTED], "order"),
         ([S.PREFIX, S.CORRUPTED, S.INTACT, S.INTACT, S.ANSWER_INTACT, S.ANSWER_CORRUPTED], "equal"),
-        ([S.PREFIX, S.PAD, S.CORRUPTED, S.INTACT, S.ANSWER_INTACT, S.ANSWER_CORRUPTED], "left"),
+        ([S.PREFIX, S.CORRUPTED, S.INTACT, S.PAD, S.INTACT, S.ANSWER_INTACT], "contiguous"),
+        ([S.PREFIX, S.LATENT, S.ANSWER_INTACT, S.LATENT_BLANK, S.LATENT_BLANK], "equal lengths"),
     ],
 )
 def test_malformed_segments_are_rejected(labels, message):

@@ -141,9 +141,10 @@ def test_recipe_commands_are_unaffected_by_the_broken_plugin(runs, recipe_file: 
     result = runs["recipe"]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"ok {recipe_file} (plugged)"
-    # the broken distribution's dataset entry point is skipped with one warning
+    # each of the broken distribution's entry points the recipe looks up is skipped with one
+    # warning (datasets and corruptions: the recipe resolves a dataset and a corruption)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1, result.stderr
-    assert "'demo_broken_dataset'" in warnings[0]
-    assert "crystalkit.datasets" in warnings[0]
+    assert len(warnings) == 2, result.stderr
+    assert "'demo_broken_dataset'" in warnings[0] and "crystalkit.datasets" in warnings[0]
+    assert "'demo_broken'" in warnings[1] and "crystalkit.corruptions" in warnings[1]
     assert "error" not in result.stderr

@@ -16,16 +16,23 @@ from pydantic import BaseModel, ValidationError
 
 from crystalkit.config.components import component_schema, config_model
 from crystalkit.config.overrides import apply_override, parse_override
-from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.config.schema import ComponentSpec, ObjectiveSpec, Recipe
 from crystalkit.errors import RecipeError, UsageError, did_you_mean
 from crystalkit.io import read_yaml
-from crystalkit.registries import BACKBONES, DATASETS
+from crystalkit.registries import BACKBONES, CORRUPTIONS, DATASETS, OBJECTIVES, SCHEDULES
 from crystalkit.registry import Registry
 
-#: recipe section -> registry its ``name`` resolves in
-COMPONENT_SECTIONS: dict[str, Registry] = {"backbone": BACKBONES, "dataset": DATASETS}
-
 Path_ = tuple[str, ...]
+
+#: recipe component -> registry its ``name`` resolves in (``objectives.*`` are added per key)
+COMPONENT_SECTIONS: dict[Path_, Registry] = {
+    ("backbone",): BACKBONES,
+    ("dataset",): DATASETS,
+    ("corruption",): CORRUPTIONS,
+    ("latents", "schedule"): SCHEDULES,
+}
+#: cheap components, built once while validating so their own checks fail at load time
+BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES)
 
 
 def _merge(
@@ -95,41 +102,73 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return validate_recipe(tree, source=str(path), provenance=prov)
 
 
+def _default_component(loc: Path_) -> str:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    return model.model_fields[loc[-1]].get_default(call_default_factory=True).name
+
+
+def _get(tree: Any, loc: Path_) -> Any:
+    for part in loc:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
 def validate_recipe(
     tree: dict[str, Any], source: str = "<recipe>", provenance: dict[Path_, str] | None = None
 ) -> Recipe:
     """Validate a merged recipe tree; component parameters are checked against their registry."""
     provenance = provenance or {}
-    for section in COMPONENT_SECTIONS:  # a section without a name keeps the default component
-        if isinstance(tree.get(section), dict) and "name" not in tree[section]:
-            tree[section] = {
-                "name": Recipe.model_fields[section].get_default(call_default_factory=True).name,
-                **tree[section],
-            }
+    for loc in COMPONENT_SECTIONS:  # a section without a name keeps the default component
+        section = _get(tree, loc)
+        if isinstance(section, dict) and "name" not in section:
+            section["name"] = _default_component(loc)
+    objectives = tree.get("objectives")
+    if isinstance(objectives, dict):
+        for key, spec in objectives.items():
+            if isinstance(spec, dict) and spec.get("name") is None:
+                spec["name"] = str(key)
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         raise RecipeError(_format_error(exc, Recipe, source, provenance)) from None
-    for section, registry in COMPONENT_SECTIONS.items():
-        spec: ComponentSpec = getattr(recipe, section)
-        setattr(recipe, section, _resolve_component(spec, registry, section, source, provenance))
+    for loc, registry in COMPONENT_SECTIONS.items():
+        parent = recipe
+        for part in loc[:-1]:
+            parent = getattr(parent, part)
+        spec = getattr(parent, loc[-1])
+        setattr(parent, loc[-1], _resolve_component(spec, registry, loc, source, provenance))
+    recipe.objectives = {
+        key: _resolve_component(spec, OBJECTIVES, ("objectives", key), source, provenance)
+        for key, spec in recipe.objectives.items()
+    }
     return recipe
 
 
 def _resolve_component(
-    spec: ComponentSpec, registry: Registry, section: str, source: str, prov: dict[Path_, str]
+    spec: ComponentSpec, registry: Registry, loc: Path_, source: str, prov: dict[Path_, str]
 ) -> ComponentSpec:
-    where = _source_of((section, "name"), prov, source)
+    where = _source_of((*loc, "name"), prov, source)
+    key = ".".join(loc)
     try:
         obj = registry.get(spec.name)
     except UsageError as exc:
-        raise RecipeError(f"{where}: {section}.name: {exc}") from None
+        raise RecipeError(f"{where}: {key}.name: {exc}") from None
     model = config_model(obj)
     try:
         params = model.model_validate(spec.params)
     except ValidationError as exc:
-        raise RecipeError(_format_error(exc, model, source, prov, prefix=(section,))) from None
-    return ComponentSpec(name=spec.name, **params.model_dump(mode="json"))
+        raise RecipeError(_format_error(exc, model, source, prov, prefix=loc)) from None
+    if registry in BUILT_AT_LOAD:
+        try:
+            obj(**params.model_dump())
+        except (ValueError, TypeError, UsageError) as exc:
+            raise RecipeError(f"{_source_of(loc, prov, source)}: {key}: {exc}") from None
+    declared = spec.model_dump(include=set(type(spec).model_fields))
+    return type(spec)(**declared | params.model_dump(mode="json"))
 
 
 def _format_error(
@@ -182,14 +221,23 @@ def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of recipes, with one alternative per registered component (for editors)."""
     schema = Recipe.model_json_schema()
     defs = schema.setdefault("$defs", {})
-    for section, registry in COMPONENT_SECTIONS.items():
+
+    def alternatives(registry: Registry, description: str) -> dict[str, Any]:
         component = component_schema(registry)
         for alternative in component["anyOf"]:
             defs.update(alternative.pop("$defs", {}))
-        schema["properties"][section] = {
-            "description": schema["properties"][section].get("description", ""),
-            **component,
-        }
+        return {"description": description, **component}
+
+    for loc, registry in COMPONENT_SECTIONS.items():
+        owner = schema if len(loc) == 1 else defs[Recipe.model_fields[loc[0]].annotation.__name__]
+        prop = owner["properties"][loc[-1]]
+        owner["properties"][loc[-1]] = alternatives(registry, prop.get("description", ""))
+    objective = alternatives(OBJECTIVES, "")
+    weight = ObjectiveSpec.model_json_schema()["properties"]["weight"]
+    for alternative in objective["anyOf"]:
+        alternative["properties"]["weight"] = weight
+        alternative["required"] = [r for r in alternative["required"] if r != "name"]
+    schema["properties"]["objectives"]["additionalProperties"] = objective
     schema["required"] = [key for key in schema.get("required", []) if key != "name"]
     schema["properties"]["inherit"] = {
         "description": "base recipe(s), relative to this file",

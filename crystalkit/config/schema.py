@@ -24,6 +24,51 @@ class ComponentSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ObjectiveSpec(ComponentSpec):
+    """An alignment objective under ``objectives:``; its key names it unless ``name`` is given
+    (so one objective can appear twice, e.g. attention at two layer sets)."""
+
+    name: str | None = Field(None, description="registered objective (defaults to the key)")
+    weight: float = Field(1.0, ge=0, description="weight of this term in the total loss")
+
+
+class LatentsConfig(_Strict):
+    family: Literal["token", "recurrent"] = Field(
+        "token",
+        description="token: K learned special tokens; recurrent: each slot's input is the "
+        "previous position's last hidden state (Coconut)",
+    )
+    schedule: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="fixed", k=0),
+        description="latents per step (SCHEDULES); K = 0 is no latent block",
+    )
+    init_from: str | None = Field(
+        None, description="existing token whose rows initialise the new ones (default: eos)"
+    )
+    train_new_rows_only: bool = Field(
+        False,
+        description="train only the new tokens' rows of the embedding and output matrices "
+        "(the reference does this on a pretrained model)",
+    )
+
+
+class CrystalConfig(_Strict):
+    strategy: Literal["packed", "two_pass"] = Field(
+        "packed",
+        description="packed: one forward over A B C D E F (reference); two_pass: intact pass, "
+        "then a corrupted pass reusing the latent block's keys/values",
+    )
+    copy_latents: bool = Field(
+        True,
+        description="false = no_copy control: the corrupted path reads a latent block computed "
+        "with no image in view",
+    )
+    ce: Literal["intact", "corrupted", "both"] = Field(
+        "both", description="which path's answer tokens get cross-entropy (both: their mean)"
+    )
+    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+
+
 class TrainConfig(_Strict):
     steps: int = Field(600, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="samples per step")
@@ -76,6 +121,21 @@ class Recipe(_Strict):
         description="data (DATASETS)",
     )
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    method: Literal["finetune", "crystal"] = Field(
+        "finetune",
+        description="finetune: the intact path alone (CE); crystal: intact + corrupted paths "
+        "with the latent copy and the objectives",
+    )
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    corruption: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="blur"),
+        description="what the corrupted path sees (CORRUPTIONS); used by method crystal",
+    )
+    crystal: CrystalConfig = Field(default_factory=CrystalConfig)
+    objectives: dict[str, ObjectiveSpec] = Field(
+        default_factory=dict,
+        description="alignment terms (OBJECTIVES) by key, each with a weight; method crystal",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -14,11 +14,11 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from crystalkit.config.schema import EvalConfig
-from crystalkit.data.collate import Collator
+from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS
+from crystalkit.evaluation.generation import generate_answers
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
-from crystalkit.models.generation import greedy_generate
 
 
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
@@ -64,20 +64,28 @@ class EvalResult:
         }
 
 
-def evaluate(backbone: Backbone, dataset: Dataset, cfg: EvalConfig) -> EvalResult:
-    """Greedy-decode an answer for every sample and score the extracted letter."""
+def evaluate(
+    backbone: Backbone,
+    dataset: Dataset,
+    method: Method,
+    cfg: EvalConfig,
+    corrupted: bool = False,
+) -> EvalResult:
+    """Greedy-decode an answer for every sample, after ``method``'s final latent block, and score
+    the extracted choice. ``corrupted``: show the model the recipe's corrupted images instead
+    (seeded per batch), to measure how much evidence the corruption leaves."""
     was_training = backbone.training
     backbone.eval()
-    collate = Collator(backbone, with_answer=False)
     tokenizer = backbone.tokenizer
     device = next(backbone.parameters()).device
     total = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     predictions: list[dict[str, Any]] = []
     for start in range(0, total, cfg.batch_size):
         samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
-        batch = collate(samples).to(device)
-        tokens = greedy_generate(backbone, batch, cfg.max_new_tokens, [tokenizer.eos_token_id])
-        for sample, row in zip(samples, tokens.tolist(), strict=True):
+        seed = method.recipe.seed * 1_000_003 - 1 - start if corrupted else None
+        layout = method.prompt_layout(samples, corrupt_seed=seed).to(device)
+        answers = generate_answers(backbone, layout, cfg.max_new_tokens, [tokenizer.eos_token_id])
+        for sample, row in zip(samples, answers.tokens.tolist(), strict=True):
             raw = tokenizer.decode(row, skip_special_tokens=True)
             choice = extract_choice(raw, sample.options)
             predictions.append(

@@ -66,7 +66,8 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` ``[B, 3, H, W]`` -> model pixel values."""
+        """``[B, 3, H, W]`` images (``uint8``, or float in [0, 1] after a corruption) -> model
+        pixel values."""
 
     @abstractmethod
     def embed(
@@ -91,6 +92,28 @@ class Backbone(nn.Module, ABC):
         """Add special tokens (latent slots, block markers) and return their ids. New embedding
         (and output) rows start as copies of ``init_from``'s row, as Coconut does: random rows
         with norms unlike the trained ones destabilise early training."""
+
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The unmodified ``transformers`` causal LM inside (its attention gets probed, its
+        embedding rows grow with new tokens)."""
+
+    @property
+    def num_layers(self) -> int:
+        return self.language_model.config.num_hidden_layers
+
+    def token_matrices(self) -> list[nn.Parameter]:
+        """The input embedding and output head weights (one matrix when they are tied)."""
+        lm = self.language_model
+        matrices = [lm.get_input_embeddings().weight, lm.get_output_embeddings().weight]
+        return list({id(m): m for m in matrices}.values())
+
+    def enable_attention_probe(self) -> None:
+        """Let :func:`~crystalkit.models.attention_probe.record_attention` read attention rows."""
+        from crystalkit.models.attention_probe import enable_attention_probe
+
+        enable_attention_probe(self.language_model)
 
     def new_cache(self) -> Any:
         """An empty KV cache for incremental decoding."""

@@ -28,3 +28,11 @@ def output_cache(output: Any) -> Any:
     """The KV cache returned in a model output, whatever the release calls it."""
     name = "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
     return getattr(output, name, None)
+
+
+def cache_layers_kv(cache: Any) -> list[tuple[Any, Any]]:
+    """Per-layer ``(keys, values)`` ``[B, H_kv, T, d]`` of a ``DynamicCache`` (``.layers`` since
+    transformers 4.56; ``key_cache``/``value_cache`` lists before)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))

@@ -130,6 +130,10 @@ class EmbeddedBackbone(Backbone):
 
     image_token = IMAGE_TOKEN
 
+    @property
+    def language_model(self) -> nn.Module:
+        return self.lm
+
     def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
         source = self._tokenizer.convert_tokens_to_ids(init_from)
         if source == self._tokenizer.unk_token_id and init_from != self._tokenizer.unk_token:
@@ -142,15 +146,12 @@ class EmbeddedBackbone(Backbone):
             self.lm.resize_token_embeddings(len(self._tokenizer), mean_resizing=False)
             ids = self._tokenizer.convert_tokens_to_ids(new)
             with torch.no_grad():
-                for matrix in {
-                    self.lm.get_input_embeddings().weight,
-                    self.lm.get_output_embeddings().weight,
-                }:
+                for matrix in self.token_matrices():
                     matrix[ids] = matrix[source].clone()
         return self._tokenizer.convert_tokens_to_ids(list(tokens))
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.float().div(255.0)
+        pixels = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
         size = self.config.image_size
         if pixels.shape[-2:] != (size, size):
             pixels = nn.functional.interpolate(

@@ -1,25 +1,15 @@
-"""The supervised (direct finetune) objective."""
+"""Cross-entropy on the answer, from logits already aligned with their targets."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from crystalkit.data.collate import IGNORE_INDEX, Batch
-from crystalkit.models.backbone import Backbone
-from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
+from crystalkit.data.prompt import IGNORE_INDEX
 
 
-def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over labelled positions (mean over answer tokens)."""
+def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy: ``logits`` ``[B, W, V]`` predict ``targets`` ``[B, W]``."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
     )
-
-
-def finetune_loss(backbone: Backbone, batch: Batch) -> dict[str, torch.Tensor]:
-    """Direct finetuning: one pass over image + question + answer, CE on the answer."""
-    embeds = backbone.embed(batch.input_ids, batch.pixel_values)
-    mask = additive(causal_allowed(batch.attention_mask), embeds.dtype)
-    out = backbone(embeds, mask, positions_from_mask(batch.attention_mask))
-    return {"ce": answer_cross_entropy(out.logits, batch.labels)}

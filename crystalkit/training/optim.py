@@ -3,6 +3,8 @@ learned position table), as is standard for transformer training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import get_scheduler
 
@@ -10,17 +12,21 @@ from crystalkit.config.schema import TrainConfig
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig
+    model: torch.nn.Module, cfg: TrainConfig, no_decay: Sequence[torch.nn.Parameter] = ()
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    decay, no_decay = [], []
+    """``no_decay``: further parameters kept out of weight decay (matrices trained only in some
+    rows must not shrink elsewhere)."""
+    excluded = {id(p) for p in no_decay}
+    decay, plain = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and not name.endswith("image_pos") else no_decay).append(param)
+        matrix = param.ndim >= 2 and not name.endswith("image_pos") and id(param) not in excluded
+        (decay if matrix else plain).append(param)
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": plain, "weight_decay": 0.0},
         ],
         lr=cfg.lr,
         betas=cfg.betas,

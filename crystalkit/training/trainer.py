@@ -28,7 +28,7 @@ from rich.progress import (
 from crystalkit.build import build_backbone, build_dataset
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import Recipe
-from crystalkit.data.collate import Collator
+from crystalkit.crystal.method import Method
 from crystalkit.errors import UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.io import atomic_write_json, atomic_write_text
@@ -38,7 +38,6 @@ from crystalkit.training.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from crystalkit.training.losses import finetune_loss
 from crystalkit.training.metrics import MetricsLog
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.sampler import StepSampler
@@ -106,6 +105,7 @@ def _progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[terms]}"),
         TextColumn("{task.fields[rate]:.0f} samples/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -138,8 +138,11 @@ def train(
     checkpoint = latest_checkpoint(run_dir) if resume else None
     torch.manual_seed(recipe.seed)
     dataset = build_dataset(recipe)
-    backbone = build_backbone(recipe, dataset, assets=run_dir if checkpoint else None).to(device)
-    optimizer, scheduler = build_optimizer(backbone, cfg)
+    backbone = build_backbone(recipe, dataset, assets=run_dir if checkpoint else None)
+    method = Method(recipe, backbone)  # adds the latent tokens: before the optimizer sees rows
+    backbone.to(device)
+    frozen_rows = backbone.token_matrices() if recipe.latents.train_new_rows_only else []
+    optimizer, scheduler = build_optimizer(backbone, cfg, no_decay=frozen_rows)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     start = 0
     if checkpoint is not None:
@@ -159,7 +162,6 @@ def train(
 
     train_split = dataset.split("train")
     sampler = StepSampler(len(train_split), cfg.batch_size, recipe.seed)
-    collate = Collator(backbone, answer=recipe.prompt.answer)
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
 
     def save(step: int) -> None:
@@ -167,7 +169,7 @@ def train(
         save_checkpoint(run_dir, step, backbone, state, cfg.keep_checkpoints)
 
     def run_eval(step: int, split_name: str) -> EvalResult:
-        result = evaluate(backbone, dataset.split(split_name), recipe.eval)
+        result = evaluate(backbone, dataset.split(split_name), method, recipe.eval)
         metrics.append({"step": step, "split": split_name, **result.summary()})
         return result
 
@@ -176,13 +178,13 @@ def train(
     train_start = time.perf_counter()
     with _progress(console) as progress:
         task = progress.add_task(
-            recipe.name, total=cfg.steps, completed=start, loss=float("nan"), rate=0
+            recipe.name, total=cfg.steps, completed=start, loss=float("nan"), rate=0, terms=""
         )
         for step in range(start, end):
             torch.manual_seed(recipe.seed * 1_000_003 + step)
-            batch = collate([train_split[i] for i in sampler.indices(step)]).to(device)
-            terms = finetune_loss(backbone, batch)
-            loss = sum(terms.values())
+            samples = [train_split[i] for i in sampler.indices(step)]
+            layout = method.layout(samples, step).to(device)
+            loss, terms = method.loss(backbone, layout)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -190,7 +192,7 @@ def train(
             )
             optimizer.step()
             scheduler.step()
-            window_samples += len(batch)
+            window_samples += len(samples)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - window_start
@@ -199,12 +201,14 @@ def train(
                     "step": done,
                     "loss": loss.item(),
                     **{f"loss/{k}": v.item() for k, v in terms.items()},
+                    "k": method.k_at(step),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "samples_per_s": rate,
                 }
                 metrics.append(record)
-                progress.update(task, loss=record["loss"], rate=rate)
+                shown = " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
+                progress.update(task, loss=record["loss"], rate=rate, terms=shown)
                 window_start, window_samples = time.perf_counter(), 0
             progress.update(task, completed=done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:

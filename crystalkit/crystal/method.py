@@ -1,0 +1,122 @@
+"""A recipe's training objective, assembled from its registries: what one step computes.
+
+``method: finetune`` runs the intact path alone with cross-entropy on the answer (with a latent
+block when the schedule gives K > 0: the "template only" baseline). ``method: crystal`` lays out
+both paths, corrupts the images, runs the chosen strategy and adds the weighted objectives:
+
+    loss = ce_weight * CE  +  sum_i weight_i * objective_i
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from crystalkit.config.schema import Recipe
+from crystalkit.corruptions import Corruption, build_corruption
+from crystalkit.crystal.layout import Layout, Packer
+from crystalkit.crystal.paths import STRATEGIES, Needs, PathOutputs, intact_only
+from crystalkit.data.sample import Sample
+from crystalkit.latents.blocks import LatentBlock, train_only_rows
+from crystalkit.models.backbone import Backbone
+from crystalkit.objectives.alignment import Objective
+from crystalkit.registries import OBJECTIVES, SCHEDULES
+from crystalkit.training.losses import answer_cross_entropy
+
+
+def build_schedule(recipe: Recipe) -> Callable[[int, int], int]:
+    spec = recipe.latents.schedule
+    return SCHEDULES.get(spec.name)(**spec.params)
+
+
+def build_latents(recipe: Recipe, backbone: Backbone) -> tuple[LatentBlock, int]:
+    """The recipe's latent block on ``backbone`` (adding its tokens) and the K used once training
+    is over (evaluation, generation)."""
+    schedule, total = build_schedule(recipe), recipe.train.steps
+    max_k = max(schedule(step, total) for step in range(total + 1))
+    block = LatentBlock(backbone, recipe.latents.family, max_k, recipe.latents.init_from)
+    return block, schedule(total, total)
+
+
+class Method:
+    """Builds layouts and losses for one recipe on one backbone."""
+
+    def __init__(self, recipe: Recipe, backbone: Backbone):
+        self.recipe = recipe
+        self.crystal = recipe.method == "crystal"
+        self.schedule = build_schedule(recipe)
+        self.block, self.final_k = build_latents(recipe, backbone)
+        self.packer = Packer(backbone, answer=recipe.prompt.answer)
+        self.corruption: Corruption = build_corruption(recipe.corruption)
+        self.objectives: list[tuple[str, float, Objective]] = []
+        if self.crystal:
+            for key, spec in recipe.objectives.items():
+                objective = OBJECTIVES.get(spec.name)(**spec.params)
+                self.objectives.append((key, spec.weight, objective))
+        layers = sorted({layer for _, _, o in self.objectives for layer in o.attention_layers})
+        self.needs = Needs(tuple(layers), any(o.needs_hidden for _, _, o in self.objectives))
+        self.strategy = STRATEGIES[recipe.crystal.strategy] if self.crystal else intact_only
+        if self.needs.layers:
+            backbone.enable_attention_probe()
+        if recipe.latents.train_new_rows_only:
+            train_only_rows(backbone.token_matrices(), self.block.new_token_ids)
+
+    def k_at(self, step: int) -> int:
+        return self.schedule(step, self.recipe.train.steps)
+
+    def layout(self, samples: Sequence[Sample], step: int) -> Layout:
+        """Step ``step``'s batch: K from the schedule, images corrupted with a generator seeded
+        from ``(seed, step)`` so that a resumed run corrupts identically."""
+        corrupted = (
+            self.corrupt(samples, self.recipe.seed * 1_000_003 + step) if self.crystal else None
+        )
+        return self.packer(
+            samples,
+            self.block.ids(self.k_at(step)),
+            corrupted_images=corrupted,
+            blank_latents=self.crystal and not self.recipe.crystal.copy_latents,
+            recurrent=self.block.recurrent,
+        )
+
+    def corrupt(self, samples: Sequence[Sample], seed: int) -> torch.Tensor:
+        """The samples' images corrupted (float ``[B, 3, H, W]`` in [0, 1])."""
+        images = torch.stack([s.image for s in samples]).float() / 255.0
+        return self.corruption(images, torch.Generator().manual_seed(seed))
+
+    def prompt_layout(self, samples: Sequence[Sample], corrupt_seed: int | None = None) -> Layout:
+        """Generation prompts with the final latent block (the intact path up to the answer cue);
+        with ``corrupt_seed``, its images are corrupted versions (to measure what the corruption
+        leaves of the evidence)."""
+        layout = self.packer(
+            samples, self.block.ids(self.final_k), with_answer=False, recurrent=self.block.recurrent
+        )
+        if corrupt_seed is not None:
+            images = self.corrupt(samples, corrupt_seed)
+            layout.pixel_values = self.packer.backbone.preprocess_images(images)
+        return layout
+
+    def loss(
+        self, backbone: Backbone, layout: Layout
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and each (unweighted) term."""
+        return self.terms(self.strategy(backbone, layout, self.needs))
+
+    def terms(self, out: PathOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce_intact = answer_cross_entropy(out.intact_logits, out.targets)
+        if out.corrupted_logits is None:
+            return ce_intact, {"ce": ce_intact}
+        ce_corrupted = answer_cross_entropy(out.corrupted_logits, out.targets)
+        placement = self.recipe.crystal.ce
+        ce = {
+            "intact": ce_intact,
+            "corrupted": ce_corrupted,
+            "both": (ce_intact + ce_corrupted) / 2,
+        }[placement]
+        terms = {"ce_intact": ce_intact, "ce_corrupted": ce_corrupted}
+        total = self.recipe.crystal.ce_weight * ce
+        for key, weight, objective in self.objectives:
+            value = objective(out)
+            terms[key] = value
+            total = total + weight * value
+        return total, terms

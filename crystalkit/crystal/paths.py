@@ -1,0 +1,210 @@
+"""The two ways to compute both paths, and the intact path alone.
+
+* :func:`packed` — the reference's single forward over ``A B C D E [D'] F``.
+* :func:`two_pass` — the intact pass ``A C D E``, then the corrupted pass ``A B D F`` with D's
+  per-layer keys and values copied from the intact pass (or ``A B D' F`` for ``no_copy``).
+* :func:`intact_only` — ``A C D E``: direct finetuning, and the computation evaluation repeats.
+
+All three embed the whole laid-out batch once (every image through the encoder in one call, so
+batch-statistics layers see the same batch either way) and cut their paths out of it, which is why
+the strategies give the same losses and gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from crystalkit.crystal.layout import Layout
+from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment
+from crystalkit.crystal.runner import SequenceRun, run_sequence
+from crystalkit.data.prompt import IGNORE_INDEX
+from crystalkit.models.backbone import Backbone
+from crystalkit.models.compat import cache_layers_kv
+from crystalkit.objectives.functional import latent_attention
+
+S = Segment
+BLANK_PATH = (S.PREFIX, S.CORRUPTED, S.LATENT_BLANK, S.ANSWER_CORRUPTED)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the objectives read besides logits: attention rows at ``layers`` (negative indices
+    count from the last layer) and last-layer hidden states."""
+
+    layers: tuple[int, ...] = ()
+    hidden: bool = False
+
+
+@dataclass
+class PathOutputs:
+    """Both paths at the answer-predicting columns ``[B, W]`` (``targets`` holds what each column
+    predicts, ``IGNORE_INDEX`` where nothing). Attention maps are ``[B, W, K]`` over the K latent
+    keys (head-averaged, renormalised), keyed by the requested layer index."""
+
+    targets: torch.Tensor
+    intact_logits: torch.Tensor
+    corrupted_logits: torch.Tensor | None = None
+    intact_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    corrupted_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    intact_hidden: torch.Tensor | None = None
+    corrupted_hidden: torch.Tensor | None = None
+    num_latents: int = 0
+
+    @property
+    def answer_mask(self) -> torch.Tensor:
+        return self.targets != IGNORE_INDEX
+
+
+Strategy = Callable[[Backbone, Layout, Needs], PathOutputs]
+
+
+def resolve_layers(backbone: Backbone, layers: tuple[int, ...]) -> dict[int, int]:
+    """Requested layer index -> decoder layer (``-1`` = last); out-of-range is a ``ValueError``."""
+    n = backbone.num_layers
+    bad = [layer for layer in layers if not -n <= layer < n]
+    if bad:
+        raise ValueError(f"attention layers {bad} out of range for a {n}-layer model")
+    return {layer: layer % n for layer in layers}
+
+
+def _latent_rows(probs: torch.Tensor, keys: range) -> torch.Tensor:
+    mask = torch.zeros(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device)
+    mask[:, keys.start : keys.stop] = True
+    return latent_attention(probs, mask)
+
+
+def _side(
+    run: SequenceRun, query: range, request: int, keys: range, layers: dict[int, int], hidden: bool
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+    attention = {}
+    if len(keys):
+        attention = {
+            asked: _latent_rows(run.attention[(request, layer)], keys)
+            for asked, layer in layers.items()
+        }
+    return run.logits(query), attention, run.hidden(query) if hidden else None
+
+
+def _embed(backbone: Backbone, layout: Layout) -> torch.Tensor:
+    return backbone.embed(layout.input_ids, layout.image_pixels())
+
+
+def run_intact(
+    backbone: Backbone,
+    layout: Layout,
+    embeds: torch.Tensor,
+    needs: Needs = Needs(),
+    keep_cache: bool = False,
+) -> tuple[Layout, SequenceRun, dict[int, int]]:
+    """The intact path ``A C D E`` of a laid-out batch (whose packed embeddings are ``embeds``)."""
+    intact, cols = layout.select(INTACT_PATH)
+    layers = resolve_layers(backbone, needs.layers)
+    run = run_sequence(
+        backbone,
+        embeds[:, cols],
+        intact.segments,
+        slots=intact.slot_ranges(),
+        queries=[intact.answer_queries(S.ANSWER_INTACT)],
+        layers=sorted(set(layers.values())),
+        hidden=needs.hidden,
+        keep_cache=keep_cache,
+    )
+    return intact, run, layers
+
+
+def intact_only(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
+    intact, run, layers = run_intact(backbone, layout, _embed(backbone, layout), needs)
+    logits, attention, hidden = _side(
+        run,
+        intact.answer_queries(S.ANSWER_INTACT),
+        0,
+        intact.regions[S.LATENT],
+        layers,
+        needs.hidden,
+    )
+    return PathOutputs(
+        layout.answer_targets(),
+        logits,
+        None,
+        attention,
+        {},
+        hidden,
+        None,
+        len(layout.regions[S.LATENT]),
+    )
+
+
+def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
+    layers = resolve_layers(backbone, needs.layers)
+    e, f = layout.answer_queries(S.ANSWER_INTACT), layout.answer_queries(S.ANSWER_CORRUPTED)
+    run = run_sequence(
+        backbone,
+        _embed(backbone, layout),
+        layout.segments,
+        slots=layout.slot_ranges(),
+        queries=[e, f],
+        layers=sorted(set(layers.values())),
+        hidden=needs.hidden,
+    )
+    read = S.LATENT_BLANK if layout.has(S.LATENT_BLANK) else S.LATENT
+    intact = _side(run, e, 0, layout.regions[S.LATENT], layers, needs.hidden)
+    corrupted = _side(run, f, 1, layout.regions[read], layers, needs.hidden)
+    return _pair(layout, intact, corrupted)
+
+
+def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
+    embeds = _embed(backbone, layout)
+    blank = layout.has(S.LATENT_BLANK)
+    intact_layout, intact_run, layers = run_intact(
+        backbone, layout, embeds, needs, keep_cache=not blank
+    )
+    corrupted_layout, cols = layout.select(BLANK_PATH if blank else CORRUPTED_PATH)
+    inject = None
+    if not blank:
+        source = intact_layout.regions[S.LATENT]
+        kv = [
+            (k[:, :, source.start : source.stop], v[:, :, source.start : source.stop])
+            for k, v in cache_layers_kv(intact_run.cache)
+        ]
+        inject = (corrupted_layout.regions[S.LATENT], kv)
+    f = corrupted_layout.answer_queries(S.ANSWER_CORRUPTED)
+    corrupted_run = run_sequence(
+        backbone,
+        embeds[:, cols],
+        corrupted_layout.segments,
+        slots=corrupted_layout.slot_ranges(),
+        inject=inject,
+        queries=[f],
+        layers=sorted(set(layers.values())),
+        hidden=needs.hidden,
+    )
+    read = S.LATENT_BLANK if blank else S.LATENT
+    intact = _side(
+        intact_run,
+        intact_layout.answer_queries(S.ANSWER_INTACT),
+        0,
+        intact_layout.regions[S.LATENT],
+        layers,
+        needs.hidden,
+    )
+    corrupted = _side(corrupted_run, f, 0, corrupted_layout.regions[read], layers, needs.hidden)
+    return _pair(layout, intact, corrupted)
+
+
+def _pair(layout: Layout, intact: tuple, corrupted: tuple) -> PathOutputs:
+    return PathOutputs(
+        targets=layout.answer_targets(),
+        intact_logits=intact[0],
+        corrupted_logits=corrupted[0],
+        intact_attention=intact[1],
+        corrupted_attention=corrupted[1],
+        intact_hidden=intact[2],
+        corrupted_hidden=corrupted[2],
+        num_latents=len(layout.regions[S.LATENT]),
+    )
+
+
+STRATEGIES: dict[str, Strategy] = {"packed": packed, "two_pass": two_pass}

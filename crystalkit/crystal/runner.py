@@ -1,0 +1,126 @@
+"""Run one sequence through a backbone, filling recurrent latent slots on the way.
+
+Everything CrystaL computes — the packed sequence, either pass of the two-pass form, the
+intact-only path of direct finetuning and the generation prompt at evaluation — is one call of
+:func:`run_sequence`, so training and evaluation cannot drift apart.
+
+Without recurrent slots a sequence is one forward. With them it is cut into chunks at each slot:
+the last-layer hidden state at the column before a slot becomes that slot's input embedding
+(Coconut), and a KV cache carries the prefix, so nothing is recomputed. A column range can also be
+*injected*: its keys and values come from another run (the two-pass form's latent copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from crystalkit.crystal.packing import packed_allowed, sequence_positions
+from crystalkit.models.attention_probe import record_attention
+from crystalkit.models.backbone import Backbone
+from crystalkit.models.masks import additive
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SequenceRun:
+    """Per-chunk outputs of :func:`run_sequence`, addressed by column."""
+
+    logits_chunks: list[tuple[range, torch.Tensor]]
+    hidden_chunks: list[tuple[range, torch.Tensor]]
+    cache: Any
+    positions: torch.Tensor
+    #: ``(query request, layer) -> [B, H, |query|, keys]`` attention probabilities
+    attention: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    #: recurrent slot column -> the input embedding it received ``[B, D]``
+    slot_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def _find(chunks: list[tuple[range, torch.Tensor]], cols: range) -> torch.Tensor:
+        for span, values in chunks:
+            if span.start <= cols.start and cols.stop <= span.stop:
+                return values[:, cols.start - span.start : cols.stop - span.start]
+        raise ValueError(f"columns {cols} are not inside one computed chunk")
+
+    def logits(self, cols: range) -> torch.Tensor:
+        return self._find(self.logits_chunks, cols)
+
+    def hidden(self, cols: range) -> torch.Tensor:
+        """Last-layer hidden states (requires ``hidden=True``)."""
+        return self._find(self.hidden_chunks, cols)
+
+
+def run_sequence(
+    backbone: Backbone,
+    embeds: torch.Tensor,
+    segments: torch.Tensor,
+    *,
+    slots: Sequence[range] = (),
+    inject: tuple[range, KV] | None = None,
+    queries: Sequence[range] = (),
+    layers: Sequence[int] = (),
+    hidden: bool = False,
+    keep_cache: bool = False,
+) -> SequenceRun:
+    """Forward ``embeds`` ``[B, T, D]`` laid out by ``segments`` (mask and positions follow from
+    them). ``slots``: recurrent latent columns; ``inject``: a column range and its per-layer
+    keys/values; ``queries``: column ranges whose attention rows are recorded at ``layers``
+    (each range must lie between two slots); ``hidden``: keep last-layer hidden states."""
+    length = embeds.shape[1]
+    allowed = packed_allowed(segments)
+    positions = sequence_positions(segments)
+    slot_cols = {c for r in slots for c in r}
+    skip = inject[0] if inject is not None and len(inject[0]) else None
+    stops = sorted(slot_cols | ({skip.start} if skip else set()))
+    cache = backbone.new_cache() if keep_cache or slot_cols or skip else None
+    run = SequenceRun([], [], cache, positions)
+    t = 0
+    while t < length:
+        if skip is not None and t == skip.start:
+            for i, (keys, values) in enumerate(inject[1]):
+                cache.update(keys, values, i)
+            t = skip.stop
+            continue
+        end = next((c for c in stops if c > t), length)
+        chunk = embeds[:, t:end]
+        if t in run.slot_inputs:
+            chunk = torch.cat([run.slot_inputs[t][:, None].to(chunk.dtype), chunk[:, 1:]], 1)
+        inside = [
+            (j, q) for j, q in enumerate(queries) if len(q) and t <= q.start and q.stop <= end
+        ]
+        recording = None
+        if inside and layers:
+            index = torch.cat([torch.arange(q.start - t, q.stop - t) for _, q in inside])
+            recording = record_attention(layers, index.to(embeds.device).expand(len(embeds), -1))
+        with recording or nullcontext() as rec:
+            out = backbone(
+                chunk,
+                additive(allowed[:, t:end, :end], embeds.dtype),
+                positions[:, t:end],
+                past_key_values=cache,
+                use_cache=cache is not None,
+                output_hidden_states=hidden or end in slot_cols,
+            )
+        span = range(t, end)
+        run.logits_chunks.append((span, out.logits))
+        if out.hidden_states is not None:
+            last = out.hidden_states[-1]
+            if hidden:
+                run.hidden_chunks.append((span, last))
+            if end in slot_cols:
+                run.slot_inputs[end] = last[:, -1]
+        if rec is not None:
+            offset = 0
+            for j, q in inside:
+                for layer in layers:
+                    run.attention[(j, layer)] = rec.rows[layer][:, :, offset : offset + len(q)]
+                offset += len(q)
+        if out.past_key_values is not None:
+            run.cache = cache = out.past_key_values
+        t = end
+    return run

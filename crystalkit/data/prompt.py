@@ -1,0 +1,28 @@
+"""The prompt template: question and options, then (after the latent block) the answer cue.
+
+    <bos> <image>*N  question options : A opt B opt ...  [latent block]  answer : TARGET <eos>
+
+The cue ``answer :`` comes *after* the latent block, so every answer token is predicted from a
+position of its own path (in the packed sequence the latent block's last position is shared by
+both paths and could not tell them apart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from crystalkit.data.sample import LETTERS
+
+IGNORE_INDEX = -100
+ANSWER_CUE = "answer :"
+
+
+def format_question(question: str, options: Sequence[str]) -> str:
+    """``question options : A opt B opt ...`` — the text the image is read against."""
+    listed = " ".join(f"{LETTERS[i]} {option}" for i, option in enumerate(options))
+    return f"{question} options : {listed}"
+
+
+def template_text() -> str:
+    """Every word the template itself adds (for building a vocabulary next to a dataset's)."""
+    return f"{format_question('', [''] * len(LETTERS))} {ANSWER_CUE}"
