@@ -1,5 +1,6 @@
 """Is the on-the-fly synthetic data a bottleneck? Median cost of building one batch (render the
-samples, tokenize, collate) relative to one direct-finetune training step, in one process.
+samples, corrupt the images, tokenize, lay out) relative to one training step of the same
+recipe, in one process.
 
     python benchmarks/input_pipeline.py [RECIPE] [--repeats N] [overrides...]
 
@@ -9,32 +10,18 @@ Prints absolute medians (they drift on a shared machine) and the ratio (which is
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 from crystalkit.build import build_backbone, build_dataset
 from crystalkit.config import load_recipe
-from crystalkit.data.collate import Collator
-from crystalkit.training.losses import finetune_loss
+from crystalkit.crystal.method import Method
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.sampler import StepSampler
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "crystal_default.yaml"
-
-
-def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> float:
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(warmup, warmup + repeats):
-        start = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,17 +37,18 @@ def main() -> None:
     torch.manual_seed(recipe.seed)
     dataset = build_dataset(recipe)
     backbone = build_backbone(recipe, dataset)
+    method = Method(recipe, backbone)
     optimizer, _ = build_optimizer(backbone, recipe.train)
     split = dataset.split("train")
     sampler = StepSampler(len(split), recipe.train.batch_size, recipe.seed)
-    collate = Collator(backbone, answer=recipe.prompt.answer)
-    batches = [collate([split[i] for i in sampler.indices(s)]) for s in range(4)]
 
     def build(step: int) -> object:
-        return collate([split[i] for i in sampler.indices(1000 + step)])
+        return method.layout([split[i] for i in sampler.indices(1000 + step)], step)
+
+    batches = [build(s) for s in range(4)]
 
     def train_step(step: int) -> None:
-        loss = sum(finetune_loss(backbone, batches[step % len(batches)]).values())
+        loss, _ = method.loss(backbone, batches[step % len(batches)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,5 +1,5 @@
-"""Run ``python -m crystalkit`` as a real subprocess (started early, collected later, so several
-commands can pay their torch import in parallel)."""
+"""Run the CLI in-process (:func:`invoke`) or as a real subprocess (:func:`start`, started early
+and collected later, so several commands can pay their torch import in parallel)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from typer.testing import CliRunner
+
+from crystalkit.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 _UNSET = ("CRYSTALKIT_DISABLE_PLUGINS", "FORCE_COLOR", "PY_COLORS", "PYTHONPATH")
@@ -35,3 +39,26 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> subprocess.Comple
         process.communicate()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    if result.exception is not None:  # only the deliberate exit, never a crash
+        assert isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def stderr_of(result) -> str:
+    try:
+        return result.stderr
+    except ValueError:  # older click: stderr mixed into output
+        return result.output
+
+
+def assert_one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = stderr_of(result).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]

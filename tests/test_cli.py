@@ -8,37 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_process import finish, start
-from typer.testing import CliRunner
+from cli_process import assert_one_error_line, finish, invoke, start
 
-from crystalkit.cli import app
 from crystalkit.config.loader import load_recipe, recipe_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECT = ROOT / "recipes" / "direct_finetune.yaml"
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    if result.exception is not None:  # only the deliberate exit, never a crash
-        assert isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def stderr_of(result) -> str:
-    try:
-        return result.stderr
-    except ValueError:  # older click: stderr mixed into output
-        return result.output
-
-
-def assert_one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = stderr_of(result).strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 # -- list -------------------------------------------------------------------------------------

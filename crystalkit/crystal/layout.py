@@ -42,14 +42,14 @@ class Layout:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Layout:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        corrupted = self.corrupted_pixels
         return replace(
             self,
-            input_ids=move(self.input_ids),
-            segments=move(self.segments),
-            labels=move(self.labels),
-            pixel_values=move(self.pixel_values),
-            corrupted_pixels=move(self.corrupted_pixels),
+            input_ids=self.input_ids.to(device),
+            segments=self.segments.to(device),
+            labels=self.labels.to(device),
+            pixel_values=self.pixel_values.to(device),
+            corrupted_pixels=None if corrupted is None else corrupted.to(device),
         )
 
     def has(self, segment: Segment) -> bool:

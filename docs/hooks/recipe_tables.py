@@ -4,6 +4,8 @@ A page writes a marker on its own line and the hook replaces it with a Markdown 
 (key, type, default, description) built from the pydantic models the recipe loader validates with:
 
     <!-- keys: top -->                    top-level keys (crystalkit.config.schema.Recipe)
+    <!-- keys: latents -->                the ``latents:`` section (LatentsConfig)
+    <!-- keys: crystal -->                the ``crystal:`` section (CrystalConfig)
     <!-- keys: train -->                  the ``train:`` section (TrainConfig)
     <!-- keys: eval -->                   the ``eval:`` section (EvalConfig)
     <!-- keys: backbone:embedded -->      a registered component's parameters,
@@ -44,9 +46,23 @@ LOOSE_MARKER = re.compile(r"<!--\s*keys\b")
 
 
 def _section_models() -> dict[str, type[BaseModel]]:
-    from crystalkit.config.schema import EvalConfig, PromptConfig, Recipe, TrainConfig
+    from crystalkit.config.schema import (
+        CrystalConfig,
+        EvalConfig,
+        LatentsConfig,
+        PromptConfig,
+        Recipe,
+        TrainConfig,
+    )
 
-    return {"top": Recipe, "prompt": PromptConfig, "train": TrainConfig, "eval": EvalConfig}
+    return {
+        "top": Recipe,
+        "prompt": PromptConfig,
+        "latents": LatentsConfig,
+        "crystal": CrystalConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }
 
 
 def _registries() -> dict[str, Any]:
