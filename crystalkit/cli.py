@@ -32,6 +32,10 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Show, validate and describe recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+ablate_app = typer.Typer(
+    help="Run an ablation grid (resumable) and aggregate it.", invoke_without_command=True
+)
+app.add_typer(ablate_app, name="ablate")
 
 out = Console()
 err = Console(stderr=True)
@@ -194,6 +198,72 @@ def recipe_schema(
         out.print(text, highlight=False, markup=False, soft_wrap=True)
     else:
         atomic_write_text(output, text + "\n")
+
+
+@ablate_app.callback()
+@user_errors
+def ablate(
+    ctx: typer.Context,
+    grid: Annotated[Path | None, typer.Option(help="grid YAML file (see docs: Ablations)")] = None,
+    jobs: Annotated[
+        int, typer.Option(min=1, help="cells trained in parallel (local launcher)")
+    ] = 1,
+    dry_run: Annotated[bool, typer.Option(help="print the planned cells and exit")] = False,
+    launcher: Annotated[
+        str, typer.Option(help="local (processes on this machine) or submitit (job array)")
+    ] = "local",
+    cluster: Annotated[
+        str | None, typer.Option(help="submitit cluster: slurm, local, debug (default: auto)")
+    ] = None,
+) -> None:
+    """Train every unfinished cell of a grid, then write the aggregated report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if grid is None:
+        raise UsageError("ablate: pass --grid FILE (or `crystalkit ablate report GRID`)")
+    if launcher not in ("local", "submitit"):
+        raise UsageError(f"--launcher: expected local or submitit, got {launcher!r}")
+    from crystalkit.ablation.grid import load_grid
+    from crystalkit.ablation.report import write_report
+    from crystalkit.ablation.runner import cell_dir, cell_state, run_local, run_submitit
+
+    loaded = load_grid(grid)
+    if dry_run:
+        table = Table(title=f"{grid}: {len(loaded.cells())} cells -> {loaded.output_dir}")
+        for column in ("cell", *loaded.varied_keys, "seed", "state"):
+            table.add_column(column)
+        for cell in loaded.cells():
+            loaded.recipe(cell)
+            values = [json.dumps(cell.values[k]).strip('"') for k in loaded.varied_keys]
+            state = cell_state(cell_dir(loaded, cell))
+            table.add_row(cell.id, *values, str(cell.seed), state)
+        out.print(table)
+        return
+    if launcher == "local":
+        outcome = run_local(loaded, jobs, err)
+    else:
+        outcome = run_submitit(loaded, cluster, err)
+    err.print(
+        f"{len(outcome.done)} cells trained, {len(outcome.skipped)} already done, "
+        f"{len(outcome.failed)} failed"
+    )
+    for kind, path in write_report(loaded, out).items():
+        err.print(f"{kind}: {path}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@ablate_app.command("report")
+@user_errors
+def ablate_report(
+    grid: Annotated[Path, typer.Argument(help="grid YAML file", show_default=False)],
+) -> None:
+    """Aggregate a grid's finished cells: table, CSV, Markdown, LaTeX and a PNG chart."""
+    from crystalkit.ablation.grid import load_grid
+    from crystalkit.ablation.report import write_report
+
+    for kind, path in write_report(load_grid(grid), out).items():
+        err.print(f"{kind}: {path}")
 
 
 def main() -> None:

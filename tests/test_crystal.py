@@ -296,8 +296,8 @@ def test_end_to_end_crystal_run_lowers_every_loss_term(tiny_recipe):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        assert values[0] > 1e-4, key
-        assert values[-1] < 0.7 * values[0], (key, values)
+        assert values[0] > 1e-6, key  # the paths disagree: there is something to align
+        assert values[-1] < 0.5 * values[0], (key, values)
 
 
 def test_crystal_training_resumes_exactly(tiny_recipe):
@@ -316,7 +316,8 @@ def test_crystal_training_resumes_exactly(tiny_recipe):
     a = load_file(str(ckpt.latest_checkpoint(full.run_dir).path / ckpt.WEIGHTS))
     b = load_file(str(ckpt.latest_checkpoint(resumed.run_dir).path / ckpt.WEIGHTS))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["k"] for r in _metric_records(full.run_dir)] == [0, 2, 3]  # logged at steps 2, 4, 6
+    # K of the step just taken, logged after steps 2, 4, 6 (0-based steps 1, 3, 5 of a 0 -> 3 ramp)
+    assert [r["k"] for r in _metric_records(full.run_dir)] == [1, 3, 3]
 
 
 ONE_LINE_VARIANTS = [
@@ -356,12 +357,14 @@ def test_variants_are_one_line_overrides(override, check):
     ],
 )
 def test_bad_variant_values_are_one_line_errors(override, expected):
-    line = assert_one_error_line(invoke("recipe", "validate", CRYSTAL_DEFAULT, override))
+    line = assert_one_error_line(invoke("recipe", "show", CRYSTAL_DEFAULT, override))
     assert f"override '{override}'" in line and expected in line, line
 
 
 def test_attention_layer_out_of_range_is_reported(tiny_recipe):
-    with pytest.raises(ValueError, match=r"attention layers \[5\] out of range for a 2-layer"):
+    from crystalkit.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"attention layers \[5\] out of range for a 2-layer"):
         _setup(tiny_recipe, "objectives={attention: {layers: [5]}}")
 
 

@@ -150,7 +150,10 @@ def test_crystal_default_inherits_direct_finetune():
     base = load_recipe(ROOT / "recipes" / "direct_finetune.yaml")
     derived = load_recipe(ROOT / "recipes" / "crystal_default.yaml")
     assert derived.name == "crystal_default"
-    assert (derived.train, derived.eval) == (base.train, base.eval)
+    assert derived.eval == base.eval
+    assert derived.train.model_copy(update={"steps": base.train.steps}) == base.train
+    assert (derived.method, base.method) == ("crystal", "finetune")
+    assert derived.corruption == base.corruption
     assert derived.backbone == base.backbone
     assert derived.dataset == base.dataset
 

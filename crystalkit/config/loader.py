@@ -35,14 +35,35 @@ COMPONENT_SECTIONS: dict[Path_, Registry] = {
 BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES)
 
 
+def _is_component(path: Path_) -> bool:
+    return path in COMPONENT_SECTIONS or (len(path) == 2 and path[0] == "objectives")
+
+
+def _switches_component(path: Path_, old: Any, new: Any) -> bool:
+    """Whether ``new`` (a mapping set at ``path``) names a different component than ``old``: its
+    parameters then start from the new component's defaults, not from the old one's values."""
+    return (
+        _is_component(path)
+        and isinstance(old, dict)
+        and "name" in new
+        and old.get("name", new["name"]) != new["name"]
+    )
+
+
 def _merge(
     base: dict, child: dict, prov: dict[Path_, str], source: str, prefix: Path_ = ()
 ) -> dict:
-    """Deep-merge ``child`` over ``base`` (mappings merge, everything else replaces)."""
+    """Deep-merge ``child`` over ``base`` (mappings merge, everything else replaces; a component
+    section whose ``name`` changes is replaced whole)."""
     out = dict(base)
     for key, value in child.items():
         path = (*prefix, str(key))
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and _switches_component(path, out.get(key), value):
+            for stale in [p for p in prov if p[: len(path)] == path]:
+                del prov[stale]
+            out[key] = copy.deepcopy(value)
+            _mark(prov, path, value, source)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value, prov, source, path)
         else:
             out[key] = copy.deepcopy(value)
@@ -97,6 +118,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         tree["name"] = path.stem
     for text in overrides:
         override = parse_override(text)
+        section = override.path[:-1]
+        if override.path[-1] == "name" and _switches_component(
+            section, _get(tree, section), {"name": override.value}
+        ):
+            _set_section(tree, section, {})  # another component: drop the old one's parameters
+            for stale in [p for p in prov if p[: len(section)] == section]:
+                del prov[stale]
         apply_override(tree, override)
         _mark(prov, override.path, override.value, f"override {text!r}")
     return validate_recipe(tree, source=str(path), provenance=prov)
@@ -107,6 +135,12 @@ def _default_component(loc: Path_) -> str:
     for part in loc[:-1]:
         model = model.model_fields[part].annotation
     return model.model_fields[loc[-1]].get_default(call_default_factory=True).name
+
+
+def _set_section(tree: dict, loc: Path_, value: dict) -> None:
+    for part in loc[:-1]:
+        tree = tree[part]
+    tree[loc[-1]] = value
 
 
 def _get(tree: Any, loc: Path_) -> Any:
@@ -151,7 +185,8 @@ def validate_recipe(
 def _resolve_component(
     spec: ComponentSpec, registry: Registry, loc: Path_, source: str, prov: dict[Path_, str]
 ) -> ComponentSpec:
-    where = _source_of((*loc, "name"), prov, source)
+    named = (*loc, "name")
+    where = _source_of(named if named in prov else loc, prov, source)  # objectives: name = key
     key = ".".join(loc)
     try:
         obj = registry.get(spec.name)

@@ -16,8 +16,9 @@ import torch
 from crystalkit.config.schema import Recipe
 from crystalkit.corruptions import Corruption, build_corruption
 from crystalkit.crystal.layout import Layout, Packer
-from crystalkit.crystal.paths import STRATEGIES, Needs, PathOutputs, intact_only
+from crystalkit.crystal.paths import STRATEGIES, Needs, PathOutputs, intact_only, resolve_layers
 from crystalkit.data.sample import Sample
+from crystalkit.errors import UsageError
 from crystalkit.latents.blocks import LatentBlock, train_only_rows
 from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.alignment import Objective
@@ -58,6 +59,10 @@ class Method:
         self.needs = Needs(tuple(layers), any(o.needs_hidden for _, _, o in self.objectives))
         self.strategy = STRATEGIES[recipe.crystal.strategy] if self.crystal else intact_only
         if self.needs.layers:
+            try:
+                resolve_layers(backbone, self.needs.layers)
+            except ValueError as exc:
+                raise UsageError(f"objectives: {exc}") from None
             backbone.enable_attention_probe()
         if recipe.latents.train_new_rows_only:
             train_only_rows(backbone.token_matrices(), self.block.new_token_ids)

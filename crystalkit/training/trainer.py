@@ -121,8 +121,11 @@ def train(
     overwrite: bool = False,
     console: Console | None = None,
     stop_after: int | None = None,
+    num_threads: int | None = None,
 ) -> TrainResult:
     """Train ``recipe`` to completion (or up to step ``stop_after``, for tests and schedulers).
+    ``num_threads`` overrides ``train.num_threads`` (a grid runner sharing the machine sets it;
+    it is how the run executes, not what it computes, so resuming does not compare it).
 
     Writes ``recipe.yaml`` (fully resolved), ``tokenizer.json`` and other backbone assets,
     ``metrics.jsonl``, ``checkpoints/`` and, once finished, ``results.json`` into the run dir.
@@ -131,8 +134,8 @@ def train(
     cfg = recipe.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     _check_run_dir(run_dir, recipe, resume, overwrite)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    if num_threads or cfg.num_threads:
+        torch.set_num_threads(num_threads or cfg.num_threads)
     device = torch.device(recipe.device)
 
     checkpoint = latest_checkpoint(run_dir) if resume else None

@@ -1,0 +1,230 @@
+"""Grid files and their expansion into cells.
+
+A grid file names a base recipe and the keys to vary::
+
+    base: ../recipes/crystal_default.yaml
+    overrides: [train.steps=300]            # every cell
+    grid:                                   # cartesian product, in file order
+      corruption.name: [none, blur, mask]
+    zip:                                    # keys varied together (equal-length lists)
+      - {latents.family: [token, recurrent], latents.schedule.k: [8, 4]}
+    seeds: [0, 1, 2]
+    exclude: [{corruption.name: none, latents.family: recurrent}]
+    cells: [{match: {corruption.name: mask}, overrides: [corruption.fraction=0.75]}]
+    metric: {name: accuracy, mode: max}
+
+Expansion is local and deterministic. A cell's id is a hash of its resolved overrides (order of
+keys and of grid lists does not matter), so re-running the same grid finds the same run folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crystalkit.config.loader import _format_error, load_recipe
+from crystalkit.config.overrides import parse_override
+from crystalkit.config.schema import Recipe
+from crystalkit.errors import RecipeError, UsageError
+from crystalkit.io import read_yaml
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MetricSpec(_Strict):
+    name: str = Field("accuracy", description="results.json key ranked on (per_category.X allowed)")
+    mode: Literal["max", "min"] = Field("max", description="whether higher or lower is better")
+
+
+class CellOverrides(_Strict):
+    match: dict[str, Any] = Field(description="partial assignment of grid keys")
+    overrides: list[str] = Field(description="extra overrides for the matching cells")
+
+
+class GridFile(_Strict):
+    """A grid file (see the module docstring)."""
+
+    base: str = Field(description="recipe path, relative to the grid file")
+    description: str = ""
+    overrides: list[str] = Field(default_factory=list, description="overrides for every cell")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="key -> values")
+    zip: list[dict[str, list[Any]]] = Field(
+        default_factory=list, description="groups of keys whose value lists are zipped"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    cells: list[CellOverrides] = Field(default_factory=list)
+    metric: MetricSpec = Field(default_factory=MetricSpec)
+    output_dir: str | None = Field(None, description="default: runs/ablations/<grid file stem>")
+    slurm: dict[str, Any] = Field(
+        default_factory=dict, description="submitit executor parameters for --launcher submitit"
+    )
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_lists(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+        return grid
+
+    @field_validator("zip")
+    @classmethod
+    def _equal_lengths(cls, groups: list[dict[str, list[Any]]]) -> list[dict[str, list[Any]]]:
+        for i, group in enumerate(groups):
+            lengths = {key: len(values) for key, values in group.items()}
+            if not group or len(set(lengths.values())) != 1 or 0 in lengths.values():
+                raise ValueError(
+                    f"group {i}: needs keys with equal, non-zero numbers of values, got {lengths}"
+                )
+        return groups
+
+    @model_validator(mode="after")
+    def _keys_once(self) -> GridFile:
+        keys = [*self.grid, *(k for group in self.zip for k in group)]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"keys varied twice (grid and zip): {', '.join(repeated)}")
+        for entry in [*self.exclude, *(c.match for c in self.cells)]:
+            unknown = sorted(set(entry) - set(keys))
+            if unknown:
+                raise ValueError(
+                    f"exclude/cells name keys the grid does not vary: {', '.join(unknown)}"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a grid: the varied values, the seed, and the overrides that make its recipe."""
+
+    assignment: tuple[tuple[str, Any], ...]
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.overrides)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return dict(self.assignment)
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={_compact(v)}" for k, v in self.assignment) or "(base)"
+
+
+@dataclass
+class Grid:
+    path: Path
+    spec: GridFile
+
+    @property
+    def base(self) -> Path:
+        return (self.path.parent / self.spec.base).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        if self.spec.output_dir is not None:
+            return self.path.parent / self.spec.output_dir
+        return Path("runs") / "ablations" / self.path.stem
+
+    @property
+    def varied_keys(self) -> list[str]:
+        return [*self.spec.grid, *(k for group in self.spec.zip for k in group)]
+
+    def cells(self) -> list[Cell]:
+        return expand(self.spec)
+
+    def recipe(self, cell: Cell) -> Recipe:
+        """The cell's validated recipe (named by its id, writing under the grid's folder)."""
+        extra = [f"name={cell.id}", f"output_dir={json.dumps(str(self.output_dir))}"]
+        try:
+            return load_recipe(self.base, [*cell.overrides, *extra])
+        except RecipeError as exc:
+            raise RecipeError(
+                f"{self.path}: cell {cell.label()} (seed {cell.seed}): {exc}"
+            ) from None
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")).strip('"')
+
+
+def override_text(key: str, value: Any) -> str:
+    """``key=<value as JSON>`` (JSON is YAML, so the override parser reads the value back exactly)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def cell_id(overrides: tuple[str, ...] | list[str]) -> str:
+    """A stable id for a set of overrides: the same overrides in any order give the same id."""
+    canonical = sorted(
+        (o.key, o.delete, json.dumps(o.value, sort_keys=True))
+        for o in map(parse_override, overrides)
+    )
+    return hashlib.sha1(json.dumps(canonical).encode()).hexdigest()[:10]
+
+
+def _axes(spec: GridFile) -> list[list[tuple[tuple[str, Any], ...]]]:
+    axes = [[((key, value),) for value in values] for key, values in spec.grid.items()]
+    for group in spec.zip:
+        keys = list(group)
+        axes.append(
+            [tuple(zip(keys, values, strict=True)) for values in zip(*group.values(), strict=True)]
+        )
+    return axes
+
+
+def _matches(values: dict[str, Any], partial: dict[str, Any]) -> bool:
+    return all(key in values and values[key] == value for key, value in partial.items())
+
+
+def expand(spec: GridFile) -> list[Cell]:
+    """Every cell of the grid, in file order (seeds innermost), exclusions removed."""
+    cells = []
+    for combo in itertools.product(*_axes(spec)):
+        assignment = tuple(pair for part in combo for pair in part)
+        values = dict(assignment)
+        if any(_matches(values, rule) for rule in spec.exclude):
+            continue
+        extra = [o for rule in spec.cells if _matches(values, rule.match) for o in rule.overrides]
+        for seed in spec.seeds:
+            overrides = (
+                *spec.overrides,
+                *(override_text(k, v) for k, v in assignment),
+                *extra,
+                f"seed={seed}",
+            )
+            cells.append(Cell(assignment, seed, overrides))
+    return cells
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid file; every mistake is one line naming the file and the key."""
+    path = Path(path)
+    data = read_yaml(path, RecipeError)
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{path}: a grid file must be a mapping of keys, got {type(data).__name__}"
+        )
+    try:
+        spec = GridFile.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(exc, GridFile, str(path), {})) from None
+    for text in spec.overrides + [o for c in spec.cells for o in c.overrides]:
+        try:
+            parse_override(text)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+    grid = Grid(path, spec)
+    if not grid.base.is_file():
+        raise UsageError(f"{path}: base: recipe {spec.base!r} not found (looked for {grid.base})")
+    return grid

@@ -1,0 +1,258 @@
+"""Run a grid's cells: skip finished ones, retry failed or interrupted ones, never let one cell
+stop the others.
+
+Each cell trains in its own process through the plain :func:`~crystalkit.training.trainer.train`
+function — locally (``--jobs N`` processes at a time) or as a Slurm job array through submitit.
+The cell's folder holds the run itself (recipe, metrics, checkpoints, ``results.json``), its log
+``train.log`` and ``status.json``. A cell counts as done only when ``status.json`` says so *and*
+``results.json`` exists; both are written atomically, so a killed process or a Ctrl-C leaves
+nothing the next invocation would trust. Unfinished cells resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from crystalkit.ablation.grid import Cell, Grid, load_grid
+from crystalkit.io import atomic_write_json
+
+STATUS_FILE = "status.json"
+LOG_FILE = "train.log"
+RESULTS_FILE = "results.json"
+
+State = Literal["pending", "running", "done", "failed"]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def cell_dir(grid: Grid, cell: Cell) -> Path:
+    return grid.output_dir / cell.id
+
+
+def read_status(directory: Path) -> dict[str, Any]:
+    """The cell's ``status.json`` (``pending`` when missing or unreadable)."""
+    import json
+
+    try:
+        status = json.loads((directory / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"state": "pending", "attempts": 0}
+    return (
+        status
+        if isinstance(status, dict) and "state" in status
+        else {"state": "pending", "attempts": 0}
+    )
+
+
+def cell_state(directory: Path) -> State:
+    """``done`` needs both the status and the results file; a ``running`` cell whose process is
+    gone (killed, Ctrl-C, machine reboot) counts as ``failed``, to be resumed."""
+    status = read_status(directory)
+    state = status["state"]
+    if state == "done":
+        return "done" if (directory / RESULTS_FILE).is_file() else "failed"
+    if state == "running" and not _alive(status):
+        return "failed"
+    return state
+
+
+def _alive(status: dict[str, Any]) -> bool:
+    if status.get("host") != socket.gethostname():
+        return True  # another machine's job (Slurm): trust its status
+    pid = status.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_status(directory: Path, **fields: Any) -> None:
+    status = read_status(directory) | fields
+    atomic_write_json(directory / STATUS_FILE, status)
+
+
+def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict[str, Any]:
+    """Train one cell (in its own process), resuming its last checkpoint; returns its results.
+    Output goes to the cell's ``train.log``; the outcome to its ``status.json``."""
+    from crystalkit.training.trainer import train
+
+    grid = load_grid(grid_path)
+    directory = cell_dir(grid, cell)
+    directory.mkdir(parents=True, exist_ok=True)
+    attempts = read_status(directory).get("attempts", 0) + 1
+    _write_status(
+        directory,
+        state="running",
+        cell=cell.id,
+        label=cell.label(),
+        seed=cell.seed,
+        overrides=list(cell.overrides),
+        attempts=attempts,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started=_now(),
+        finished=None,
+        error=None,
+    )
+    with open(directory / LOG_FILE, "a", encoding="utf-8") as log:
+        log.write(f"--- attempt {attempts} at {_now()} ---\n")
+        log.flush()
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+        try:
+            result = train(
+                grid.recipe(cell),
+                run_dir=directory,
+                resume=True,
+                console=Console(file=sys.stderr, width=120),
+                num_threads=num_threads,
+            )
+        except BaseException as exc:
+            traceback.print_exc()
+            sys.stderr.flush()
+            _write_status(directory, state="failed", finished=_now(), error=_one_line(exc))
+            raise
+    summary = result.final.summary() if result.final is not None else {}
+    _write_status(directory, state="done", finished=_now())
+    return summary
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _child(grid_path: str, cell: Cell, num_threads: int | None) -> None:
+    try:
+        run_cell(grid_path, cell, num_threads)
+    except BaseException:
+        sys.exit(1)
+
+
+@dataclass
+class GridOutcome:
+    done: list[Cell]
+    skipped: list[Cell]
+    failed: list[Cell]
+
+
+def pending_cells(grid: Grid) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run, cells already done)."""
+    todo, done = [], []
+    for cell in grid.cells():
+        state = cell_state(cell_dir(grid, cell))
+        if state == "done":
+            done.append(cell)
+        elif state == "running":
+            continue  # alive elsewhere (another invocation, another host)
+        else:
+            todo.append(cell)
+    return todo, done
+
+
+def run_local(grid: Grid, jobs: int, console: Console, poll: float = 0.5) -> GridOutcome:
+    """Run the unfinished cells, ``jobs`` processes at a time, each with its share of the CPU."""
+    todo, done = pending_cells(grid)
+    for cell in todo:
+        grid.recipe(cell)  # a bad cell fails here, before anything runs
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    queue, running = deque(todo), {}
+    finished, failed = [], []
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                cell = queue.popleft()
+                process = context.Process(
+                    target=_child, args=(str(grid.path), cell, threads), daemon=False
+                )
+                process.start()
+                running[cell.id] = (process, cell, time.perf_counter())
+                console.print(f"[dim]started[/] {cell.id}  {cell.label()}  seed {cell.seed}")
+            time.sleep(poll)
+            for key, (process, cell, start) in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del running[key]
+                directory = cell_dir(grid, cell)
+                minutes = (time.perf_counter() - start) / 60
+                if process.exitcode == 0 and cell_state(directory) == "done":
+                    finished.append(cell)
+                    console.print(
+                        f"[green]done[/]    {cell.id}  {cell.label()}  ({minutes:.1f} min)"
+                    )
+                else:
+                    if read_status(directory)["state"] == "running":  # killed: no chance to say so
+                        _write_status(
+                            directory,
+                            state="failed",
+                            finished=_now(),
+                            error=f"process exited with code {process.exitcode}",
+                        )
+                    failed.append(cell)
+                    error = read_status(directory).get("error")
+                    console.print(
+                        f"[red]failed[/]  {cell.id}  {cell.label()}: {error} "
+                        f"(log: {directory / LOG_FILE}; re-run to retry)"
+                    )
+    except KeyboardInterrupt:
+        for process, cell, _ in running.values():
+            process.terminate()
+            process.join()
+            _write_status(
+                cell_dir(grid, cell), state="failed", finished=_now(), error="interrupted"
+            )
+        raise
+    return GridOutcome(finished, done, failed)
+
+
+def run_submitit(
+    grid: Grid, cluster: str | None, console: Console, wait: bool | None = None
+) -> GridOutcome:
+    """Submit the unfinished cells as one job array through submitit (``cluster="local"`` runs
+    them as local processes; ``None`` lets submitit pick Slurm when it is available)."""
+    import submitit
+
+    todo, done = pending_cells(grid)
+    for cell in todo:
+        grid.recipe(cell)
+    if not todo:
+        return GridOutcome([], done, [])
+    executor = submitit.AutoExecutor(folder=grid.output_dir / "submitit", cluster=cluster)
+    executor.update_parameters(**grid.spec.slurm)
+    jobs = executor.map_array(run_cell, [str(grid.path)] * len(todo), todo, [None] * len(todo))
+    console.print(
+        f"submitted {len(jobs)} cells to {executor.cluster}: job {jobs[0].job_id.split('_')[0]}"
+    )
+    if wait is False or (wait is None and executor.cluster == "slurm"):
+        return GridOutcome([], done, [])
+    finished, failed = [], []
+    for job, cell in zip(jobs, todo, strict=True):
+        if job.exception() is None:
+            finished.append(cell)
+        else:
+            failed.append(cell)
+            console.print(
+                f"[red]failed[/]  {cell.id}  {cell.label()}: {read_status(cell_dir(grid, cell)).get('error')}"
+            )
+    return GridOutcome(finished, done, failed)

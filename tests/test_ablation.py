@@ -1,0 +1,223 @@
+"""Ablation grids: expansion properties, one-line errors, resumable local and submitit runs,
+aggregated reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_process import assert_one_error_line, invoke
+from conftest import ROOT, TINY
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crystalkit.ablation.grid import GridFile, cell_id, expand, load_grid
+from crystalkit.ablation.runner import STATUS_FILE, cell_dir, cell_state, read_status, run_local
+from crystalkit.errors import RecipeError
+
+values = st.lists(
+    st.one_of(st.integers(-3, 3), st.sampled_from(["a", "b", "c"])),
+    min_size=1,
+    max_size=3,
+    unique=True,
+)
+grids = st.dictionaries(st.sampled_from(["x.a", "x.b", "y.c", "z"]), values, max_size=3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(grid=grids, seeds=st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True))
+def test_expansion_is_the_cartesian_product_with_unique_stable_ids(grid, seeds):
+    spec = GridFile(base="r.yaml", grid=grid, seeds=seeds)
+    cells = expand(spec)
+    expected = len(seeds)
+    for options in grid.values():
+        expected *= len(options)
+    assert len(cells) == expected
+    assert len({c.id for c in cells}) == len(cells)
+    assert [c.id for c in expand(spec)] == [c.id for c in cells]  # deterministic
+    # ids depend on the resolved overrides only: reversing keys and value lists changes nothing
+    reversed_spec = GridFile(
+        base="r.yaml", grid={k: v[::-1] for k, v in reversed(grid.items())}, seeds=seeds[::-1]
+    )
+    assert {c.id for c in expand(reversed_spec)} == {c.id for c in cells}
+    for cell in cells:
+        assert set(cell.values) == set(grid)
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=grids.filter(bool), data=st.data())
+def test_exclude_removes_exactly_the_matching_cells(grid, data):
+    key = data.draw(st.sampled_from(sorted(grid)))
+    value = data.draw(st.sampled_from(grid[key]))
+    full = expand(GridFile(base="r.yaml", grid=grid))
+    kept = expand(GridFile(base="r.yaml", grid=grid, exclude=[{key: value}]))
+    assert [c.id for c in kept] == [c.id for c in full if c.values[key] != value]
+
+
+def test_zip_varies_keys_together_and_cells_add_overrides():
+    spec = GridFile(
+        base="r.yaml",
+        grid={"corruption.name": ["blur", "mask"]},
+        zip=[{"latents.family": ["token", "recurrent"], "latents.schedule.k": [8, 4]}],
+        cells=[{"match": {"corruption.name": "mask"}, "overrides": ["corruption.fraction=0.75"]}],
+    )
+    cells = expand(spec)
+    assert len(cells) == 4
+    assert {(c.values["latents.family"], c.values["latents.schedule.k"]) for c in cells} == {
+        ("token", 8),
+        ("recurrent", 4),
+    }
+    masked = [c for c in cells if c.values["corruption.name"] == "mask"]
+    assert all("corruption.fraction=0.75" in c.overrides for c in masked)
+    assert cell_id(["a=1", "b=2"]) == cell_id(["b=2", "a=1"]) != cell_id(["a=1", "b=3"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("base: r.yaml\ngrd: {}\n", "grd: unknown key (did you mean 'grid'?)"),
+        (
+            "base: r.yaml\ngrid: {train.lr: []}\n",
+            "grid: train.lr: needs at least one value",
+        ),
+        (
+            "base: r.yaml\nzip: [{a: [1, 2], b: [1]}]\n",
+            "zip: group 0: needs keys with equal",
+        ),
+        (
+            "base: r.yaml\ngrid: {a: [1]}\nexclude: [{b: 1}]\n",
+            "exclude/cells name keys the grid does not vary: b",
+        ),
+        ("base: r.yaml\nseeds: []\n", "seeds: List should have at least 1 item"),
+        ("base: missing.yaml\n", "base: recipe 'missing.yaml' not found"),
+        ("base: r.yaml\noverrides: [train.lr]\n", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_grid_files_are_one_line_errors(tmp_path: Path, text: str, expected: str):
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    bad = tmp_path / "grid.yaml"
+    bad.write_text(text)
+    line = assert_one_error_line(invoke("ablate", "--grid", bad, "--dry-run"))
+    assert str(bad) in line and expected in line, line
+
+
+def test_a_bad_cell_value_names_the_cell(tmp_path: Path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"base: {ROOT / 'recipes' / 'crystal_default.yaml'}\ngrid: {{corruption.name: [blur, blurr]}}\n"
+    )
+    line = assert_one_error_line(invoke("ablate", "--grid", grid, "--dry-run"))
+    assert "cell corruption.name=blurr (seed 0)" in line and "unknown corruption 'blurr'" in line
+
+
+def _tiny_grid(tmp_path: Path, **extra) -> Path:
+    spec = {
+        "base": str(ROOT / "recipes" / "direct_finetune.yaml"),
+        "overrides": [*TINY, "train.steps=4", "eval.max_samples=16"],
+        "grid": {"train.lr": [0.001, 0.003]},
+        "seeds": [0, 1],
+        "output_dir": "out",
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_runs_resumes_only_unfinished_cells_and_reports(tmp_path: Path):
+    path = _tiny_grid(tmp_path)
+    dry = invoke("ablate", "--grid", path, "--dry-run")
+    assert dry.exit_code == 0 and dry.stdout.count("pending") == 4
+
+    result = invoke("ablate", "--grid", path, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    grid = load_grid(path)
+    cells = grid.cells()
+    assert all(cell_state(cell_dir(grid, c)) == "done" for c in cells)
+    assert "4 cells trained, 0 already done, 0 failed" in " ".join(result.output.split())
+
+    # a second invocation does no work
+    again = invoke("ablate", "--grid", path, "--jobs", "2")
+    assert "0 cells trained, 4 already done" in " ".join(again.output.split())
+
+    # a cell whose process died mid-run (status 'running', dead pid, no results) is the only rerun
+    victim = cell_dir(grid, cells[1])
+    status = read_status(victim)
+    (victim / "results.json").unlink()
+    (victim / STATUS_FILE).write_text(json.dumps(status | {"state": "running", "pid": 2**22 + 7}))
+    assert cell_state(victim) == "failed"
+    rerun = invoke("ablate", "--grid", path)
+    assert "1 cells trained, 3 already done" in " ".join(rerun.output.split())
+    assert read_status(victim)["attempts"] == 2
+    assert all(read_status(cell_dir(grid, c))["attempts"] == 1 for c in cells if c != cells[1])
+
+    out = tmp_path / "out"
+    with (out / "report.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["train.lr"] for r in sorted(rows, key=lambda r: r["train.lr"])] == ["0.001", "0.003"]
+    assert all(r["seeds"] == "2" and r["finished"] == "2" for r in rows)
+    accuracies = [
+        json.loads((cell_dir(grid, c) / "results.json").read_text())["accuracy"] for c in cells
+    ]
+    means = sorted(float(r["accuracy_mean"]) for r in rows)
+    assert means == pytest.approx(
+        sorted([(accuracies[0] + accuracies[1]) / 2, (accuracies[2] + accuracies[3]) / 2])
+    )
+    assert (out / "report.md").read_text().startswith("| train.lr | seeds | accuracy (%)")
+    assert "\\toprule" in (out / "report.tex").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_cells_do_not_stop_the_others_and_are_retried(tmp_path: Path):
+    from rich.console import Console
+
+    # image size 24 is a valid recipe value but not a multiple of the encoder stride: the cell
+    # fails when its model is built, inside its own process
+    path = _tiny_grid(tmp_path, grid={"backbone.image_size": [32, 24]}, seeds=[0])
+    grid = load_grid(path)
+    good, bad = grid.cells()
+    log = Console(file=io.StringIO())
+    outcome = run_local(grid, jobs=2, console=log)
+    assert [c.id for c in outcome.done] == [good.id] and [c.id for c in outcome.failed] == [bad.id]
+    status = read_status(cell_dir(grid, bad))
+    assert status["state"] == "failed" and "not a multiple of feature_stride" in status["error"]
+    assert "Traceback" in (cell_dir(grid, bad) / "train.log").read_text()
+    again = run_local(grid, jobs=2, console=log)  # retried, the finished one skipped
+    assert [c.id for c in again.failed] == [bad.id] and [c.id for c in again.skipped] == [good.id]
+    assert read_status(cell_dir(grid, bad))["attempts"] == 2
+
+
+def test_submitit_launcher_runs_cells_with_the_local_executor(tmp_path: Path):
+    from rich.console import Console
+
+    from crystalkit.ablation.runner import run_submitit
+
+    path = _tiny_grid(tmp_path, grid={"train.lr": [0.002]}, seeds=[0])
+    grid = load_grid(path)
+    with (tmp_path / "log.txt").open("w") as log:
+        outcome = run_submitit(grid, "local", Console(file=log))
+    assert len(outcome.done) == 1 and not outcome.failed
+    assert cell_state(cell_dir(grid, grid.cells()[0])) == "done"
+
+
+def test_shipped_grids_expand_and_validate():
+    for path in sorted((ROOT / "ablations").glob("*.yaml")):
+        grid = load_grid(path)
+        cells = grid.cells()
+        assert cells, path
+        for cell in cells:
+            grid.recipe(cell)
+        assert "minutes" in path.read_text().split("\n", 3)[1] or "min" in path.read_text()[:400], (
+            path
+        )
+
+
+def test_grid_errors_are_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError):
+        bad = tmp_path / "g.yaml"
+        bad.write_text("- not a mapping\n")
+        load_grid(bad)
