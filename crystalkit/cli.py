@@ -114,10 +114,52 @@ def evaluate_run(
     corrupted: Annotated[
         bool, typer.Option(help="show the model the recipe's corrupted images instead")
     ] = False,
+    bench: Annotated[
+        str | None,
+        typer.Option(
+            help="score a benchmark: synthetic, a .tsv/.jsonl file or a .yaml declaring one"
+        ),
+    ] = None,
+    probe: Annotated[
+        str | None,
+        typer.Option(
+            help="latent probes, comma-separated: zero,mean,shuffle,swap (accuracy drops)"
+        ),
+    ] = None,
 ) -> None:
-    """Re-evaluate a saved run's latest checkpoint."""
-    from crystalkit.evaluation.runs import evaluate_run_dir
+    """Re-evaluate a saved run's latest checkpoint (on its dataset, or on a benchmark file)."""
+    from crystalkit.evaluation.runs import evaluate_bench, evaluate_run_dir, probe_run_dir
 
+    if probe is not None:
+        names = [p.strip() for p in probe.split(",") if p.strip()]
+        summary = probe_run_dir(run_dir, split, names, max_samples)
+        table = Table(title=f"{run_dir} — latent probes on {split}", show_edge=False)
+        for column in ("latents", "accuracy", "drop"):
+            table.add_column(column, justify="left" if column == "latents" else "right")
+        for name, accuracy in summary["accuracy"].items():
+            drop = summary["drop"].get(name)
+            table.add_row(name, f"{accuracy:.1%}", "" if drop is None else f"{drop:+.1%}")
+        out.print(table)
+        return
+    if bench is not None:
+        summary = evaluate_bench(run_dir, bench, max_samples)
+        table = Table(
+            title=f"{run_dir} — {summary['bench']} ({summary['scorer']})", show_edge=False
+        )
+        table.add_column("category")
+        table.add_column("accuracy", justify="right")
+        for category, accuracy in summary["per_category"].items():
+            table.add_row(category or "—", f"{accuracy:.1%}")
+        out.print(table)
+        out.print(
+            f"{summary['bench']} score {summary['score']:.1%} on {summary['num_samples']} samples; "
+            f"{len(summary['skipped'])} rows skipped"
+        )
+        for row in summary["skipped"]:
+            err.print(
+                f"[yellow]skipped[/] row {escape(str(row['index']))}: {escape(row['reason'])}"
+            )
+        return
     result = evaluate_run_dir(run_dir, split, max_samples, corrupted)
     _print_eval(result, f"{split} (corrupted)" if corrupted else split, run_dir)
 

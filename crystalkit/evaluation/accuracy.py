@@ -17,6 +17,7 @@ from crystalkit.config.schema import EvalConfig
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS
 from crystalkit.evaluation.generation import generate_answers
+from crystalkit.evaluation.probes import LatentProbe
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
 
@@ -70,10 +71,12 @@ def evaluate(
     method: Method,
     cfg: EvalConfig,
     corrupted: bool = False,
+    latent_probe: LatentProbe | None = None,
 ) -> EvalResult:
     """Greedy-decode an answer for every sample, after ``method``'s final latent block, and score
     the extracted choice. ``corrupted``: show the model the recipe's corrupted images instead
-    (seeded per batch), to measure how much evidence the corruption leaves."""
+    (seeded per batch), to measure how much evidence the corruption leaves. ``latent_probe``:
+    replace the latent block's content first (:mod:`crystalkit.evaluation.probes`)."""
     was_training = backbone.training
     backbone.eval()
     tokenizer = backbone.tokenizer
@@ -84,7 +87,9 @@ def evaluate(
         samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
         seed = method.recipe.seed * 1_000_003 - 1 - start if corrupted else None
         layout = method.prompt_layout(samples, corrupt_seed=seed).to(device)
-        answers = generate_answers(backbone, layout, cfg.max_new_tokens, [tokenizer.eos_token_id])
+        answers = generate_answers(
+            backbone, layout, cfg.max_new_tokens, [tokenizer.eos_token_id], latent_probe
+        )
         for sample, row in zip(samples, answers.tokens.tolist(), strict=True):
             raw = tokenizer.decode(row, skip_special_tokens=True)
             choice = extract_choice(raw, sample.options)

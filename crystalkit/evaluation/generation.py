@@ -8,15 +8,18 @@ identical than a generation config.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from crystalkit.crystal.layout import Layout
-from crystalkit.crystal.packing import Segment
+from crystalkit.crystal.packing import INTACT_PATH, Segment
 from crystalkit.crystal.paths import run_intact
+from crystalkit.crystal.runner import run_sequence
 from crystalkit.models.backbone import Backbone
+from crystalkit.models.compat import cache_layers_kv
 from crystalkit.models.masks import additive, causal_allowed
 
 
@@ -31,11 +34,31 @@ class Generation:
 
 @torch.inference_mode()
 def generate_answers(
-    backbone: Backbone, layout: Layout, max_new_tokens: int, stop_ids: Iterable[int]
+    backbone: Backbone,
+    layout: Layout,
+    max_new_tokens: int,
+    stop_ids: Iterable[int],
+    latent_probe: Callable[..., Any] | None = None,
 ) -> Generation:
-    """Greedy answers for a prompt layout (``with_answer=False``: rows end at the answer cue)."""
+    """Greedy answers for a prompt layout (``with_answer=False``: rows end at the answer cue).
+    ``latent_probe(backbone, layout, kv) -> kv`` replaces the latent block's per-layer keys and
+    values before the answer cue reads them (:mod:`crystalkit.evaluation.probes`)."""
     embeds = backbone.embed(layout.input_ids, layout.image_pixels())
     intact, run, _ = run_intact(backbone, layout, embeds, keep_cache=True)
+    block = intact.regions[Segment.LATENT]
+    if latent_probe is not None and len(block):
+        kv = [
+            (k[:, :, block.start : block.stop], v[:, :, block.start : block.stop])
+            for k, v in cache_layers_kv(run.cache)
+        ]
+        _, cols = layout.select(INTACT_PATH)
+        run = run_sequence(
+            backbone,
+            embeds[:, cols],
+            intact.segments,
+            inject=(block, latent_probe(backbone, layout, kv)),
+            keep_cache=True,
+        )
     cue = intact.regions[Segment.ANSWER_INTACT]
     logits = run.logits(range(cue.stop - 1, cue.stop))[:, -1]
     first_logits = logits.float()

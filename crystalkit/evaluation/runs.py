@@ -50,3 +50,67 @@ def evaluate_run_dir(
     result = evaluate(backbone, dataset.split(split), method, cfg, corrupted=corrupted)
     result.save(run_dir, f"{split}_corrupted" if corrupted else split, step)
     return result
+
+
+def evaluate_bench(run_dir: Path, bench: str, max_samples: int | None = None) -> dict:
+    """Score the run on a benchmark (see :mod:`crystalkit.evaluation.harness`); writes
+    ``bench_NAME.json`` and ``bench_NAME_predictions.jsonl``; returns the summary."""
+    from crystalkit.evaluation.harness import answer_texts, load_samples, resolve_bench, write_bench
+
+    spec, root = resolve_bench(bench)
+    recipe, dataset, backbone, method, step = load_run(run_dir)
+    image_size = getattr(getattr(backbone, "config", None), "image_size", 448)
+    samples, bad = load_samples(spec, root, dataset, image_size)
+    cfg = recipe.eval.model_copy(update={"max_samples": max_samples})
+    result = evaluate(backbone, samples, method, cfg)
+    answer_texts(samples, result.predictions)
+    return write_bench(run_dir, spec, result.predictions, bad, step)
+
+
+def probe_run_dir(
+    run_dir: Path, split: str, probes: list[str], max_samples: int | None = None
+) -> dict:
+    """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``."""
+    from crystalkit.errors import UsageError
+    from crystalkit.evaluation.probes import BUILTIN, PROBES, dataset_mean_kv, mean_probe
+    from crystalkit.io import atomic_write_json
+
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        raise UsageError(
+            f"--probe: unknown probe(s) {', '.join(unknown)}; valid: {', '.join(PROBES)}"
+        )
+    recipe, dataset, backbone, method, step = load_run(run_dir)
+    if method.final_k == 0:
+        raise UsageError(f"{run_dir}: the run has no latent block (K = 0): nothing to probe")
+    cfg = (
+        recipe.eval
+        if max_samples is None
+        else recipe.eval.model_copy(update={"max_samples": max_samples})
+    )
+    data = dataset.split(split)
+    base = evaluate(backbone, data, method, cfg)
+    results = {"none": base.accuracy}
+    for name in probes:
+        probe = BUILTIN.get(name)
+        if name == "mean":
+            total = min(cfg.max_samples or len(data), len(data))
+            device = next(backbone.parameters()).device
+            layouts = [
+                method.prompt_layout(
+                    [data[i] for i in range(s, min(s + cfg.batch_size, total))]
+                ).to(device)
+                for s in range(0, total, cfg.batch_size)
+            ]
+            probe = mean_probe(dataset_mean_kv(backbone.eval(), layouts))
+        results[name] = evaluate(backbone, data, method, cfg, latent_probe=probe).accuracy
+    summary = {
+        "step": step,
+        "split": split,
+        "num_samples": base.num_samples,
+        "chance": base.chance,
+        "accuracy": results,
+        "drop": {name: results["none"] - acc for name, acc in results.items() if name != "none"},
+    }
+    atomic_write_json(run_dir / f"probes_{split}.json", summary)
+    return summary

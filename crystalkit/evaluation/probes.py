@@ -1,0 +1,86 @@
+"""Latent probes: does the answer actually use the latent block?
+
+Each probe re-runs evaluation with the latent block's per-layer keys and values replaced (the
+block's content in both latent families: it is what the answer reads), then decodes as usual:
+
+* ``zero`` — all zeros;
+* ``mean`` — the mean block over the evaluated samples (no sample-specific information);
+* ``shuffle`` — another sample's block (rolled by one across the batch): other image, other question;
+* ``swap`` — the block computed from another sample's image with this sample's own question.
+
+A large accuracy drop says the answer depends on what the latents computed; no drop says the
+gain, if any, comes from the template (a critique several follow-up studies raise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from crystalkit.crystal.layout import Layout
+from crystalkit.crystal.packing import Segment
+from crystalkit.crystal.paths import run_intact
+from crystalkit.crystal.runner import KV
+from crystalkit.models.backbone import Backbone
+from crystalkit.models.compat import cache_layers_kv
+
+PROBES = ("zero", "mean", "shuffle", "swap")
+
+#: ``(backbone, prompt layout, the block's own KV) -> replacement KV``
+LatentProbe = Callable[[Backbone, Layout, KV], KV]
+
+
+@torch.inference_mode()
+def latent_kv(backbone: Backbone, layout: Layout) -> KV:
+    """The latent block's per-layer keys/values ``[B, H_kv, K, d]`` for a prompt layout."""
+    embeds = backbone.embed(layout.input_ids, layout.image_pixels())
+    intact, run, _ = run_intact(backbone, layout, embeds, keep_cache=True)
+    block = intact.regions[Segment.LATENT]
+    return [
+        (k[:, :, block.start : block.stop], v[:, :, block.start : block.stop])
+        for k, v in cache_layers_kv(run.cache)
+    ]
+
+
+def _zero(backbone: Backbone, layout: Layout, kv: KV) -> KV:
+    return [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv]
+
+
+def _shuffle(backbone: Backbone, layout: Layout, kv: KV) -> KV:
+    return [(k.roll(1, dims=0), v.roll(1, dims=0)) for k, v in kv]
+
+
+def _swap(backbone: Backbone, layout: Layout, kv: KV) -> KV:
+    other = replace(layout, pixel_values=layout.pixel_values.roll(1, dims=0))
+    return latent_kv(backbone, other)
+
+
+def mean_probe(mean: KV) -> LatentProbe:
+    def probe(backbone: Backbone, layout: Layout, kv: KV) -> KV:
+        return [
+            (mk.expand_as(k), mv.expand_as(v)) for (mk, mv), (k, v) in zip(mean, kv, strict=True)
+        ]
+
+    return probe
+
+
+def dataset_mean_kv(backbone: Backbone, layouts: Sequence[Layout]) -> KV:
+    """The mean latent block over all samples of ``layouts``."""
+    sums: KV | None = None
+    count = 0
+    for layout in layouts:
+        kv = latent_kv(backbone, layout)
+        batch = [(k.sum(0, keepdim=True), v.sum(0, keepdim=True)) for k, v in kv]
+        sums = (
+            batch
+            if sums is None
+            else [(a + k, b + v) for (a, b), (k, v) in zip(sums, batch, strict=True)]
+        )
+        count += len(layout)
+    assert sums is not None, "no samples"
+    return [(k / count, v / count) for k, v in sums]
+
+
+BUILTIN: dict[str, LatentProbe] = {"zero": _zero, "shuffle": _shuffle, "swap": _swap}

@@ -1,0 +1,212 @@
+"""The evaluation harness: VLMEvalKit TSV and JSONL files, scorers, bad rows reported by index."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_process import assert_one_error_line, invoke
+from PIL import Image
+
+from crystalkit.evaluation.benchfiles import read_jsonl, read_tsv
+from crystalkit.evaluation.harness import score
+
+
+def _png(colour: tuple[int, int, int], size=(20, 12)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _b64(colour) -> str:
+    return base64.b64encode(_png(colour)).decode()
+
+
+HEADER = [
+    "index",
+    "image",
+    "question",
+    "A",
+    "B",
+    "C",
+    "D",
+    "E",
+    "answer",
+    "hint",
+    "category",
+    "l2-category",
+    "split",
+]
+
+
+def _tsv(path: Path, rows: list[list[str]], header=HEADER) -> Path:
+    path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tsv_file(tmp_path: Path) -> Path:
+    red, blue = _b64((255, 0, 0)), _b64((0, 0, 255))
+    return _tsv(
+        tmp_path / "bench.tsv",
+        [
+            [
+                "1",
+                red,
+                "what colour is it ?",
+                "red",
+                "blue",
+                "",
+                "",
+                "",
+                "A",
+                "",
+                "colour",
+                "perception",
+                "dev",
+            ],
+            [
+                "2",
+                f"['{red}', '{blue}']",
+                "which is left ?",
+                "red",
+                "blue",
+                "green",
+                "",
+                "",
+                "A",
+                "nan",
+                "colour",
+                "",
+                "",
+            ],
+            [
+                "3",
+                "1",
+                "same image as row 1 ?",
+                "yes",
+                "no",
+                "",
+                "",
+                "",
+                "yes",
+                "a hint",
+                "reuse",
+                "",
+                "",
+            ],
+            ["4", "not-base64!!", "broken image", "a", "b", "", "", "", "A", "", "x", "", ""],
+            ["5", blue, "answer not an option", "a", "b", "", "", "", "C", "", "x", "", ""],
+            ["6", blue, "", "a", "b", "", "", "", "A", "", "x", "", ""],
+        ],
+    )
+
+
+def test_tsv_rows_decode_including_image_lists_and_index_references(tsv_file):
+    samples, bad = read_tsv(tsv_file, image_size=16)
+    assert [s.question for s in samples] == [
+        "what colour is it ?",
+        "which is left ?",
+        "a hint same image as row 1 ?",
+    ]
+    assert all(s.image.shape == (3, 16, 16) for s in samples)
+    red = samples[0].image
+    assert red[0].float().mean() > 250 and red[2].float().mean() < 5
+    tiled = samples[1].image  # red | blue side by side
+    assert tiled[0, :, :6].float().mean() > 200 and tiled[2, :, -6:].float().mean() > 200
+    assert np.array_equal(samples[2].image.numpy(), red.numpy())  # "1" refers to row 1's image
+    assert samples[1].options == ["red", "blue", "green"] and samples[2].answer == "A"
+    assert samples[0].meta["l2-category"] == "perception"
+    assert {b.index: b.reason.split(" ")[0] for b in bad} == {
+        "4": "image",
+        "5": "answer",
+        "6": "empty",
+    }
+
+
+def test_tsv_missing_columns_is_one_line(tmp_path: Path):
+    bad = _tsv(tmp_path / "bad.tsv", [["1", "q"]], header=["index", "question"])
+    from crystalkit.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"missing column\(s\) answer, A, B, image or image_path"):
+        read_tsv(bad, 16)
+
+
+def test_jsonl_rows_with_image_root(tmp_path: Path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(_png((0, 255, 0)))
+    (tmp_path / "imgs" / "b.png").write_bytes(_png((0, 0, 255)))
+    lines = [
+        {
+            "id": "q1",
+            "image": "a.png",
+            "question": "colour ?",
+            "options": ["green", "red"],
+            "answer": "green",
+            "category": "c",
+        },
+        {
+            "id": "q2",
+            "images": ["a.png", "b.png"],
+            "question": "two ?",
+            "options": ["x", "y"],
+            "answer": "B",
+        },
+        {"id": "q3", "image": "missing.png", "question": "?", "options": ["x", "y"], "answer": "A"},
+        {"id": "q4", "image": "a.png", "question": "?", "options": ["x"], "answer": "A"},
+    ]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    samples, bad = read_jsonl(path, tmp_path / "imgs", 8)
+    assert [s.answer for s in samples] == ["A", "B"]
+    assert [b.index for b in bad] == ["q3", "q4", "line 5"]
+    assert "not found" in bad[0].reason
+
+
+def _pred(correct: bool, category="", raw="", answer_text=""):
+    return {"correct": correct, "category": category, "raw": raw, "answer_text": answer_text}
+
+
+def test_scorers():
+    preds = [
+        _pred(True, "single"),
+        _pred(True, "single"),
+        _pred(True, "cross"),
+        _pred(False, "cross"),
+    ]
+    assert score(preds, "multiple_choice")["score"] == 0.75
+    assert score(preds, "mmvp_pairs")["pair_accuracy"] == 0.5  # (T,T) right, (T,F) wrong
+    hr = score(preds, "hrbench")
+    assert hr["single_accuracy"] == 1.0 and hr["cross_accuracy"] == 0.5 and hr["score"] == 0.75
+    exact = score(
+        [
+            _pred(False, raw="Top Left.", answer_text="top left"),
+            _pred(True, raw="no", answer_text="yes"),
+        ],
+        "exact_match",
+    )
+    assert exact["score"] == 0.5
+
+
+def test_eval_bench_writes_per_sample_output(tsv_file, tiny_recipe):
+    from crystalkit.training.trainer import train
+
+    run_dir = train(tiny_recipe("name=bench", "train.steps=2", "latents.schedule.k=2")).run_dir
+    result = invoke("eval", run_dir, "--bench", tsv_file)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "bench_bench.json").read_text())
+    assert summary["num_samples"] == 3 and summary["scorer"] == "multiple_choice"
+    assert [s["index"] for s in summary["skipped"]] == ["4", "5", "6"]
+    assert len(summary["recipe_sha1"]) == 12
+    predictions = [
+        json.loads(x) for x in (run_dir / "bench_bench_predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == 3
+    assert {"question", "raw", "prediction", "correct"} <= predictions[0].keys()
+    assert summary["accuracy"] == sum(p["correct"] for p in predictions) / 3
+    line = assert_one_error_line(invoke("eval", run_dir, "--bench", "nope.tsv"))
+    assert "neither 'synthetic' nor an existing" in line
