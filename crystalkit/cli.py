@@ -164,6 +164,56 @@ def evaluate_run(
     _print_eval(result, f"{split} (corrupted)" if corrupted else split, run_dir)
 
 
+@app.command("inspect")
+@user_errors
+def inspect_run(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory made by `crystalkit train`")],
+    sample: Annotated[int, typer.Option(help="index of the sample to draw")] = 0,
+    split: Annotated[str, typer.Option(help="dataset split")] = "test",
+    out_png: Annotated[
+        Path | None,
+        typer.Option("--out", help="figure path (default: RUN_DIR/inspect_SPLIT_I.png)"),
+    ] = None,
+    layer: Annotated[
+        int, typer.Option(help="decoder layer of the attention maps (-1 = last)")
+    ] = -1,
+    grounding: Annotated[
+        bool, typer.Option(help="also average the grounding score over the split")
+    ] = True,
+    max_samples: Annotated[
+        int | None, typer.Option(help="grounding over at most this many")
+    ] = None,
+) -> None:
+    """Draw where the latents look for one sample; score their grounding over a split."""
+    from crystalkit.evaluation.inspect import attention_maps, figure, split_grounding
+    from crystalkit.evaluation.runs import load_run
+    from crystalkit.io import atomic_write_bytes, atomic_write_json
+
+    recipe, dataset, backbone, method, step = load_run(run_dir)
+    backbone.eval()
+    data = dataset.split(split)
+    if not 0 <= sample < len(data):
+        raise UsageError(f"--sample: {split} has samples 0..{len(data) - 1}, got {sample}")
+    chosen = data[sample]
+    (maps,) = attention_maps(backbone, method, [chosen], layer)
+    corrupted = method.corrupt([chosen], recipe.seed * 1_000_003 - 1)[0]
+    target = out_png or run_dir / f"inspect_{split}_{sample}.png"
+    atomic_write_bytes(target, figure(chosen, corrupted, maps))
+    err.print(f"figure: {target}")
+    if grounding:
+        total = min(max_samples or recipe.eval.max_samples or len(data), len(data))
+        summary = split_grounding(
+            backbone, method, [data[i] for i in range(total)], recipe.eval.batch_size, layer
+        )
+        atomic_write_json(
+            run_dir / f"inspect_{split}.json", {"step": step, "split": split, **summary}
+        )
+        out.print(
+            f"grounding {summary['grounding']:.2f} over {summary['num_samples']} {split} samples "
+            f"(layer {layer}; 1.00 = latents attend to the object no more than to any other area)"
+        )
+
+
 def _print_eval(result: Any, split: str, run_dir: Path) -> None:
     table = Table(title=f"{run_dir} — {split}", show_edge=False)
     table.add_column("category")

@@ -62,3 +62,46 @@ def test_probe_command_reports_accuracy_drops(tiny_recipe):
     assert "nothing to probe" in assert_one_error_line(
         invoke("eval", no_latents, "--probe", "zero")
     )
+
+
+def test_box_overlap_and_grounding_score_against_hand_values():
+    from crystalkit.evaluation.inspect import box_overlap, grounding_score
+
+    # 8x8 image, 2x2 grid of 4x4 patches; box covers the top-left patch and half of the top-right
+    overlap = box_overlap((0, 0, 6, 4), (8, 8), (2, 2))
+    assert overlap.tolist() == [[1.0, 0.5], [0.0, 0.0]]
+    uniform = torch.full((3, 2, 2), 0.25)
+    assert grounding_score(uniform, overlap) == pytest.approx(1.0)
+    on_box = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert grounding_score(on_box, overlap) == pytest.approx(1.0 / (1.5 / 4))
+    off_box = torch.tensor([[[0.0, 0.0], [0.5, 0.5]]])
+    assert grounding_score(off_box, overlap) == 0.0
+
+
+def test_inspect_draws_a_figure_and_scores_grounding(tiny_recipe, tmp_path):
+    from crystalkit.training.trainer import train
+
+    run_dir = train(tiny_recipe("name=inspected", "train.steps=2", "latents.schedule.k=2")).run_dir
+    target = tmp_path / "maps.png"
+    result = invoke("inspect", run_dir, "--sample", "3", "--out", target, "--max-samples", "16")
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run_dir / "inspect_test.json").read_text())
+    assert summary["num_samples"] == 16 and summary["grounding"] >= 0
+    assert "--sample" in assert_one_error_line(invoke("inspect", run_dir, "--sample", "999"))
+
+
+def test_latent_maps_are_distributions_over_the_image_grid(tiny_recipe):
+    from crystalkit.evaluation.inspect import attention_maps
+
+    torch.manual_seed(0)
+    recipe = tiny_recipe("latents.schedule.k=3", "latents.family=recurrent")
+    dataset = build_dataset(recipe)
+    backbone = build_backbone(recipe, dataset)
+    method = Method(recipe, backbone)
+    samples = [dataset.split("val")[i] for i in range(2)]
+    maps = attention_maps(backbone.eval(), method, samples)
+    for m in maps:
+        assert m.latent_to_image.shape == (3, *backbone.image_grid)
+        torch.testing.assert_close(m.latent_to_image.sum((1, 2)), torch.ones(3))
+        torch.testing.assert_close(m.answer_to_latent.sum(-1), torch.ones(len(m.answer_tokens)))

@@ -61,6 +61,12 @@ class Backbone(nn.Module, ABC):
         """Placeholder tokens per image."""
 
     @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the image tokens in raster order, when they form a grid over the
+        whole image (attention maps are drawn on it); ``None`` otherwise."""
+        return None
+
+    @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 

@@ -134,6 +134,11 @@ class EmbeddedBackbone(Backbone):
     def language_model(self) -> nn.Module:
         return self.lm
 
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        side = self.config.image_size // self.config.feature_stride
+        return side, side
+
     def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
         source = self._tokenizer.convert_tokens_to_ids(init_from)
         if source == self._tokenizer.unk_token_id and init_from != self._tokenizer.unk_token:
