@@ -92,7 +92,8 @@ def _scale(name: str) -> float:
 
 
 def _header(grid: Grid, names: list[str]) -> list[str]:
-    return [*grid.varied_keys, "seeds", *(n if n == "train_seconds" else f"{n} (%)" for n in names)]
+    shown = [n.removeprefix("per_category.") for n in names]
+    return [*grid.varied_keys, "seeds", *(n if n == "train_seconds" else f"{n} (%)" for n in shown)]
 
 
 def _cells(grid: Grid, row: Row, names: list[str]) -> list[str]:
