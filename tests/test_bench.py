@@ -210,3 +210,33 @@ def test_eval_bench_writes_per_sample_output(tsv_file, tiny_recipe):
     assert summary["accuracy"] == sum(p["correct"] for p in predictions) / 3
     line = assert_one_error_line(invoke("eval", run_dir, "--bench", "nope.tsv"))
     assert "neither 'synthetic' nor an existing" in line
+
+    # a JSONL benchmark declared in YAML, scored by exact match of the option text
+    root = tsv_file.parent
+    (root / "img.png").write_bytes(_png((255, 0, 0)))
+    rows = [
+        {
+            "id": f"q{i}",
+            "image": "img.png",
+            "question": "what colour is it ?",
+            "options": ["red", "blue"],
+            "answer": "red",
+        }
+        for i in range(3)
+    ]
+    (root / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "colours.yaml").write_text(
+        "name: colours\nformat: jsonl\npath: colours.jsonl\nscorer: exact_match\n"
+    )
+    assert invoke("eval", run_dir, "--bench", root / "colours.yaml").exit_code == 0
+    summary = json.loads((run_dir / "bench_colours.json").read_text())
+    predictions = [
+        json.loads(x)
+        for x in (run_dir / "bench_colours_predictions.jsonl").read_text().splitlines()
+    ]
+    assert (
+        summary["scorer"] == "exact_match"
+        and summary["num_samples"] == 3
+        and not summary["skipped"]
+    )
+    assert summary["score"] == sum(p["raw"].strip().lower() == "red" for p in predictions) / 3
