@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from crystalkit.config.loader import _format_error, load_recipe
+from crystalkit.config.loader import format_validation_error, load_recipe
 from crystalkit.config.overrides import parse_override
 from crystalkit.config.schema import Recipe
 from crystalkit.errors import RecipeError, UsageError
@@ -119,7 +119,7 @@ class Cell:
         return dict(self.assignment)
 
     def label(self) -> str:
-        return ", ".join(f"{k}={_compact(v)}" for k, v in self.assignment) or "(base)"
+        return ", ".join(f"{k}={compact(v)}" for k, v in self.assignment) or "(base)"
 
 
 @dataclass
@@ -155,7 +155,7 @@ class Grid:
             ) from None
 
 
-def _compact(value: Any) -> str:
+def compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).strip('"')
 
 
@@ -218,7 +218,7 @@ def load_grid(path: str | Path) -> Grid:
     try:
         spec = GridFile.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_error(exc, GridFile, str(path), {})) from None
+        raise RecipeError(format_validation_error(exc, GridFile, str(path), {})) from None
     for text in spec.overrides + [o for c in spec.cells for o in c.overrides]:
         try:
             parse_override(text)

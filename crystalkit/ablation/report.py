@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from crystalkit.ablation.grid import Grid, _compact
+from crystalkit.ablation.grid import Grid, compact
 from crystalkit.ablation.runner import RESULTS_FILE, cell_dir, cell_state
 from crystalkit.io import atomic_write_bytes, atomic_write_text
 
@@ -97,7 +97,7 @@ def _header(grid: Grid, names: list[str]) -> list[str]:
 
 
 def _cells(grid: Grid, row: Row, names: list[str]) -> list[str]:
-    varied = [_compact(row.values.get(k)) for k in grid.varied_keys]
+    varied = [compact(row.values.get(k)) for k in grid.varied_keys]
     return [*varied, f"{row.finished}/{row.seeds}", *(_fmt(row, n, _scale(n)) for n in names)]
 
 
@@ -118,7 +118,7 @@ def to_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
         stds = [row.std(n) for n in names]
         writer.writerow(
             [
-                *(_compact(row.values.get(k)) for k in grid.varied_keys),
+                *(compact(row.values.get(k)) for k in grid.varied_keys),
                 row.seeds,
                 row.finished,
                 *(
@@ -179,7 +179,7 @@ def to_png(grid: Grid, rows: list[Row]) -> bytes:
     scale = _scale(metric)
     shown = [r for r in rows if r.mean(metric) is not None]
     labels = [
-        ", ".join(_compact(r.values.get(k)) for k in grid.varied_keys) or "base" for r in shown
+        ", ".join(compact(r.values.get(k)) for k in grid.varied_keys) or "base" for r in shown
     ]
     means = [r.mean(metric) * scale for r in shown]
     errors = [(r.std(metric) or 0.0) * scale for r in shown]

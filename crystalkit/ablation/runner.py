@@ -11,6 +11,7 @@ nothing the next invocation would trust. Unfinished cells resume from their last
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import socket
@@ -45,8 +46,6 @@ def cell_dir(grid: Grid, cell: Cell) -> Path:
 
 def read_status(directory: Path) -> dict[str, Any]:
     """The cell's ``status.json`` (``pending`` when missing or unreadable)."""
-    import json
-
     try:
         status = json.loads((directory / STATUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -168,7 +168,7 @@ def validate_recipe(
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(_format_error(exc, Recipe, source, provenance)) from None
+        raise RecipeError(format_validation_error(exc, Recipe, source, provenance)) from None
     for loc, registry in COMPONENT_SECTIONS.items():
         parent = recipe
         for part in loc[:-1]:
@@ -196,7 +196,7 @@ def _resolve_component(
     try:
         params = model.model_validate(spec.params)
     except ValidationError as exc:
-        raise RecipeError(_format_error(exc, model, source, prov, prefix=loc)) from None
+        raise RecipeError(format_validation_error(exc, model, source, prov, prefix=loc)) from None
     if registry in BUILT_AT_LOAD:
         try:
             obj(**params.model_dump())
@@ -206,7 +206,7 @@ def _resolve_component(
     return type(spec)(**declared | params.model_dump(mode="json"))
 
 
-def _format_error(
+def format_validation_error(
     exc: ValidationError,
     model: type[BaseModel],
     source: str,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from crystalkit.config.loader import _format_error
+from crystalkit.config.loader import format_validation_error
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.benchfiles import BadRow, read_jsonl, read_tsv
@@ -57,7 +57,7 @@ def resolve_bench(value: str) -> tuple[BenchSpec, Path]:
     try:
         return BenchSpec.model_validate(data), path.parent
     except ValidationError as exc:
-        raise UsageError(_format_error(exc, BenchSpec, str(path), {})) from None
+        raise UsageError(format_validation_error(exc, BenchSpec, str(path), {})) from None
 
 
 def load_samples(
