@@ -221,3 +221,17 @@ def test_grid_errors_are_recipe_errors(tmp_path):
         bad = tmp_path / "g.yaml"
         bad.write_text("- not a mapping\n")
         load_grid(bad)
+
+
+def test_report_of_an_unrun_grid_with_mapping_values(tmp_path: Path):
+    from rich.console import Console
+
+    from crystalkit.ablation.report import aggregate, write_report
+
+    path = _tiny_grid(tmp_path, grid={"objectives": [{}, {"kl": {"fraction": 1.0}}]}, seeds=[0, 1])
+    grid = load_grid(path)
+    rows, names = aggregate(grid)
+    assert [r.values["objectives"] for r in rows] == [{}, {"kl": {"fraction": 1.0}}]
+    assert all(r.seeds == 2 and r.finished == 0 for r in rows) and names == ["accuracy"]
+    paths = write_report(grid, Console(file=io.StringIO()))
+    assert '{"kl":{"fraction":1.0}}' in paths["md"].read_text()

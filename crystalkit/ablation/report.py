@@ -49,10 +49,11 @@ class Row:
 
 def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
     """Rows in ranking order (best first, unfinished last) and the metric names found."""
-    rows: dict[tuple, Row] = {}
+    rows: dict[str, Row] = {}
     names: dict[str, None] = {grid.spec.metric.name: None}
     for cell in grid.cells():
-        row = rows.setdefault(cell.assignment, Row(cell.values))
+        key = json.dumps(cell.assignment, sort_keys=True)  # values may be mappings or lists
+        row = rows.setdefault(key, Row(cell.values))
         row.seeds += 1
         directory = cell_dir(grid, cell)
         if cell_state(directory) != "done":
