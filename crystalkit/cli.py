@@ -130,6 +130,13 @@ def evaluate_run(
     """Re-evaluate a saved run's latest checkpoint (on its dataset, or on a benchmark file)."""
     from crystalkit.evaluation.runs import evaluate_bench, evaluate_run_dir, probe_run_dir
 
+    chosen = [
+        flag
+        for flag, on in (("--corrupted", corrupted), ("--bench", bench), ("--probe", probe))
+        if on
+    ]
+    if len(chosen) > 1:
+        raise UsageError(f"{' and '.join(chosen)} are separate evaluations; pass one of them")
     if probe is not None:
         names = [p.strip() for p in probe.split(",") if p.strip()]
         summary = probe_run_dir(run_dir, split, names, max_samples)
@@ -143,14 +150,8 @@ def evaluate_run(
         return
     if bench is not None:
         summary = evaluate_bench(run_dir, bench, max_samples)
-        table = Table(
-            title=f"{run_dir} — {summary['bench']} ({summary['scorer']})", show_edge=False
-        )
-        table.add_column("category")
-        table.add_column("accuracy", justify="right")
-        for category, accuracy in summary["per_category"].items():
-            table.add_row(category or "—", f"{accuracy:.1%}")
-        out.print(table)
+        title = f"{run_dir} — {summary['bench']} ({summary['scorer']})"
+        out.print(_category_table(title, summary["per_category"], summary["accuracy"]))
         out.print(
             f"{summary['bench']} score {summary['score']:.1%} on {summary['num_samples']} samples; "
             f"{len(summary['skipped'])} rows skipped"
@@ -188,6 +189,7 @@ def inspect_run(
     from crystalkit.evaluation.inspect import attention_maps, figure, split_grounding
     from crystalkit.evaluation.runs import load_run
     from crystalkit.io import atomic_write_bytes, atomic_write_json
+    from crystalkit.training.sampler import derived_seed
 
     recipe, dataset, backbone, method, step = load_run(run_dir)
     backbone.eval()
@@ -196,7 +198,7 @@ def inspect_run(
         raise UsageError(f"--sample: {split} has samples 0..{len(data) - 1}, got {sample}")
     chosen = data[sample]
     (maps,) = attention_maps(backbone, method, [chosen], layer)
-    corrupted = method.corrupt([chosen], recipe.seed * 1_000_003 - 1)[0]
+    corrupted = method.corrupt([chosen], derived_seed(recipe.seed, -1 - sample))[0]
     target = out_png or run_dir / f"inspect_{split}_{sample}.png"
     atomic_write_bytes(target, figure(chosen, corrupted, maps))
     err.print(f"figure: {target}")
@@ -214,14 +216,18 @@ def inspect_run(
         )
 
 
-def _print_eval(result: Any, split: str, run_dir: Path) -> None:
-    table = Table(title=f"{run_dir} — {split}", show_edge=False)
+def _category_table(title: str, per_category: dict[str, float], overall: float) -> Table:
+    table = Table(title=title, show_edge=False)
     table.add_column("category")
     table.add_column("accuracy", justify="right")
-    for category, accuracy in result.per_category.items():
-        table.add_row(category, f"{accuracy:.1%}")
-    table.add_row("[bold]overall", f"[bold]{result.accuracy:.1%}")
-    out.print(table)
+    for category, accuracy in per_category.items():
+        table.add_row(escape(category) or "—", f"{accuracy:.1%}")
+    table.add_row("[bold]overall", f"[bold]{overall:.1%}")
+    return table
+
+
+def _print_eval(result: Any, split: str, run_dir: Path) -> None:
+    out.print(_category_table(f"{run_dir} — {split}", result.per_category, result.accuracy))
     out.print(
         f"{split} accuracy {result.accuracy:.1%} on {result.num_samples} samples "
         f"(chance {result.chance:.1%})"

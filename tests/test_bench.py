@@ -210,6 +210,8 @@ def test_eval_bench_writes_per_sample_output(tsv_file, tiny_recipe):
     assert summary["accuracy"] == sum(p["correct"] for p in predictions) / 3
     line = assert_one_error_line(invoke("eval", run_dir, "--bench", "nope.tsv"))
     assert "neither 'synthetic' nor an existing" in line
+    line = assert_one_error_line(invoke("eval", run_dir, "--bench", tsv_file, "--corrupted"))
+    assert "--corrupted and --bench are separate evaluations" in line
 
     # a JSONL benchmark declared in YAML, scored by exact match of the option text
     root = tsv_file.parent

@@ -55,20 +55,16 @@ class Layout:
     def has(self, segment: Segment) -> bool:
         return segment in self.regions and len(self.regions[segment]) > 0
 
-    def columns(self, segments: Sequence[Segment]) -> torch.Tensor:
-        """Column indices of ``segments`` (in order of appearance)."""
-        picked = [c for s in ORDER if s in segments and s in self.regions for c in self.regions[s]]
-        return torch.tensor(picked, dtype=torch.long, device=self.input_ids.device)
-
     def select(self, segments: Sequence[Segment]) -> tuple[Layout, torch.Tensor]:
-        """The sub-sequence made of ``segments`` and the packed columns it was cut from."""
-        cols = self.columns(segments)
+        """The sub-sequence made of ``segments`` (in packed order) and the packed columns it was
+        cut from."""
+        picked: list[int] = []
         regions: dict[Segment, range] = {}
-        start = 0
         for s in ORDER:
             if s in segments and s in self.regions:
-                regions[s] = range(start, start + len(self.regions[s]))
-                start += len(self.regions[s])
+                regions[s] = range(len(picked), len(picked) + len(self.regions[s]))
+                picked.extend(self.regions[s])
+        cols = torch.tensor(picked, dtype=torch.long, device=self.input_ids.device)
         sub = replace(
             self,
             input_ids=self.input_ids[:, cols],

@@ -24,6 +24,7 @@ from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.alignment import Objective
 from crystalkit.registries import OBJECTIVES, SCHEDULES
 from crystalkit.training.losses import answer_cross_entropy
+from crystalkit.training.sampler import derived_seed
 
 
 def build_schedule(recipe: Recipe) -> Callable[[int, int], int]:
@@ -74,7 +75,7 @@ class Method:
         """Step ``step``'s batch: K from the schedule, images corrupted with a generator seeded
         from ``(seed, step)`` so that a resumed run corrupts identically."""
         corrupted = (
-            self.corrupt(samples, self.recipe.seed * 1_000_003 + step) if self.crystal else None
+            self.corrupt(samples, derived_seed(self.recipe.seed, step)) if self.crystal else None
         )
         return self.packer(
             samples,

@@ -19,10 +19,9 @@ import torch
 
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment
-from crystalkit.crystal.runner import SequenceRun, run_sequence
+from crystalkit.crystal.runner import SequenceRun, block_kv, run_sequence
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.models.backbone import Backbone
-from crystalkit.models.compat import cache_layers_kv
 from crystalkit.objectives.functional import latent_attention
 
 S = Segment
@@ -59,6 +58,8 @@ class PathOutputs:
 
 
 Strategy = Callable[[Backbone, Layout, Needs], PathOutputs]
+#: one path's (answer logits, latent attention rows per layer, answer hidden states)
+Side = tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]
 
 
 def resolve_layers(backbone: Backbone, layers: tuple[int, ...]) -> dict[int, int]:
@@ -78,7 +79,7 @@ def _latent_rows(probs: torch.Tensor, keys: range) -> torch.Tensor:
 
 def _side(
     run: SequenceRun, query: range, request: int, keys: range, layers: dict[int, int], hidden: bool
-) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+) -> Side:
     attention = {}
     if len(keys):
         attention = {
@@ -117,7 +118,7 @@ def run_intact(
 
 def intact_only(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
     intact, run, layers = run_intact(backbone, layout, _embed(backbone, layout), needs)
-    logits, attention, hidden = _side(
+    intact_side = _side(
         run,
         intact.answer_queries(S.ANSWER_INTACT),
         0,
@@ -125,16 +126,7 @@ def intact_only(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> P
         layers,
         needs.hidden,
     )
-    return PathOutputs(
-        layout.answer_targets(),
-        logits,
-        None,
-        attention,
-        {},
-        hidden,
-        None,
-        len(layout.regions[S.LATENT]),
-    )
+    return _pair(layout, intact_side)
 
 
 def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
@@ -164,11 +156,7 @@ def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> Path
     corrupted_layout, cols = layout.select(BLANK_PATH if blank else CORRUPTED_PATH)
     inject = None
     if not blank:
-        source = intact_layout.regions[S.LATENT]
-        kv = [
-            (k[:, :, source.start : source.stop], v[:, :, source.start : source.stop])
-            for k, v in cache_layers_kv(intact_run.cache)
-        ]
+        kv = block_kv(intact_run.cache, intact_layout.regions[S.LATENT])
         inject = (corrupted_layout.regions[S.LATENT], kv)
     f = corrupted_layout.answer_queries(S.ANSWER_CORRUPTED)
     corrupted_run = run_sequence(
@@ -194,7 +182,7 @@ def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> Path
     return _pair(layout, intact, corrupted)
 
 
-def _pair(layout: Layout, intact: tuple, corrupted: tuple) -> PathOutputs:
+def _pair(layout: Layout, intact: Side, corrupted: Side = (None, {}, None)) -> PathOutputs:
     return PathOutputs(
         targets=layout.answer_targets(),
         intact_logits=intact[0],

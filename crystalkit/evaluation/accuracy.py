@@ -20,6 +20,7 @@ from crystalkit.evaluation.generation import generate_answers
 from crystalkit.evaluation.probes import LatentProbe
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
+from crystalkit.training.sampler import derived_seed
 
 
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
@@ -85,7 +86,7 @@ def evaluate(
     predictions: list[dict[str, Any]] = []
     for start in range(0, total, cfg.batch_size):
         samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
-        seed = method.recipe.seed * 1_000_003 - 1 - start if corrupted else None
+        seed = derived_seed(method.recipe.seed, -1 - start) if corrupted else None
         layout = method.prompt_layout(samples, corrupt_seed=seed).to(device)
         answers = generate_answers(
             backbone, layout, cfg.max_new_tokens, [tokenizer.eos_token_id], latent_probe

@@ -17,9 +17,8 @@ import torch
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import INTACT_PATH, Segment
 from crystalkit.crystal.paths import run_intact
-from crystalkit.crystal.runner import run_sequence
+from crystalkit.crystal.runner import block_kv, run_sequence
 from crystalkit.models.backbone import Backbone
-from crystalkit.models.compat import cache_layers_kv
 from crystalkit.models.masks import additive, causal_allowed
 
 
@@ -47,10 +46,7 @@ def generate_answers(
     intact, run, _ = run_intact(backbone, layout, embeds, keep_cache=True)
     block = intact.regions[Segment.LATENT]
     if latent_probe is not None and len(block):
-        kv = [
-            (k[:, :, block.start : block.stop], v[:, :, block.start : block.stop])
-            for k, v in cache_layers_kv(run.cache)
-        ]
+        kv = block_kv(run.cache, block)
         _, cols = layout.select(INTACT_PATH)
         run = run_sequence(
             backbone,

@@ -23,6 +23,7 @@ from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import INTACT_PATH, Segment
 from crystalkit.crystal.paths import resolve_layers
 from crystalkit.crystal.runner import run_sequence
+from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
@@ -85,7 +86,7 @@ def attention_maps(
     tokenizer = backbone.tokenizer
     maps = []
     for row in range(len(samples)):
-        keep = targets[row] != -100
+        keep = targets[row] != IGNORE_INDEX
         maps.append(
             SampleAttention(
                 to_image[row].view(len(latents), *grid).cpu(),

@@ -22,9 +22,8 @@ import torch
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import Segment
 from crystalkit.crystal.paths import run_intact
-from crystalkit.crystal.runner import KV
+from crystalkit.crystal.runner import KV, block_kv
 from crystalkit.models.backbone import Backbone
-from crystalkit.models.compat import cache_layers_kv
 
 PROBES = ("zero", "mean", "shuffle", "swap")
 
@@ -37,11 +36,7 @@ def latent_kv(backbone: Backbone, layout: Layout) -> KV:
     """The latent block's per-layer keys/values ``[B, H_kv, K, d]`` for a prompt layout."""
     embeds = backbone.embed(layout.input_ids, layout.image_pixels())
     intact, run, _ = run_intact(backbone, layout, embeds, keep_cache=True)
-    block = intact.regions[Segment.LATENT]
-    return [
-        (k[:, :, block.start : block.stop], v[:, :, block.start : block.stop])
-        for k, v in cache_layers_kv(run.cache)
-    ]
+    return block_kv(run.cache, intact.regions[Segment.LATENT])
 
 
 def _zero(backbone: Backbone, layout: Layout, kv: KV) -> KV:

@@ -9,6 +9,12 @@ from __future__ import annotations
 import torch
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of one step (epoch, batch, ...) of a run seeded with ``seed``: distinct per index
+    and per run seed. Training uses indices >= 0; evaluation negative ones, so they never meet."""
+    return seed * 1_000_003 + index
+
+
 class StepSampler:
     """Epoch-wise random permutations of ``range(size)``, cut into consecutive batches."""
 
@@ -20,7 +26,7 @@ class StepSampler:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._cache:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
             self._cache = {epoch: torch.randperm(self.size, generator=generator)}
         return self._cache[epoch]
 

@@ -40,7 +40,7 @@ from crystalkit.training.checkpoint import (
 )
 from crystalkit.training.metrics import MetricsLog
 from crystalkit.training.optim import build_optimizer
-from crystalkit.training.sampler import StepSampler
+from crystalkit.training.sampler import StepSampler, derived_seed
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
@@ -184,7 +184,7 @@ def train(
             recipe.name, total=cfg.steps, completed=start, loss=float("nan"), rate=0, terms=""
         )
         for step in range(start, end):
-            torch.manual_seed(recipe.seed * 1_000_003 + step)
+            torch.manual_seed(derived_seed(recipe.seed, step))
             samples = [train_split[i] for i in sampler.indices(step)]
             layout = method.layout(samples, step).to(device)
             loss, terms = method.loss(backbone, layout)
