@@ -7,12 +7,16 @@ attention function through transformers' public ``AttentionInterface``: the fast
 computes the layer's output, and for the layers being recorded the wrapper recomputes
 ``softmax(q_rows k^T * scale + mask_rows)`` for just the requested query rows, from the very
 queries and keys the kernel used (after RoPE and any q/k norms). Gradients flow through the rows.
+
+Under gradient checkpointing a layer's forward runs again during backward, and the rows' saved
+tensors are rebuilt by that rerun: :func:`checkpoint_context` makes the rerun record the same rows
+(into a throwaway recording), so the recomputed graph matches the original and gradients stay exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +53,24 @@ def record_attention(
         yield recording
     finally:
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def _replay(recording: AttentionRecording | None) -> Iterator[None]:
+    replay = (
+        None if recording is None else AttentionRecording(recording.layers, recording.query_index)
+    )
+    token = _ACTIVE.set(replay)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def checkpoint_context() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recompute records what the
+    original forward recorded."""
+    return nullcontext(), _replay(_ACTIVE.get())
 
 
 def attention_rows(

@@ -121,6 +121,16 @@ class Backbone(nn.Module, ABC):
 
         enable_attention_probe(self.language_model)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute decoder layers in backward instead of storing their activations. Uses
+        non-reentrant checkpointing with a context that replays attention recording, so the
+        alignment rows keep exact gradients (see :mod:`crystalkit.models.attention_probe`)."""
+        from crystalkit.models.attention_probe import checkpoint_context
+
+        self.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context}
+        )
+
     def new_cache(self) -> Any:
         """An empty KV cache for incremental decoding."""
         from transformers import DynamicCache
