@@ -65,3 +65,23 @@ def test_probe_records_nothing_outside_a_recording_and_rows_have_gradients(setup
     rows[..., :4].sum().backward()
     q_proj = backbone.lm.model.layers[1].self_attn.q_proj.weight
     assert q_proj.grad is not None and q_proj.grad.abs().sum() > 0
+
+
+def test_probe_gradients_are_exact_under_gradient_checkpointing(setup):
+    backbone, (embeds, mask, positions), query_index = setup
+    checkpointed = copy.deepcopy(backbone)
+    checkpointed.enable_gradient_checkpointing()
+    grads = []
+    for model in (backbone, checkpointed):
+        model.enable_attention_probe()
+        model.train()
+        model.zero_grad()
+        with record_attention({0, 2}, query_index) as recording:
+            logits = model(embeds.detach(), mask, positions).logits
+        loss = logits.square().mean() + sum(r[..., :5].sum() for r in recording.rows.values())
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert checkpointed.lm.model.gradient_checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

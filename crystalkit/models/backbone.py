@@ -126,10 +126,10 @@ class Backbone(nn.Module, ABC):
         non-reentrant checkpointing with a context that replays attention recording, so the
         alignment rows keep exact gradients (see :mod:`crystalkit.models.attention_probe`)."""
         from crystalkit.models.attention_probe import checkpoint_context
+        from crystalkit.models.compat import enable_checkpointing
 
-        self.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context}
-        )
+        kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
+        enable_checkpointing(self.language_model, kwargs)
 
     def new_cache(self) -> Any:
         """An empty KV cache for incremental decoding."""

@@ -30,6 +30,16 @@ def output_cache(output: Any) -> Any:
     return getattr(output, name, None)
 
 
+def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Turn on activation checkpointing (``activation_checkpointing_enable`` in recent releases,
+    ``gradient_checkpointing_enable`` before; the old name warns in 5.2x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def cache_layers_kv(cache: Any) -> list[tuple[Any, Any]]:
     """Per-layer ``(keys, values)`` ``[B, H_kv, T, d]`` of a ``DynamicCache`` (``.layers`` since
     transformers 4.56; ``key_cache``/``value_cache`` lists before)."""
