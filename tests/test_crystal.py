@@ -14,7 +14,7 @@ from crystalkit.build import build_backbone, build_dataset
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import INTACT_PATH, Segment
-from crystalkit.crystal.paths import Needs, intact_only, packed, two_pass
+from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed, two_pass
 from crystalkit.crystal.runner import run_sequence
 from crystalkit.evaluation.generation import generate_answers
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
@@ -138,8 +138,9 @@ def test_recurrent_loop_with_cache_equals_naive_recompute_and_parallel_replay(ti
     (slot,) = intact.slot_ranges()
     assert len(slot) == 3
     with torch.no_grad():
-        embeds = backbone.embed(layout.input_ids, layout.image_pixels())[:, cols]
-        run = run_sequence(backbone, embeds, intact.segments, slots=[slot])
+        inputs = layout_inputs(backbone, layout).columns(cols)
+        embeds = inputs.embeds
+        run = run_sequence(backbone, inputs, slots=[slot])
         naive, filled = _naive_recurrent_latents(backbone, embeds, intact.segments, slot)
         for col, latent in zip(slot, naive, strict=True):
             torch.testing.assert_close(run.slot_inputs[col], latent, atol=1e-5, rtol=1e-4)

@@ -111,9 +111,11 @@ class Packer:
         self.backbone = backbone
         self.answer = answer
         tok = backbone.tokenizer
-        self._bos, self._eos, self._pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        self._image = [backbone.image_token_id] * backbone.num_image_tokens
-        self._cue = tok.encode(ANSWER_CUE, add_special_tokens=False)
+        self._eos, self._pad = tok.eos_token_id, tok.pad_token_id
+        self._prefix = self._encode(backbone.prompt_prefix)
+        self._suffix = self._encode(backbone.question_suffix)
+        self._image = backbone.image_prompt_ids()
+        self._cue = self._encode(ANSWER_CUE)
 
     def _encode(self, text: str) -> list[int]:
         return self.backbone.tokenizer.encode(text, add_special_tokens=False)
@@ -133,7 +135,8 @@ class Packer:
         ``with_answer=False`` ends every row at the answer cue (generation prompts)."""
         two_paths = corrupted_images is not None
         questions = [
-            self._image + self._encode(format_question(s.question, s.options)) for s in samples
+            self._image + self._encode(format_question(s.question, s.options)) + self._suffix
+            for s in samples
         ]
         answers: list[tuple[list[int], list[int]]] = []
         for s in samples:
@@ -144,7 +147,7 @@ class Packer:
             else:
                 answers.append((list(self._cue), [IGNORE_INDEX] * len(self._cue)))
         pieces: dict[Segment, tuple[list[list[int]], list[list[int]] | None, str]] = {
-            S.PREFIX: ([[self._bos]] * len(samples), None, "left"),
+            S.PREFIX: ([self._prefix] * len(samples), None, "left"),
             S.INTACT: (questions, None, "left"),
             S.LATENT: ([list(block)] * len(samples), None, "left"),
             S.ANSWER_INTACT: ([a for a, _ in answers], [lab for _, lab in answers], "right"),

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from crystalkit.crystal.layout import Layout
-from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment
-from crystalkit.crystal.runner import SequenceRun, block_kv, run_sequence
+from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment, sequence_positions
+from crystalkit.crystal.runner import Inputs, SequenceRun, block_kv, run_sequence
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.functional import latent_attention
@@ -89,24 +89,29 @@ def _side(
     return run.logits(query), attention, run.hidden(query) if hidden else None
 
 
-def _embed(backbone: Backbone, layout: Layout) -> torch.Tensor:
-    return backbone.embed(layout.input_ids, layout.image_pixels())
+def layout_inputs(backbone: Backbone, layout: Layout) -> Inputs:
+    """Embed a whole laid-out batch once (all its images in one encoder call) with its positions;
+    paths are column cuts of the result."""
+    embeds, layer_inputs = backbone.embed_inputs(layout.input_ids, layout.image_pixels())
+    valid = layout.segments != S.PAD
+    order = sequence_positions(layout.segments)
+    positions = backbone.position_ids(layout.input_ids, order, valid)
+    return Inputs(layout.segments, embeds, positions, layer_inputs)
 
 
 def run_intact(
     backbone: Backbone,
     layout: Layout,
-    embeds: torch.Tensor,
+    inputs: Inputs,
     needs: Needs = Needs(),
     keep_cache: bool = False,
 ) -> tuple[Layout, SequenceRun, dict[int, int]]:
-    """The intact path ``A C D E`` of a laid-out batch (whose packed embeddings are ``embeds``)."""
+    """The intact path ``A C D E`` of a laid-out batch (whose packed inputs are ``inputs``)."""
     intact, cols = layout.select(INTACT_PATH)
     layers = resolve_layers(backbone, needs.layers)
     run = run_sequence(
         backbone,
-        embeds[:, cols],
-        intact.segments,
+        inputs.columns(cols),
         slots=intact.slot_ranges(),
         queries=[intact.answer_queries(S.ANSWER_INTACT)],
         layers=sorted(set(layers.values())),
@@ -117,7 +122,7 @@ def run_intact(
 
 
 def intact_only(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
-    intact, run, layers = run_intact(backbone, layout, _embed(backbone, layout), needs)
+    intact, run, layers = run_intact(backbone, layout, layout_inputs(backbone, layout), needs)
     intact_side = _side(
         run,
         intact.answer_queries(S.ANSWER_INTACT),
@@ -134,8 +139,7 @@ def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOu
     e, f = layout.answer_queries(S.ANSWER_INTACT), layout.answer_queries(S.ANSWER_CORRUPTED)
     run = run_sequence(
         backbone,
-        _embed(backbone, layout),
-        layout.segments,
+        layout_inputs(backbone, layout),
         slots=layout.slot_ranges(),
         queries=[e, f],
         layers=sorted(set(layers.values())),
@@ -148,10 +152,10 @@ def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOu
 
 
 def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
-    embeds = _embed(backbone, layout)
+    inputs = layout_inputs(backbone, layout)
     blank = layout.has(S.LATENT_BLANK)
     intact_layout, intact_run, layers = run_intact(
-        backbone, layout, embeds, needs, keep_cache=not blank
+        backbone, layout, inputs, needs, keep_cache=not blank
     )
     corrupted_layout, cols = layout.select(BLANK_PATH if blank else CORRUPTED_PATH)
     inject = None
@@ -161,8 +165,7 @@ def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> Path
     f = corrupted_layout.answer_queries(S.ANSWER_CORRUPTED)
     corrupted_run = run_sequence(
         backbone,
-        embeds[:, cols],
-        corrupted_layout.segments,
+        inputs.columns(cols),
         slots=corrupted_layout.slot_ranges(),
         inject=inject,
         queries=[f],

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from crystalkit.crystal.packing import packed_allowed, sequence_positions
+from crystalkit.crystal.packing import packed_allowed
 from crystalkit.models.attention_probe import record_attention
 from crystalkit.models.backbone import Backbone
 from crystalkit.models.compat import cache_layers_kv
@@ -35,6 +35,25 @@ def block_kv(cache: Any, block: range) -> KV:
         (k[:, :, block.start : block.stop], v[:, :, block.start : block.stop])
         for k, v in cache_layers_kv(cache)
     ]
+
+
+@dataclass
+class Inputs:
+    """A laid-out batch as the language model reads it, every tensor column-aligned: segment labels
+    ``[B, T]``, input embeddings ``[B, T, D]``, position ids ``[..., B, T]`` (``[B, T]``, or
+    ``[3, B, T]`` for multimodal RoPE) and optional per-layer additions ``[L, B, T, D]``."""
+
+    segments: torch.Tensor
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    layer_inputs: torch.Tensor | None = None
+
+    def columns(self, cols: torch.Tensor | slice) -> Inputs:
+        """The same batch restricted to ``cols`` (a path, or a chunk of one)."""
+        extra = None if self.layer_inputs is None else self.layer_inputs[:, :, cols]
+        return Inputs(
+            self.segments[:, cols], self.embeds[:, cols], self.positions[..., cols], extra
+        )
 
 
 @dataclass
@@ -67,8 +86,7 @@ class SequenceRun:
 
 def run_sequence(
     backbone: Backbone,
-    embeds: torch.Tensor,
-    segments: torch.Tensor,
+    inputs: Inputs,
     *,
     slots: Sequence[range] = (),
     inject: tuple[range, KV] | None = None,
@@ -77,18 +95,18 @@ def run_sequence(
     hidden: bool = False,
     keep_cache: bool = False,
 ) -> SequenceRun:
-    """Forward ``embeds`` ``[B, T, D]`` laid out by ``segments`` (mask and positions follow from
-    them). ``slots``: recurrent latent columns; ``inject``: a column range and its per-layer
-    keys/values; ``queries``: column ranges whose attention rows are recorded at ``layers``
-    (each range must lie between two slots); ``hidden``: keep last-layer hidden states."""
+    """Forward ``inputs`` (the mask follows from their segments). ``slots``: recurrent latent
+    columns; ``inject``: a column range and its per-layer keys/values; ``queries``: column ranges
+    whose attention rows are recorded at ``layers`` (each range must lie between two slots);
+    ``hidden``: keep last-layer hidden states."""
+    embeds = inputs.embeds
     length = embeds.shape[1]
-    allowed = packed_allowed(segments)
-    positions = sequence_positions(segments)
+    allowed = packed_allowed(inputs.segments)
     slot_cols = {c for r in slots for c in r}
     skip = inject[0] if inject is not None and len(inject[0]) else None
     stops = sorted(slot_cols | ({skip.start} if skip else set()))
     cache = backbone.new_cache() if keep_cache or slot_cols or skip else None
-    run = SequenceRun([], [], cache, positions)
+    run = SequenceRun([], [], cache, inputs.positions)
     t = 0
     while t < length:
         if skip is not None and t == skip.start:
@@ -97,9 +115,11 @@ def run_sequence(
             t = skip.stop
             continue
         end = next((c for c in stops if c > t), length)
-        chunk = embeds[:, t:end]
+        chunk = inputs.columns(slice(t, end))
+        chunk_embeds = chunk.embeds
         if t in run.slot_inputs:
-            chunk = torch.cat([run.slot_inputs[t][:, None].to(chunk.dtype), chunk[:, 1:]], 1)
+            slot = run.slot_inputs[t][:, None].to(chunk_embeds.dtype)
+            chunk_embeds = torch.cat([slot, chunk_embeds[:, 1:]], 1)
         inside = [
             (j, q) for j, q in enumerate(queries) if len(q) and t <= q.start and q.stop <= end
         ]
@@ -109,12 +129,13 @@ def run_sequence(
             recording = record_attention(layers, index.to(embeds.device).expand(len(embeds), -1))
         with recording or nullcontext() as rec:
             out = backbone(
-                chunk,
+                chunk_embeds,
                 additive(allowed[:, t:end, :end], embeds.dtype),
-                positions[:, t:end],
+                chunk.positions,
                 past_key_values=cache,
                 use_cache=cache is not None,
                 output_hidden_states=hidden or end in slot_cols,
+                layer_inputs=chunk.layer_inputs,
             )
         span = range(t, end)
         run.logits_chunks.append((span, out.logits))

@@ -16,7 +16,7 @@ import torch
 
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import INTACT_PATH, Segment
-from crystalkit.crystal.paths import run_intact
+from crystalkit.crystal.paths import layout_inputs, run_intact
 from crystalkit.crystal.runner import block_kv, run_sequence
 from crystalkit.models.backbone import Backbone
 from crystalkit.models.masks import additive, causal_allowed
@@ -42,16 +42,15 @@ def generate_answers(
     """Greedy answers for a prompt layout (``with_answer=False``: rows end at the answer cue).
     ``latent_probe(backbone, layout, kv) -> kv`` replaces the latent block's per-layer keys and
     values before the answer cue reads them (:mod:`crystalkit.evaluation.probes`)."""
-    embeds = backbone.embed(layout.input_ids, layout.image_pixels())
-    intact, run, _ = run_intact(backbone, layout, embeds, keep_cache=True)
+    inputs = layout_inputs(backbone, layout)
+    intact, run, _ = run_intact(backbone, layout, inputs, keep_cache=True)
     block = intact.regions[Segment.LATENT]
     if latent_probe is not None and len(block):
         kv = block_kv(run.cache, block)
         _, cols = layout.select(INTACT_PATH)
         run = run_sequence(
             backbone,
-            embeds[:, cols],
-            intact.segments,
+            inputs.columns(cols),
             inject=(block, latent_probe(backbone, layout, kv)),
             keep_cache=True,
         )
@@ -59,7 +58,7 @@ def generate_answers(
     logits = run.logits(range(cue.stop - 1, cue.stop))[:, -1]
     first_logits = logits.float()
     mask = (intact.segments != Segment.PAD).long()
-    next_pos = run.positions[:, -1:] + 1
+    next_pos = run.positions[..., -1:] + 1
     cache = run.cache
     stop = torch.tensor(sorted(set(stop_ids)), device=mask.device)
     pad_id = backbone.tokenizer.pad_token_id

@@ -21,7 +21,7 @@ import torch
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import INTACT_PATH, Segment
-from crystalkit.crystal.paths import resolve_layers
+from crystalkit.crystal.paths import layout_inputs, resolve_layers
 from crystalkit.crystal.runner import run_sequence
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.data.sample import Sample
@@ -61,14 +61,13 @@ def attention_maps(
     layout: Layout = method.packer(samples, method.block.ids(k), recurrent=method.block.recurrent)
     layout = layout.to(device)
     intact, cols = layout.select(INTACT_PATH)
-    embeds = backbone.embed(layout.input_ids, layout.image_pixels())[:, cols]
+    inputs = layout_inputs(backbone, layout).columns(cols)
     block = intact.regions[Segment.LATENT]
     latents = range(block.start + 1, block.stop - 1)  # the K slots, markers excluded
     answer = intact.answer_queries(Segment.ANSWER_INTACT)
     run = run_sequence(
         backbone,
-        embeds,
-        intact.segments,
+        inputs,
         slots=intact.slot_ranges(),
         queries=[*(range(c, c + 1) for c in latents), answer],
         layers=[resolved],

@@ -21,7 +21,7 @@ import torch
 
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import Segment
-from crystalkit.crystal.paths import run_intact
+from crystalkit.crystal.paths import layout_inputs, run_intact
 from crystalkit.crystal.runner import KV, block_kv
 from crystalkit.models.backbone import Backbone
 
@@ -34,8 +34,7 @@ LatentProbe = Callable[[Backbone, Layout, KV], KV]
 @torch.inference_mode()
 def latent_kv(backbone: Backbone, layout: Layout) -> KV:
     """The latent block's per-layer keys/values ``[B, H_kv, K, d]`` for a prompt layout."""
-    embeds = backbone.embed(layout.input_ids, layout.image_pixels())
-    intact, run, _ = run_intact(backbone, layout, embeds, keep_cache=True)
+    intact, run, _ = run_intact(backbone, layout, layout_inputs(backbone, layout), keep_cache=True)
     return block_kv(run.cache, intact.regions[Segment.LATENT])
 
 

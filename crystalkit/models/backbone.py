@@ -81,6 +81,40 @@ class Backbone(nn.Module, ABC):
     ) -> torch.Tensor:
         """Token embeddings, with image features written at the image-placeholder positions."""
 
+    def embed_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`embed` plus per-layer additions ``[L, B, T, D]`` that the model adds to the
+        outputs of its first ``L`` decoder layers (Qwen3-VL's deepstack visual features; zero off
+        the image tokens), or ``None``. Both are column-aligned with ``input_ids``, so a layout
+        can cut paths and chunks out of them and hand them to :meth:`forward`."""
+        return self.embed(input_ids, pixel_values), None
+
+    def position_ids(
+        self, input_ids: torch.Tensor, order: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Position ids of a laid-out batch. ``order`` ``[B, T]`` is each token's index on its own
+        path (tied columns share it: the packed sequence's intact image and corrupted image, its
+        two answers); ``valid`` marks non-padding. Plain RoPE models use ``order`` itself;
+        multimodal-RoPE models return ``[3, B, T]`` from their own rope-index function."""
+        return order
+
+    @property
+    def prompt_prefix(self) -> str:
+        """Text that opens every prompt (the bos token, or a chat template's user-turn header)."""
+        return self.tokenizer.bos_token
+
+    @property
+    def question_suffix(self) -> str:
+        """Text between the question and the latent block (a chat template's assistant-turn
+        header); the answer ends with ``tokenizer.eos_token``."""
+        return ""
+
+    def image_prompt_ids(self) -> list[int]:
+        """The token ids one image occupies in a prompt (placeholders, plus any markers around
+        them that the model expects)."""
+        return [self.image_token_id] * self.num_image_tokens
+
     @abstractmethod
     def forward(
         self,
@@ -90,8 +124,11 @@ class Backbone(nn.Module, ABC):
         past_key_values: Any = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        layer_inputs: torch.Tensor | None = None,
     ) -> BackboneOutput:
-        """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]``."""
+        """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]``;
+        ``position_ids`` as :meth:`position_ids` gives them; ``layer_inputs`` as
+        :meth:`embed_inputs` gives them (for these columns)."""
 
     @abstractmethod
     def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:

@@ -194,7 +194,10 @@ class EmbeddedBackbone(Backbone):
         past_key_values: Any = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        layer_inputs: torch.Tensor | None = None,
     ) -> BackboneOutput:
+        if layer_inputs is not None:
+            raise ValueError("the embedded backbone has no per-layer inputs")
         out = self.lm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
