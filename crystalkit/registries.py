@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from crystalkit.registry import Registry
 
-BACKBONES: Registry = Registry("backbones", ("crystalkit.models.embedded",))
-DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic",))
+BACKBONES: Registry = Registry(
+    "backbones",
+    ("crystalkit.models.embedded", "crystalkit.models.hf.qwen_vl", "crystalkit.models.hf.llava"),
+)
+DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic", "crystalkit.data.llava"))
 CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))
 OBJECTIVES: Registry = Registry("objectives", ("crystalkit.objectives.alignment",))
 SCHEDULES: Registry = Registry("schedules", ("crystalkit.latents.schedules",))

@@ -1,0 +1,301 @@
+"""What every Hugging Face VLM adapter shares: loading, offline random init, tokens, the forward.
+
+An adapter wraps one unmodified ``transformers`` ``...ForConditionalGeneration`` class. It never
+calls that class's own ``forward``: it embeds tokens and merges image features itself (through the
+model's public ``get_image_features``), then runs the model's *language model* with an explicit
+additive 4-D mask, explicit position ids and a KV cache, and applies ``lm_head``. That is the
+surface the packed CrystaL sequence needs (a block mask, tied positions, injected latent keys and
+values), and it sidesteps the state the top-level forward keeps between calls (``rope_deltas``).
+
+A family subclass says where the parts live and how images become tokens; see
+``docs/backbones.md`` for how to add one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from crystalkit.errors import UsageError
+from crystalkit.models.backbone import Backbone, BackboneOutput
+from crystalkit.models.compat import cache_kwargs, output_cache
+from crystalkit.models.hf.offline import train_bpe_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+PROCESSOR_DIR = "image_processor"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFConfig(BaseModel):
+    """Recipe parameters shared by every Hugging Face adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str | None = Field(
+        None, description="checkpoint folder or hub id loaded with from_pretrained"
+    )
+    config: dict[str, Any] | None = Field(
+        None,
+        description="instead of name_or_path: build a randomly initialised model of this "
+        "architecture from these config fields (text_config, vision_config, ...)",
+    )
+    image_size: int = Field(448, ge=8, description="images are resized to this square size")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weight dtype (autocast is set by train.precision)"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel the language model runs"
+    )
+    prompt_prefix: str | None = Field(
+        None, description="text opening every prompt; null = the family's chat header"
+    )
+    question_suffix: str | None = Field(
+        None, description="text after the question; null = the family's assistant header"
+    )
+    vocab_size: int = Field(
+        1024, ge=64, description="size of the offline BPE tokenizer trained for config: models"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HFConfig:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("give exactly one of name_or_path (pretrained) or config (random init)")
+        return self
+
+
+class HFBackbone(Backbone):
+    """Base of the Hugging Face VLM adapters (one subclass per model family)."""
+
+    Config = HFConfig
+    #: the ``transformers`` classes of the family
+    model_class: ClassVar[type[PreTrainedModel]]
+    config_class: ClassVar[type[PretrainedConfig]]
+    #: special tokens an offline tokenizer needs: eos, pad, then the family's markers
+    offline_eos: ClassVar[str] = "<|im_end|>"
+    offline_pad: ClassVar[str] = "<|endoftext|>"
+    offline_bos: ClassVar[str | None] = None
+    offline_specials: ClassVar[tuple[str, ...]] = ()
+    default_prefix: ClassVar[str] = ""
+    default_suffix: ClassVar[str] = ""
+
+    def __init__(self, config: HFConfig, model: PreTrainedModel, tokenizer: Any, processor: Any):
+        super().__init__()
+        self.config = config
+        self.model = model
+        self._tokenizer = tokenizer
+        self.image_processor = processor
+        self.check_image_size()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, config: HFConfig, *, corpus: Sequence[str], assets: Path | None = None
+    ) -> HFBackbone:
+        saved = assets is not None and (assets / TOKENIZER_DIR).is_dir()
+        if config.name_or_path is not None:
+            source = assets if saved else None
+            tokenizer = AutoTokenizer.from_pretrained(
+                source / TOKENIZER_DIR if source else config.name_or_path
+            )
+            processor = cls.load_processor(
+                source / PROCESSOR_DIR if source else Path(config.name_or_path), config
+            )
+            model = cls.model_class.from_pretrained(
+                config.name_or_path,
+                dtype=DTYPES[config.dtype],
+                attn_implementation=config.attn_implementation,
+            )
+            return cls(config, model, tokenizer, processor)
+        if saved:
+            tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
+        else:
+            tokenizer = train_bpe_tokenizer(
+                [*corpus, cls.default_prefix, cls.default_suffix],
+                [cls.offline_pad, cls.offline_eos, *cls.offline_specials]
+                + ([cls.offline_bos] if cls.offline_bos else []),
+                eos=cls.offline_eos,
+                pad=cls.offline_pad,
+                bos=cls.offline_bos,
+                vocab_size=config.vocab_size,
+            )
+        model_config = cls.random_config(config.config or {}, tokenizer, config)
+        model = cls.model_class._from_config(
+            model_config,
+            dtype=DTYPES[config.dtype],
+            attn_implementation=config.attn_implementation,
+        )
+        return cls(config, model, tokenizer, cls.build_processor(model_config, config))
+
+    @classmethod
+    def random_config(
+        cls, fields: dict[str, Any], tokenizer: Any, config: HFConfig
+    ) -> PretrainedConfig:
+        """The family config from a recipe's ``config:`` block, with the vocabulary and the
+        special token ids filled in from the offline tokenizer."""
+        ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in cls.token_fields()}
+        fields = {**fields, **ids}
+        text = dict(fields.get("text_config") or {})
+        text.update(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+        fields["text_config"] = text
+        try:
+            return cls.config_class(**fields)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise UsageError(f"backbone.config: {cls.config_class.__name__} rejected it: {exc}")
+
+    @classmethod
+    def token_fields(cls) -> list[tuple[str, str]]:
+        """``(config field, token)`` pairs set from the offline tokenizer."""
+        return []
+
+    @classmethod
+    def load_processor(cls, path: Path, config: HFConfig) -> Any:
+        return AutoProcessor.from_pretrained(path).image_processor
+
+    @classmethod
+    def build_processor(cls, model_config: PretrainedConfig, config: HFConfig) -> Any:
+        """An image processor for a randomly initialised model (built, not downloaded)."""
+        raise NotImplementedError
+
+    def check_image_size(self) -> None:
+        """Raise :class:`UsageError` unless ``image_size`` tiles into whole image tokens."""
+
+    def save_assets(self, directory: Path) -> None:
+        self._tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        self.image_processor.save_pretrained(directory / PROCESSOR_DIR)
+
+    # -- the Backbone interface ---------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def prompt_prefix(self) -> str:
+        if self.config.prompt_prefix is not None:
+            return self.config.prompt_prefix
+        return self.default_prefix
+
+    @property
+    def question_suffix(self) -> str:
+        if self.config.question_suffix is not None:
+            return self.config.question_suffix
+        return self.default_suffix
+
+    def token_matrices(self) -> list[nn.Parameter]:
+        matrices = [self.model.get_input_embeddings().weight, self.model.lm_head.weight]
+        return list({id(m): m for m in matrices}.values())
+
+    def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
+        source = self._tokenizer.convert_tokens_to_ids(init_from)
+        if source is None or source == self._tokenizer.unk_token_id:
+            raise ValueError(
+                f"cannot initialise new tokens from {init_from!r}: not in the vocabulary"
+            )
+        new = [t for t in tokens if t not in self._tokenizer.get_vocab()]
+        if new:
+            self._tokenizer.add_tokens(new, special_tokens=True)
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if len(self._tokenizer) > rows:  # pretrained matrices often have spare rows already
+            self.model.resize_token_embeddings(len(self._tokenizer), mean_resizing=False)
+        ids = self._tokenizer.convert_tokens_to_ids(list(tokens))
+        if new:
+            fresh = self._tokenizer.convert_tokens_to_ids(new)
+            with torch.no_grad():
+                for matrix in self.token_matrices():
+                    matrix[fresh] = matrix[source].clone()
+        # kept on the config, so exported checkpoints say which rows are latent tokens
+        self.model.config.crystalkit_tokens = dict(
+            getattr(self.model.config, "crystalkit_tokens", {}) or {}
+        ) | dict(zip(tokens, ids, strict=True))
+        return ids
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.embed_inputs(input_ids, pixel_values)[0]
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds, None
+        features, per_layer = self.image_features(pixel_values)
+        is_image = input_ids == self.image_token_id
+        expected = pixel_values.shape[0] * self.num_image_tokens
+        if int(is_image.sum()) != expected or features.shape[0] != expected:
+            raise ValueError(
+                f"{int(is_image.sum())} image placeholder tokens for {pixel_values.shape[0]} "
+                f"images of {self.num_image_tokens} tokens each"
+            )
+        embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        if not per_layer:
+            return embeds, None
+        layers = [
+            torch.zeros_like(embeds).masked_scatter(is_image[..., None], f.to(embeds.dtype))
+            for f in per_layer
+        ]
+        return embeds, torch.stack(layers)
+
+    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``[N images, ...]`` pixel values -> ``[N * tokens, D]`` features in placeholder order,
+        and per-layer features of the same shape (empty unless the family has them)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        layer_inputs: torch.Tensor | None = None,
+    ) -> BackboneOutput:
+        lm = self.language_model
+        out = lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.to(inputs_embeds.dtype),
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **self.layer_input_kwargs(layer_inputs),
+            **cache_kwargs(lm, past_key_values),
+        )
+        logits = self.model.lm_head(out.last_hidden_state)
+        return BackboneOutput(logits, out.hidden_states, output_cache(out))
+
+    def layer_input_kwargs(self, layer_inputs: torch.Tensor | None) -> dict[str, Any]:
+        """Language-model keyword arguments that carry ``layer_inputs`` (none by default)."""
+        if layer_inputs is not None:
+            raise ValueError(f"{type(self).__name__} has no per-layer inputs")
+        return {}
+
+    # -- images -------------------------------------------------------------------------------
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """``uint8`` or [0, 1] float ``[B, 3, H, W]`` -> float [0, 1] at ``image_size``."""
+        pixels = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        size = self.config.image_size
+        if pixels.shape[-2:] != (size, size):
+            pixels = nn.functional.interpolate(
+                pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return pixels.clamp(0, 1)

@@ -1,0 +1,1 @@
+"""LLaVA-style models (placeholder; filled in below)."""
