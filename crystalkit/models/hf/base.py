@@ -65,7 +65,9 @@ class HFConfig(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> HFConfig:
         if (self.name_or_path is None) == (self.config is None):
-            raise ValueError("give exactly one of name_or_path (pretrained) or config (random init)")
+            raise ValueError(
+                "give exactly one of name_or_path (pretrained) or config (random init)"
+            )
         return self
 
 
@@ -151,7 +153,9 @@ class HFBackbone(Backbone):
         try:
             return cls.config_class(**fields)
         except (TypeError, ValueError, KeyError) as exc:
-            raise UsageError(f"backbone.config: {cls.config_class.__name__} rejected it: {exc}")
+            raise UsageError(
+                f"backbone.config: {cls.config_class.__name__} rejected it: {exc}"
+            ) from None
 
     @classmethod
     def token_fields(cls) -> list[tuple[str, str]]:

@@ -1,1 +1,232 @@
-"""LLaVA-style models (placeholder; filled in below)."""
+"""LLaVA-style models: a vision encoder, a projector, and a plain-RoPE language model.
+
+* ``llava`` — ``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower (whichever
+  ``vision_config.model_type`` names). CLIP's class token is dropped
+  (``vision_feature_select_strategy: default``); SigLIP has none (``full``).
+* ``idefics3`` / ``smolvlm`` — ``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration``:
+  a SigLIP encoder and a pixel-shuffle connector. crystalkit feeds one global view per image
+  (no tiling), so every image has the same tokens:
+  ``<fake_token_around_image> <global-img> <image> * N <fake_token_around_image>``.
+
+Positions are ordinary 1-D ids, so the :class:`~crystalkit.models.backbone.Backbone` default
+(each token's index on its own path) is already right.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPImageProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipImageProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
+
+from crystalkit.errors import UsageError
+from crystalkit.models.hf.base import HFBackbone, HFConfig
+from crystalkit.registries import BACKBONES
+
+IMAGE = "<image>"
+
+
+@BACKBONES.register("llava")
+class LlavaBackbone(HFBackbone):
+    """``LlavaForConditionalGeneration`` (CLIP or SigLIP vision tower)."""
+
+    model_class = LlavaForConditionalGeneration
+    config_class = LlavaConfig
+    image_token = IMAGE
+    offline_eos = "</s>"
+    offline_pad = "<pad>"
+    offline_bos = "<s>"
+    offline_specials = (IMAGE,)
+    default_prefix = "USER: "
+    default_suffix = " ASSISTANT:"
+
+    @classmethod
+    def token_fields(cls) -> list[tuple[str, str]]:
+        return [("image_token_id", IMAGE)]
+
+    @classmethod
+    def build_processor(cls, model_config: Any, config: HFConfig) -> Any:
+        size = config.image_size
+        if model_config.vision_config.model_type.startswith("siglip"):
+            return SiglipImageProcessor(size={"height": size, "width": size})
+        return CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def _side(self) -> int:
+        return self.config.image_size // self.model.config.vision_config.patch_size
+
+    def check_image_size(self) -> None:
+        vision = self.model.config.vision_config
+        if self.config.image_size != vision.image_size:
+            raise UsageError(
+                f"backbone.image_size: {self.config.image_size} differs from the vision tower's "
+                f"image_size {vision.image_size} (its position table is fixed)"
+            )
+        has_cls = not vision.model_type.startswith("siglip")
+        strategy = self.model.config.vision_feature_select_strategy
+        if has_cls != (strategy == "default"):
+            expected = "default" if has_cls else "full"
+            raise UsageError(
+                f"backbone.config.vision_feature_select_strategy: a {vision.model_type} tower "
+                f"needs {expected!r}, got {strategy!r}"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self._side**2
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        return self._side, self._side
+
+    @property
+    def prompt_prefix(self) -> str:
+        if self.config.prompt_prefix is not None:
+            return self.config.prompt_prefix
+        return (self.tokenizer.bos_token or "") + self.default_prefix
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.resize(images)
+        out = self.image_processor(
+            images=list(pixels),
+            do_resize=False,
+            do_center_crop=False,
+            do_rescale=False,
+            return_tensors="pt",
+        )
+        return out["pixel_values"]
+
+    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        features = out.pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features))
+        return features.reshape(-1, features.shape[-1]), []
+
+
+FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
+
+
+class _Idefics3Family(HFBackbone):
+    image_token = "<image>"
+    offline_eos = "<end_of_utterance>"
+    offline_pad = "<|endoftext|>"
+    offline_bos = "<|im_start|>"
+    offline_specials = (FAKE, GLOBAL, "<image>")
+    default_prefix = "<|im_start|>User:"
+    default_suffix = "<end_of_utterance>\nAssistant:"
+
+    @classmethod
+    def token_fields(cls) -> list[tuple[str, str]]:
+        return [("image_token_id", "<image>")]
+
+    @classmethod
+    def load_processor(cls, path: Path, config: HFConfig) -> Any:
+        processor = super().load_processor(path, config)
+        processor.do_image_splitting = False  # one global view: a fixed token count per image
+        return processor
+
+    @classmethod
+    def build_processor(cls, model_config: Any, config: HFConfig) -> Any:
+        size = config.image_size
+        return Idefics3ImageProcessor(
+            do_image_splitting=False,
+            size={"longest_edge": size},
+            max_image_size={"longest_edge": size},
+        )
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.text_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_model
+
+    @property
+    def _side(self) -> int:
+        vision = self.model.config.vision_config
+        return self.config.image_size // vision.patch_size // self.model.config.scale_factor
+
+    def check_image_size(self) -> None:
+        vision = self.model.config.vision_config
+        if self.config.image_size != vision.image_size:
+            raise UsageError(
+                f"backbone.image_size: {self.config.image_size} differs from the vision tower's "
+                f"image_size {vision.image_size}"
+            )
+        step = vision.patch_size * self.model.config.scale_factor
+        if self.config.image_size % step:
+            raise UsageError(
+                f"backbone.image_size: {self.config.image_size} is not a multiple of patch_size "
+                f"x scale_factor = {step}"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self._side**2
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        return self._side, self._side
+
+    def image_prompt_ids(self) -> list[int]:
+        fake, glob = self.tokenizer.convert_tokens_to_ids([FAKE, GLOBAL])
+        return [fake, glob, *super().image_prompt_ids(), fake]
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """-> ``[B, 1, 3, S, S]`` (one view per image)."""
+        pixels = self.resize(images)
+        out = self.image_processor(
+            images=[[p] for p in pixels], do_resize=False, do_rescale=False, return_tensors="pt"
+        )
+        return out["pixel_values"]
+
+    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # the model drops all-zero views as padding; a corruption may produce one (a uniform
+        # mid-grey image normalises to zeros), so nudge such views by an invisible epsilon
+        flat = pixel_values.flatten(2).abs().amax(-1) == 0
+        if bool(flat.any()):
+            pixel_values = pixel_values.clone()
+            pixel_values[flat] = torch.finfo(pixel_values.dtype).tiny
+        out = self.model.model.get_image_features(pixel_values)
+        return torch.cat(list(out.pooler_output)), []
+
+
+@BACKBONES.register("idefics3")
+class Idefics3Backbone(_Idefics3Family):
+    """``Idefics3ForConditionalGeneration``."""
+
+    model_class = Idefics3ForConditionalGeneration
+    config_class = Idefics3Config
+
+
+@BACKBONES.register("smolvlm")
+class SmolVLMBackbone(_Idefics3Family):
+    """``SmolVLMForConditionalGeneration`` (SmolVLM / SmolVLM2)."""
+
+    model_class = SmolVLMForConditionalGeneration
+    config_class = SmolVLMConfig

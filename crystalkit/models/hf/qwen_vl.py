@@ -173,11 +173,14 @@ class Qwen3VLBackbone(QwenVLBackbone):
 
     model_class = Qwen3VLForConditionalGeneration
     config_class = Qwen3VLConfig
+
     def layer_input_kwargs(self, layer_inputs: torch.Tensor | None) -> dict[str, Any]:
         if layer_inputs is None:
             return {}
         # zero off the image tokens: adding at every position equals adding at the image ones
-        everywhere = torch.ones(layer_inputs.shape[1:3], dtype=torch.bool, device=layer_inputs.device)
+        everywhere = torch.ones(
+            layer_inputs.shape[1:3], dtype=torch.bool, device=layer_inputs.device
+        )
         return {
             "visual_pos_masks": everywhere,
             "deepstack_visual_embeds": [layer.flatten(0, 1) for layer in layer_inputs],
