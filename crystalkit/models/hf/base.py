@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone, BackboneOutput
@@ -164,7 +164,7 @@ class HFBackbone(Backbone):
 
     @classmethod
     def load_processor(cls, path: Path, config: HFConfig) -> Any:
-        return AutoProcessor.from_pretrained(path).image_processor
+        return AutoImageProcessor.from_pretrained(path)
 
     @classmethod
     def build_processor(cls, model_config: PretrainedConfig, config: HFConfig) -> Any:

@@ -1,0 +1,297 @@
+"""The Hugging Face adapters against the models' own forward, and the pitfalls they avoid.
+
+Every family is built at test size from ``recipes/tiny/*.yaml`` (random weights, offline BPE
+tokenizer, a locally constructed image processor), so the whole path — raw image + text ->
+processor -> model -> loss — runs here exactly as on a GPU with a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from crystalkit.build import build_backbone, build_dataset
+from crystalkit.config.loader import load_recipe
+from crystalkit.crystal.method import Method
+from crystalkit.crystal.packing import INTACT_PATH, Segment, packed_allowed
+from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed
+from crystalkit.crystal.runner import run_sequence
+from crystalkit.evaluation.generation import generate_answers
+from crystalkit.models.masks import additive
+from tests.conftest import ROOT
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_clip", "llava_siglip", "smolvlm"]
+SMALL = [
+    "dataset.image_size=64",
+    "dataset.train_size=64",
+    "dataset.val_size=8",
+    "dataset.test_size=8",
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.num_threads=2",
+]
+
+
+def build(family: str, *overrides: str, tmp_path=None):
+    torch.manual_seed(0)
+    extra = [f"output_dir={tmp_path}"] if tmp_path is not None else []
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{family}.yaml", [*SMALL, *extra, *overrides])
+    dataset = build_dataset(recipe)
+    backbone = build_backbone(recipe, dataset)
+    method = Method(recipe, backbone)
+    samples = [dataset.split("train")[i] for i in range(3)]
+    return recipe, backbone, method, samples
+
+
+def own_forward(backbone, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's own top-level forward on one unpadded sample: the reference computation."""
+    if hasattr(backbone, "_grid_thw"):  # Qwen-VL: flattened patches + grid + token types
+        return backbone.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=backbone._grid_thw[None],
+            mm_token_type_ids=(input_ids == backbone.image_token_id).int(),
+        ).logits
+    return backbone.model(input_ids=input_ids, pixel_values=pixel_values[None]).logits
+
+
+def _valid_answer_logits(layout, logits: torch.Tensor, row: int) -> tuple[list[int], torch.Tensor]:
+    intact, _ = layout.select(INTACT_PATH)
+    queries = intact.answer_queries(Segment.ANSWER_INTACT)
+    kept = torch.nonzero(intact.segments[row] != Segment.PAD).flatten().tolist()
+    inside = [(i, c) for i, c in enumerate(kept) if queries.start <= c < queries.stop]
+    return [i for i, _ in inside], logits[row, [c - queries.start for _, c in inside]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_intact_path_equals_the_models_own_forward(family):
+    """Image merge, image markers, positions (M-RoPE) and deepstack all match what the unmodified
+    model computes on its own, sample by sample without padding."""
+    _, backbone, method, samples = build(family)
+    backbone.eval()
+    layout = method.layout(samples, step=0)
+    intact, _ = layout.select(INTACT_PATH)
+    with torch.no_grad():
+        ours = intact_only(backbone, layout).intact_logits
+        for row in range(len(samples)):
+            keep = intact.segments[row] != Segment.PAD
+            reference = own_forward(
+                backbone, intact.input_ids[row : row + 1, keep], layout.pixel_values[row]
+            )
+            cols, got = _valid_answer_logits(layout, ours, row)
+            torch.testing.assert_close(got, reference[0, cols], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_clip", "smolvlm"])
+@pytest.mark.parametrize("latents", ["token", "recurrent"])
+def test_crystal_step_packed_equals_two_pass(family, latents):
+    """A full CrystaL training step (both CEs, KL, attention) in either strategy: same losses and
+    the same gradients, reaching the vision tower and the latent rows."""
+    grads, losses = [], []
+    for strategy in ("packed", "two_pass"):
+        _, backbone, method, samples = build(
+            family, f"latents.family={latents}", f"crystal.strategy={strategy}"
+        )
+        loss, terms = method.loss(backbone, method.layout(samples, step=0))
+        loss.backward()
+        losses.append({k: v.item() for k, v in terms.items()})
+        grads.append({n: p.grad for n, p in backbone.named_parameters() if p.grad is not None})
+    assert set(losses[0]) == {"ce_intact", "ce_corrupted", "kl", "attention"}
+    for key, value in losses[0].items():
+        assert losses[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-3, msg=name)
+    backbone_grads = grads[0]
+    vision = [n for n in backbone_grads if ".visual." in n or "vision" in n]
+    assert vision and any(backbone_grads[n].abs().sum() > 0 for n in vision)
+    embedding = backbone.model.get_input_embeddings().weight
+    latent_rows = backbone_grads[next(n for n, p in backbone.named_parameters() if p is embedding)]
+    assert latent_rows[method.block.new_token_ids].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_recurrent_loop_with_cache_equals_parallel_replay(family):
+    """The recurrent latents, computed chunk by chunk with a KV cache and sliced M-RoPE positions,
+    replayed in one parallel forward give the same answer logits."""
+    _, backbone, method, samples = build(family, "latents.family=recurrent", "method=finetune")
+    backbone.eval()
+    layout = method.layout(samples, step=0)
+    intact, cols = layout.select(INTACT_PATH)
+    with torch.no_grad():
+        inputs = layout_inputs(backbone, layout).columns(cols)
+        run = run_sequence(backbone, inputs, slots=intact.slot_ranges())
+        filled = inputs.embeds.clone()
+        for col, value in run.slot_inputs.items():
+            filled[:, col] = value
+        replay = backbone(
+            filled,
+            additive(packed_allowed(intact.segments), filled.dtype),
+            inputs.positions,
+            layer_inputs=inputs.layer_inputs,
+        ).logits
+    assert inputs.positions.shape[0] == 3  # M-RoPE
+    answer = intact.answer_queries(Segment.ANSWER_INTACT)
+    valid = intact.segments[:, answer.start : answer.stop] != Segment.PAD
+    difference = (run.logits(answer) - replay[:, answer.start : answer.stop])[valid].abs().max()
+    assert difference < 1e-5
+
+
+def test_qwen3_deepstack_features_reach_the_decoder():
+    """Without the per-layer inputs the intact path no longer equals the model's own forward."""
+    _, backbone, method, samples = build("qwen3_vl")
+    backbone.eval()
+    layout = method.layout(samples, step=0)
+    intact, cols = layout.select(INTACT_PATH)
+    with torch.no_grad():
+        inputs = layout_inputs(backbone, layout).columns(cols)
+        assert inputs.layer_inputs is not None and inputs.layer_inputs.shape[0] == 2
+        mask = additive(packed_allowed(intact.segments), inputs.embeds.dtype)
+        full = backbone(inputs.embeds, mask, inputs.positions, layer_inputs=inputs.layer_inputs)
+        without = backbone(inputs.embeds, mask, inputs.positions)
+    assert (full.logits - without.logits).abs().max() > 1e-3
+
+
+def _one_sample(family: str):
+    _, backbone, method, samples = build(family)
+    backbone.eval()
+    layout = method.packer(samples[:1], [])
+    return backbone, layout
+
+
+def test_stale_rope_deltas_do_not_shift_positions():
+    """The top-level forward keeps ``rope_deltas`` between calls and uses it when only embeddings
+    come in; crystalkit computes positions itself, so a stale value changes nothing."""
+    backbone, layout = _one_sample("qwen2_5_vl")
+    ids, pixels = layout.input_ids, layout.pixel_values[0]
+    with torch.no_grad():
+        reference = own_forward(backbone, ids, pixels)
+        embeds = backbone.embed(ids, layout.pixel_values)
+        backbone.model.model.rope_deltas = torch.tensor([[-7]])
+        naive = backbone.model(inputs_embeds=embeds).logits
+        ours = intact_only(backbone, layout).intact_logits
+    assert (naive - reference).abs().max() > 1e-4  # the pitfall is real
+    intact_cue = layout.regions[Segment.ANSWER_INTACT]
+    torch.testing.assert_close(
+        ours[0], reference[0, intact_cue.start : intact_cue.stop - 1], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_cache_with_explicit_mask_and_positions_equals_one_forward():
+    """A 2-D mask over all keys + a KV cache + automatic positions raises in the model; the
+    explicit 4-D mask and sliced M-RoPE positions crystalkit passes continue a cache exactly."""
+    backbone, layout = _one_sample("qwen2_5_vl")
+    ids, pixels = layout.input_ids, layout.pixel_values[0]
+    width = ids.shape[1]
+    with torch.no_grad():
+        reference = own_forward(backbone, ids, pixels)
+        head = backbone.model(
+            input_ids=ids[:, :-3],
+            pixel_values=pixels,
+            image_grid_thw=backbone._grid_thw[None],
+            mm_token_type_ids=(ids[:, :-3] == backbone.image_token_id).int(),
+            use_cache=True,
+        )
+        with pytest.raises(RuntimeError, match="size"):
+            backbone.model(
+                inputs_embeds=backbone.embed(ids[:, -3:]),
+                attention_mask=torch.ones(1, width),
+                cache=head.cache,
+                use_cache=True,
+            )
+        inputs = layout_inputs(backbone, layout)
+        mask = additive(packed_allowed(layout.segments), inputs.embeds.dtype)
+        cache = backbone.new_cache()
+        logits = []
+        for cols in (slice(0, width - 3), slice(width - 3, width)):
+            out = backbone(
+                inputs.embeds[:, cols],
+                mask[:, :, cols, : cols.stop],
+                inputs.positions[..., cols],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_attention_needs_an_additive_mask():
+    """Under eager attention a boolean 4-D mask is silently wrong; crystalkit's additive float
+    mask gives the model's own result under eager and SDPA alike."""
+    backbone, layout = _one_sample("qwen2_5_vl")
+    ids = layout.input_ids
+    eager = copy.deepcopy(backbone)
+    eager.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = own_forward(backbone, ids, layout.pixel_values[0])
+        inputs = layout_inputs(backbone, layout)
+        allowed = packed_allowed(layout.segments)
+        boolean = eager.language_model(
+            inputs_embeds=inputs.embeds,
+            attention_mask=allowed[:, None],
+            position_ids=inputs.positions,
+        ).last_hidden_state
+        for model in (backbone, eager):
+            out = model(inputs.embeds, additive(allowed, inputs.embeds.dtype), inputs.positions)
+            torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=1e-4)
+    assert (eager.model.lm_head(boolean) - reference).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_attention_probe_rows_match_eager_and_stay_exact_under_checkpointing(family):
+    _, backbone, method, samples = build(family)
+    layout = method.layout(samples, step=0)
+    needs = Needs(layers=(0, -1))
+    eager = copy.deepcopy(backbone)
+    eager.model.set_attn_implementation("eager")
+    backbone.eval()
+    with torch.no_grad():
+        probed = packed(backbone, layout, needs)
+        inputs = layout_inputs(eager, layout)
+        reference = eager.language_model(
+            inputs_embeds=inputs.embeds,
+            attention_mask=additive(packed_allowed(layout.segments), inputs.embeds.dtype),
+            position_ids=inputs.positions,
+            output_attentions=True,
+            **eager.layer_input_kwargs(inputs.layer_inputs),
+        ).attentions
+    latent = layout.regions[Segment.LATENT]
+    for asked, layer in ((0, 0), (-1, backbone.num_layers - 1)):
+        q = layout.answer_queries(Segment.ANSWER_INTACT)
+        rows = reference[layer][:, :, q.start : q.stop, latent.start : latent.stop].mean(1)
+        rows = rows / rows.sum(-1, keepdim=True)
+        torch.testing.assert_close(probed.intact_attention[asked], rows, atol=1e-5, rtol=1e-4)
+
+    grads = []
+    checkpointed = copy.deepcopy(backbone)
+    checkpointed.enable_gradient_checkpointing()
+    for model in (backbone, checkpointed):
+        model.train()
+        loss, _ = method.loss(model, layout)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert checkpointed.language_model.gradient_checkpointing
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("latents", ["token", "recurrent"])
+def test_generation_runs_the_training_latent_computation(family, latents):
+    _, backbone, method, samples = build(family, f"latents.family={latents}")
+    backbone.eval()
+    with torch.no_grad():
+        train_layout = method.layout(samples, step=method.recipe.train.steps)
+        training = intact_only(backbone, train_layout).intact_logits
+        cue = len(backbone.tokenizer.encode("answer :", add_special_tokens=False)) - 1
+        prompt = method.prompt_layout(samples)
+        out = generate_answers(backbone, prompt, 3, [backbone.tokenizer.eos_token_id])
+    torch.testing.assert_close(out.first_logits, training[:, cue], atol=1e-5, rtol=1e-4)
+    assert out.tokens.shape[0] == len(samples) and out.tokens.shape[1] >= 1
+    # batched generation equals one sample at a time
+    with torch.no_grad():
+        alone = generate_answers(backbone, method.prompt_layout(samples[:1]), 3, [-1])
+    torch.testing.assert_close(alone.first_logits[0], out.first_logits[0], atol=1e-5, rtol=1e-4)
