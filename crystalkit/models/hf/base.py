@@ -127,11 +127,15 @@ class HFBackbone(Backbone):
                 vocab_size=config.vocab_size,
             )
         model_config = cls.random_config(config.config or {}, tokenizer, config)
-        model = cls.model_class._from_config(
-            model_config,
-            dtype=DTYPES[config.dtype],
-            attn_implementation=config.attn_implementation,
-        )
+        try:
+            model = cls.model_class._from_config(
+                model_config,
+                dtype=DTYPES[config.dtype],
+                attn_implementation=config.attn_implementation,
+            )
+        except (ValueError, RuntimeError, TypeError) as exc:
+            name = cls.model_class.__name__
+            raise UsageError(f"backbone.config: cannot build {name}: {exc}") from None
         return cls(config, model, tokenizer, cls.build_processor(model_config, config))
 
     @classmethod

@@ -67,7 +67,9 @@ class LlavaBackbone(HFBackbone):
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return nn.ModuleList(
+            [self.model.model.vision_tower, self.model.model.multi_modal_projector]
+        )
 
     @property
     def _side(self) -> int:
@@ -164,7 +166,7 @@ class _Idefics3Family(HFBackbone):
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_model
+        return nn.ModuleList([self.model.model.vision_model, self.model.model.connector])
 
     @property
     def _side(self) -> int:
