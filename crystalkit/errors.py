@@ -23,6 +23,10 @@ class CheckpointError(UsageError):
     """A run directory or checkpoint that cannot be used."""
 
 
+class DataWarning(UserWarning):
+    """Unusable records skipped in a user's data file (the CLI prints one ``warning:`` line)."""
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)

@@ -18,7 +18,10 @@ ANSWER_CUE = "answer :"
 
 
 def format_question(question: str, options: Sequence[str]) -> str:
-    """``question options : A opt B opt ...`` — the text the image is read against."""
+    """``question options : A opt B opt ...`` — the text the image is read against; an open-ended
+    question (no options) is the question alone."""
+    if not options:
+        return question
     listed = " ".join(f"{LETTERS[i]} {option}" for i, option in enumerate(options))
     return f"{question} options : {listed}"
 

@@ -11,9 +11,11 @@ LETTERS = "ABCDEFGH"
 
 @dataclass
 class Sample:
-    """A multiple-choice visual question.
+    """A visual question, multiple choice or open-ended.
 
-    ``image`` is ``uint8`` ``[3, H, W]``; ``answer`` is the letter of the correct option;
+    ``image`` is ``uint8`` ``[3, H, W]``; ``answer`` is the letter of the correct option, or, for an
+    open-ended question (no ``options``, e.g. conversation data whose options, if any, are part of
+    the question text), the answer text itself;
     ``box`` (``x0, y0, x1, y1`` in pixels, exclusive ends) marks the object the question is about,
     kept for grounding analysis of the latents' attention.
     """
@@ -29,4 +31,4 @@ class Sample:
 
     @property
     def answer_text(self) -> str:
-        return self.options[LETTERS.index(self.answer)]
+        return self.options[LETTERS.index(self.answer)] if self.options else self.answer

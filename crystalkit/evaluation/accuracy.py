@@ -1,10 +1,12 @@
-"""Multiple-choice accuracy by greedy decoding (not by restricted argmax over option letters), so
-the number reflects what the model actually writes."""
+"""Accuracy by greedy decoding (not by restricted argmax over option letters), so the number
+reflects what the model actually writes: the extracted choice for multiple-choice samples, a
+normalised exact match of the text for open-ended ones (no options)."""
 
 from __future__ import annotations
 
 import json
 import re
+import string
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,13 @@ from crystalkit.evaluation.probes import LatentProbe
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
 from crystalkit.training.sampler import derived_seed
+
+_PUNCTUATION = str.maketrans(string.punctuation, " " * len(string.punctuation))
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation as spaces, single spaces: ``"Two cats."`` and ``"two cats"`` match."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
 
 
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
@@ -93,7 +102,12 @@ def evaluate(
         )
         for sample, row in zip(samples, answers.tokens.tolist(), strict=True):
             raw = tokenizer.decode(row, skip_special_tokens=True)
-            choice = extract_choice(raw, sample.options)
+            if sample.options:
+                choice = extract_choice(raw, sample.options)
+                correct = choice == sample.answer
+            else:
+                choice = normalise_answer(raw)
+                correct = choice == normalise_answer(sample.answer)
             predictions.append(
                 {
                     "index": sample.index,
@@ -103,7 +117,7 @@ def evaluate(
                     "prediction": choice,
                     "answer": sample.answer,
                     "num_options": len(sample.options),
-                    "correct": choice == sample.answer,
+                    "correct": correct,
                 }
             )
     backbone.train(was_training)
@@ -113,7 +127,7 @@ def evaluate(
     count = max(len(predictions), 1)
     return EvalResult(
         accuracy=sum(p["correct"] for p in predictions) / count,
-        chance=sum(1 / p["num_options"] for p in predictions) / count,
+        chance=sum(1 / p["num_options"] for p in predictions if p["num_options"]) / count,
         num_samples=len(predictions),
         per_category={k: sum(v) / len(v) for k, v in sorted(by_category.items())},
         predictions=predictions,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from crystalkit.config.loader import format_validation_error
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
+from crystalkit.evaluation.accuracy import normalise_answer
 from crystalkit.evaluation.benchfiles import BadRow, read_jsonl, read_tsv
 from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
 
@@ -85,15 +86,11 @@ def load_samples(
     return samples, bad
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().replace(".", " ").split())
-
-
 def score(predictions: list[dict[str, Any]], scorer: Scorer) -> dict[str, Any]:
     """Overall and per-category scores of evaluated predictions under ``scorer``."""
     if scorer == "exact_match":
         for p in predictions:
-            p["correct"] = _normalise(p["raw"]) == _normalise(p["answer_text"])
+            p["correct"] = normalise_answer(p["raw"]) == normalise_answer(p["answer_text"])
     correct = [bool(p["correct"]) for p in predictions]
     by_category: dict[str, list[bool]] = defaultdict(list)
     for p in predictions:

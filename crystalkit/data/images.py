@@ -1,0 +1,39 @@
+"""Image files -> the ``uint8 [3, S, S]`` tensors a :class:`~crystalkit.data.sample.Sample` holds.
+
+Images are converted to RGB and resized to a square, because a batch stacks them; the backbone
+then resizes to its own input size (``preprocess_images``), as for every other dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from crystalkit.errors import UsageError
+
+
+class ImageFileError(UsageError):
+    """An image file that is missing or cannot be decoded (callers prefix where it came from)."""
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` completely now: Pillow decodes lazily, and a truncated file should fail
+    here with its name rather than later inside a resize."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageFileError(f"image file {path} not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageFileError(
+            f"image file {path} is not a readable image ({type(exc).__name__})"
+        ) from None
+
+
+def square_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """``image`` resized to ``size`` x ``size`` (bicubic; unchanged at that size already)."""
+    square = image.resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
