@@ -178,6 +178,27 @@ class HFBackbone(Backbone):
     def check_image_size(self) -> None:
         """Raise :class:`UsageError` unless ``image_size`` tiles into whole image tokens."""
 
+    def check_fixed_tower_size(self, tower_size: int) -> None:
+        """For towers with a fixed position table: ``image_size`` must be the tower's own."""
+        if self.config.image_size != tower_size:
+            raise UsageError(
+                f"backbone.image_size: {self.config.image_size} differs from the vision tower's "
+                f"image_size {tower_size} (its position table is fixed)"
+            )
+
+    @property
+    def token_side(self) -> int:
+        """Image tokens along each side of the (square) image."""
+        raise NotImplementedError
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.token_side**2
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        return self.token_side, self.token_side
+
     def save_assets(self, directory: Path) -> None:
         self._tokenizer.save_pretrained(directory / TOKENIZER_DIR)
         self.image_processor.save_pretrained(directory / PROCESSOR_DIR)

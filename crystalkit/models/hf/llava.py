@@ -72,16 +72,12 @@ class LlavaBackbone(HFBackbone):
         )
 
     @property
-    def _side(self) -> int:
+    def token_side(self) -> int:
         return self.config.image_size // self.model.config.vision_config.patch_size
 
     def check_image_size(self) -> None:
         vision = self.model.config.vision_config
-        if self.config.image_size != vision.image_size:
-            raise UsageError(
-                f"backbone.image_size: {self.config.image_size} differs from the vision tower's "
-                f"image_size {vision.image_size} (its position table is fixed)"
-            )
+        self.check_fixed_tower_size(vision.image_size)
         has_cls = not vision.model_type.startswith("siglip")
         strategy = self.model.config.vision_feature_select_strategy
         if has_cls != (strategy == "default"):
@@ -90,14 +86,6 @@ class LlavaBackbone(HFBackbone):
                 f"backbone.config.vision_feature_select_strategy: a {vision.model_type} tower "
                 f"needs {expected!r}, got {strategy!r}"
             )
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self._side**2
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        return self._side, self._side
 
     @property
     def prompt_prefix(self) -> str:
@@ -169,31 +157,19 @@ class _Idefics3Family(HFBackbone):
         return nn.ModuleList([self.model.model.vision_model, self.model.model.connector])
 
     @property
-    def _side(self) -> int:
+    def token_side(self) -> int:
         vision = self.model.config.vision_config
         return self.config.image_size // vision.patch_size // self.model.config.scale_factor
 
     def check_image_size(self) -> None:
         vision = self.model.config.vision_config
-        if self.config.image_size != vision.image_size:
-            raise UsageError(
-                f"backbone.image_size: {self.config.image_size} differs from the vision tower's "
-                f"image_size {vision.image_size}"
-            )
+        self.check_fixed_tower_size(vision.image_size)
         step = vision.patch_size * self.model.config.scale_factor
         if self.config.image_size % step:
             raise UsageError(
                 f"backbone.image_size: {self.config.image_size} is not a multiple of patch_size "
                 f"x scale_factor = {step}"
             )
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self._side**2
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        return self._side, self._side
 
     def image_prompt_ids(self) -> list[int]:
         fake, glob = self.tokenizer.convert_tokens_to_ids([FAKE, GLOBAL])

@@ -76,7 +76,7 @@ class QwenVLBackbone(HFBackbone):
         return self.model.config.vision_config
 
     @property
-    def _token_side(self) -> int:
+    def token_side(self) -> int:
         return self.config.image_size // (self._vision.patch_size * self._vision.spatial_merge_size)
 
     def check_image_size(self) -> None:
@@ -94,14 +94,6 @@ class QwenVLBackbone(HFBackbone):
                 f"backbone.config.text_config.rope_parameters.mrope_section: {section} must sum "
                 f"to head_dim / 2 = {head_dim // 2}"
             )
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self._token_side**2
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        return self._token_side, self._token_side
 
     def image_prompt_ids(self) -> list[int]:
         start, end = self.tokenizer.convert_tokens_to_ids([VISION_START, VISION_END])
