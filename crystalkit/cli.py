@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crystalkit.errors import UsageError, did_you_mean
+from crystalkit.errors import DataWarning, UsageError, did_you_mean
 from crystalkit.registry import PluginWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,12 +42,14 @@ err = Console(stderr=True)
 
 
 def user_errors(func: F) -> F:
-    """Report :class:`UsageError` as one line with exit code 2; show plugin warnings briefly."""
+    """Report :class:`UsageError` as one line with exit code 2; show plugin and data warnings
+    briefly."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PluginWarning)
+            warnings.simplefilter("always", DataWarning)
             try:
                 return func(*args, **kwargs)
             except UsageError as exc:
@@ -57,9 +59,9 @@ def user_errors(func: F) -> F:
                 raise typer.Exit(2) from None
             finally:
                 for warning in caught:
-                    if issubclass(warning.category, PluginWarning):
+                    if issubclass(warning.category, PluginWarning | DataWarning):
                         err.print(
-                            f"[yellow]warning:[/] {warning.message}",
+                            f"[yellow]warning:[/] {escape(str(warning.message))}",
                             highlight=False,
                             soft_wrap=True,
                         )
@@ -216,6 +218,65 @@ def inspect_run(
         )
 
 
+@app.command()
+@user_errors
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory made by `crystalkit train`")],
+    image: Annotated[
+        list[Path] | None, typer.Option(help="image file; repeat for several queries")
+    ] = None,
+    question: Annotated[
+        list[str] | None,
+        typer.Option(help="question about the --image at the same position (one serves all)"),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="multiple-choice option, repeated in order A, B, ... (all queries)"),
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option("--input", help="JSONL of {image, question, options?} rows instead"),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="answer length (default: eval.max_new_tokens)")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="queries per batch (default: eval.batch_size)")
+    ] = None,
+    corrupted: Annotated[
+        bool, typer.Option(help="answer from the recipe's corrupted images, as eval does")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines, not a table")] = False,
+) -> None:
+    """Answer questions about your own images with a trained run (the evaluation's computation)."""
+    from crystalkit.evaluation.predict import predict, queries_from_args, read_queries
+
+    if input_file is not None:
+        if image or question or option:
+            raise UsageError("generate: --input replaces --image/--question/--option; pass one")
+        queries = read_queries(input_file)
+    else:
+        queries = queries_from_args(image or [], question or [], option or [])
+    answers = predict(
+        run_dir,
+        queries,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        corrupted=corrupted,
+    )
+    if as_json:
+        for answer in answers:
+            out.print(json.dumps(answer), highlight=False, markup=False, soft_wrap=True)
+        return
+    table = Table(title=f"{run_dir} — answers", show_edge=False)
+    for column in ("image", "question", "answer", "choice"):
+        table.add_column(column)
+    for answer in answers:
+        cells = (answer["image"], answer["question"], answer["answer"], answer["choice"] or "")
+        table.add_row(*(escape(cell) for cell in cells))
+    out.print(table)
+
+
 def _category_table(title: str, per_category: dict[str, float], overall: float) -> Table:
     table = Table(title=title, show_edge=False)
     table.add_column("category")
@@ -258,6 +319,26 @@ def list_components(
                 "—", "", f"none registered (entry point group {registry.entry_point_group})"
             )
         out.print(table)
+
+
+@app.command("export")
+@user_errors
+def export_model(
+    run_dir: Annotated[
+        Path, typer.Argument(help="a LoRA run directory made by `crystalkit train`")
+    ],
+    merge: Annotated[
+        bool, typer.Option(help="merge LoRA into the base weights: a full model loading as a run")
+    ] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default RUN_DIR/export)")
+    ] = None,
+) -> None:
+    """Export a LoRA run's latest checkpoint: merged full weights, or the peft adapter alone."""
+    from crystalkit.export import export_run
+
+    target = export_run(run_dir, out_dir, merge)
+    err.print(f"{'merged model' if merge else 'adapter'}: {target}", highlight=False)
 
 
 @recipe_app.command("show")

@@ -71,7 +71,28 @@ class CrystalConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: int = Field(600, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="samples per step")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="samples per optimizer step, over all processes and micro-batches (the "
+        "global batch); divisible by processes x grad_accum_steps",
+    )
+    grad_accum_steps: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (same result, less memory)"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast dtype of forward and loss (weights and optimizer stay fp32); "
+        "fp16 adds dynamic loss scaling",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute decoder layers in backward instead of storing activations"
+    )
+    fsdp: bool = Field(
+        False,
+        description="shard weights, gradients and optimizer state over the processes (FSDP2); "
+        "needs several processes",
+    )
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -105,6 +126,38 @@ class PromptConfig(_Strict):
     )
 
 
+class LoraConfig(_Strict):
+    """LoRA on the language model (and the vision tower); defaults are the reference's."""
+
+    enabled: bool = Field(
+        False,
+        description="train LoRA adapters (peft) instead of the full model; the base is frozen "
+        "except the latent tokens' rows",
+    )
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.01, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="language-model modules adapted, by name or name suffix "
+        "(e.g. self_attn.q_proj)",
+    )
+    vision_tower: bool = Field(
+        True, description="also adapt every linear layer of the vision tower (the reference does)"
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="biases trained too: none, all of them, or those of adapted layers"
+    )
+
+
 class Recipe(_Strict):
     """A complete, runnable experiment."""
 
@@ -132,6 +185,9 @@ class Recipe(_Strict):
         description="what the corrupted path sees (CORRUPTIONS); used by method crystal",
     )
     crystal: CrystalConfig = Field(default_factory=CrystalConfig)
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA adapters (peft) instead of full training"
+    )
     objectives: dict[str, ObjectiveSpec] = Field(
         default_factory=dict,
         description="alignment terms (OBJECTIVES) by key, each with a weight; method crystal",

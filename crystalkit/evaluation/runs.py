@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crystalkit.build import build_backbone, build_dataset
+from crystalkit.build import Model, build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.config.schema import Recipe
 from crystalkit.crystal.method import Method
@@ -17,6 +17,13 @@ from crystalkit.training.trainer import RECIPE_FILE
 
 def load_run(run_dir: Path) -> tuple[Recipe, object, Backbone, Method, int]:
     """The run's resolved recipe, dataset, backbone with its latest weights, method, and step."""
+    recipe, dataset, model, step = load_model(run_dir)
+    return recipe, dataset, model.backbone, model.method, step
+
+
+def load_model(run_dir: Path) -> tuple[Recipe, object, Model, int]:
+    """The run's resolved recipe, dataset, model (:func:`build_model`) with its latest weights,
+    and step."""
     if not run_dir.is_dir():
         raise CheckpointError(
             f"{run_dir}: not a directory (expected a run made by crystalkit train)"
@@ -28,11 +35,10 @@ def load_run(run_dir: Path) -> tuple[Recipe, object, Backbone, Method, int]:
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     dataset = build_dataset(recipe)
-    backbone = build_backbone(recipe, dataset, assets=run_dir)
-    method = Method(recipe, backbone)
-    backbone.to(recipe.device)
-    load_weights(backbone, checkpoint)
-    return recipe, dataset, backbone, method, checkpoint.step
+    model = build_model(recipe, dataset, assets=run_dir)
+    model.backbone.to(recipe.device)
+    load_weights(model.backbone, checkpoint)
+    return recipe, dataset, model, checkpoint.step
 
 
 def evaluate_run_dir(

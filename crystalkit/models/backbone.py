@@ -143,6 +143,34 @@ class Backbone(nn.Module, ABC):
         embedding rows grow with new tokens)."""
 
     @property
+    def vision_tower(self) -> nn.Module | None:
+        """The modules that turn pixels into image-token embeddings (encoder, projector or
+        merger), as one module; ``None`` when there is none. LoRA's ``vision_tower`` option
+        adapts its linear layers, and they never match the language model's target names."""
+        return None
+
+    def lora_targets(self, target_modules: Sequence[str], vision_tower: bool) -> list[str]:
+        """Names of the modules LoRA adapts, as :meth:`named_modules` spells them: modules of
+        :attr:`language_model` whose name is or ends with ``.NAME`` for a NAME in
+        ``target_modules`` (``q_proj``, ``mlp.down_proj``, ...), plus, with ``vision_tower``,
+        every ``nn.Linear`` of :attr:`vision_tower` (which is excluded from the name match, so
+        a ViT's ``mlp.down_proj`` is adapted only when asked for). Override when a family's
+        layout needs another rule."""
+        tower = self.vision_tower
+        vision = {id(m) for m in tower.modules()} if tower is not None else set()
+        language = {id(m) for m in self.language_model.modules()}
+        names = []
+        for name, module in self.named_modules():
+            if id(module) in vision:
+                if vision_tower and isinstance(module, nn.Linear):
+                    names.append(name)
+            elif id(module) in language and any(
+                name == t or name.endswith("." + t) for t in target_modules
+            ):
+                names.append(name)
+        return names
+
+    @property
     def num_layers(self) -> int:
         return self.language_model.config.num_hidden_layers
 

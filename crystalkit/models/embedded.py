@@ -135,6 +135,10 @@ class EmbeddedBackbone(Backbone):
         return self.lm
 
     @property
+    def vision_tower(self) -> nn.Module:
+        return nn.ModuleList([self.encoder, self.projector])
+
+    @property
     def image_grid(self) -> tuple[int, int]:
         side = self.config.image_size // self.config.feature_stride
         return side, side

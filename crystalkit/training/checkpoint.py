@@ -2,10 +2,17 @@
 
 Layout under ``RUN_DIR/checkpoints/``::
 
-    step_000200/model.safetensors   weights (safetensors)
-    step_000200/trainer_state.pt    optimizer + scheduler state (loaded with weights_only=True)
-    step_000200/meta.json           step; written last, so its presence marks a complete checkpoint
-    latest                          name of the newest complete checkpoint (replaced atomically)
+    step_000200/model.safetensors      weights (safetensors)
+    step_000200/trainable.safetensors  instead, when part of the model is frozen (LoRA)
+    step_000200/trainer_state.pt       optimizer + scheduler state (loaded with weights_only=True)
+    step_000200/meta.json              step; written last, so it marks a complete checkpoint
+    latest                             name of the newest complete checkpoint (replaced atomically)
+
+A model with frozen parameters (a LoRA run) saves only its trainable parameters and its
+persistent buffers (batch-norm statistics move even when their layer is frozen): the frozen base
+is rebuilt from the recipe (seeded init or pretrained weights) when the run is loaded. A
+fingerprint of that base is stored with them, so a checkpoint never loads onto another base.
+An exported checkpoint has no trainer state: it evaluates but does not resume.
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place, so a kill at any
 moment leaves either the previous checkpoint or the new one, never a broken ``latest``.
@@ -13,6 +20,7 @@ moment leaves either the previous checkpoint or the new one, never a broken ``la
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -22,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from crystalkit.errors import CheckpointError
 from crystalkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 
 WEIGHTS = "model.safetensors"
+TRAINABLE = "trainable.safetensors"
 STATE = "trainer_state.pt"
 META = "meta.json"
 LATEST = "latest"
@@ -41,18 +50,24 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any] | None,
+    keep: int,
 ) -> Checkpoint:
-    """Write a complete checkpoint for ``step``, point ``latest`` at it, prune old ones."""
+    """Write a complete checkpoint for ``step``, point ``latest`` at it, prune old ones.
+    ``trainer_state`` ``None``: weights only (an export)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        save_model(model, str(tmp / WEIGHTS))
-        buffer = io.BytesIO()
-        torch.save(trainer_state, buffer)
-        atomic_write_bytes(tmp / STATE, buffer.getvalue())
+        _save_weights(model, tmp)
+        if trainer_state is not None:
+            buffer = io.BytesIO()
+            torch.save(trainer_state, buffer)
+            atomic_write_bytes(tmp / STATE, buffer.getvalue())
         atomic_write_json(tmp / META, {"step": step})
         if final.exists():
             shutil.rmtree(final)
@@ -69,9 +84,8 @@ def save_checkpoint(
 def _complete(path: Path) -> int | None:
     try:
         meta = json.loads((path / META).read_text())
-        return (
-            int(meta["step"]) if (path / WEIGHTS).is_file() and (path / STATE).is_file() else None
-        )
+        weights = (path / WEIGHTS).is_file() or (path / TRAINABLE).is_file()
+        return int(meta["step"]) if weights else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -106,7 +120,59 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return complete[-1] if complete else None
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of a partly frozen model holds: trainable parameters and persistent
+    buffers, by name."""
+    persistent = model.state_dict(keep_vars=True).keys()
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b for n, b in model.named_buffers() if n in persistent})
+    return state
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the frozen parameters' names, shapes and a strided sample of their values:
+    cheap even for a 7B model, and different for another seed, init or pretrained checkpoint."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _partial(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _save_weights(model: torch.nn.Module, directory: Path) -> None:
+    if not _partial(model):
+        save_model(model, str(directory / WEIGHTS))
+        return
+    tensors = {n: t.detach().contiguous() for n, t in trainable_state(model).items()}
+    save_file(tensors, str(directory / TRAINABLE), metadata={"base": base_fingerprint(model)})
+
+
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """Load ``checkpoint`` into ``model``; :class:`CheckpointError` (one line) when it cannot be
+    read or belongs to another model."""
+    trainable = checkpoint.path / TRAINABLE
+    if _partial(model) != trainable.is_file():
+        raise CheckpointError(
+            f"{checkpoint.path}: "
+            + (
+                "holds full weights, but the recipe's model trains only part of them "
+                "(lora.enabled is true)"
+                if _partial(model)
+                else "holds only a LoRA run's trainable weights, but the recipe's model trains "
+                "all of them (lora.enabled is false)"
+            )
+        )
+    if trainable.is_file():
+        _load_trainable(model, trainable)
+        return
     try:
         missing, unexpected = load_model(model, str(checkpoint.path / WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -119,9 +185,44 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
 
 
 def load_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    if not (checkpoint.path / STATE).is_file():
+        raise CheckpointError(
+            f"{checkpoint.path}: no {STATE} (an exported checkpoint?): it evaluates but "
+            "cannot resume"
+        )
     try:
         return torch.load(checkpoint.path / STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors have no common base class
         raise CheckpointError(
             f"{checkpoint.path / STATE}: cannot load trainer state: {exc}"
         ) from None
+
+
+def _load_trainable(model: torch.nn.Module, path: Path) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            base = (handle.metadata() or {}).get("base")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot load weights: {exc}") from None
+    if base != base_fingerprint(model):
+        raise CheckpointError(
+            f"{path}: was trained on another frozen base model than the recipe builds "
+            "(another seed, torch version, backbone or pretrained checkpoint)"
+        )
+    expected = trainable_state(model)
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: does not match the recipe's model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    for name, target in expected.items():
+        saved = tensors[name]
+        if saved.shape != target.shape or saved.dtype != target.dtype:
+            raise CheckpointError(
+                f"{path}: {name} is {saved.dtype} {tuple(saved.shape)}, the recipe's model has "
+                f"{target.dtype} {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(saved)

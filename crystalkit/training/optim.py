@@ -1,5 +1,9 @@
-"""AdamW with warmup + decay, decoupled weight decay only on matrices (not norms, biases, or the
-learned position table), as is standard for transformer training."""
+"""AdamW with warmup + decay, decoupled weight decay only on matrices (not norms, biases, the
+learned position table, or peft's trainable token rows), as is standard for transformer training.
+
+peft's token-row table (LoRA runs) holds the latent tokens' rows themselves, not a difference to
+them: decay would pull the latent embeddings towards zero instead of towards the base model.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,12 @@ def build_optimizer(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        matrix = param.ndim >= 2 and not name.endswith("image_pos") and id(param) not in excluded
+        matrix = (
+            param.ndim >= 2
+            and not name.endswith("image_pos")
+            and ".trainable_tokens_delta." not in name
+            and id(param) not in excluded
+        )
         (decay if matrix else plain).append(param)
     optimizer = torch.optim.AdamW(
         [

@@ -8,6 +8,7 @@ A page writes a marker on its own line and the hook replaces it with a Markdown 
     <!-- keys: crystal -->                the ``crystal:`` section (CrystalConfig)
     <!-- keys: train -->                  the ``train:`` section (TrainConfig)
     <!-- keys: eval -->                   the ``eval:`` section (EvalConfig)
+    <!-- keys: lora -->                   the ``lora:`` section (LoraConfig)
     <!-- keys: backbone:embedded -->      a registered component's parameters,
     <!-- keys: dataset:synthetic_shapes -->   via config_model(REGISTRY.get(name))
 
@@ -50,6 +51,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         CrystalConfig,
         EvalConfig,
         LatentsConfig,
+        LoraConfig,
         PromptConfig,
         Recipe,
         TrainConfig,
@@ -62,6 +64,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         "crystal": CrystalConfig,
         "train": TrainConfig,
         "eval": EvalConfig,
+        "lora": LoraConfig,
     }
 
 
