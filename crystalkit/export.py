@@ -3,7 +3,7 @@
 ``--merge`` folds the adapter (and the latent token rows) into the base weights and writes a run
 directory of the merged model: ``recipe.yaml`` (LoRA disabled), the backbone's assets and a full
 checkpoint, so ``crystalkit eval`` or :func:`~crystalkit.evaluation.runs.load_run` reads it like
-any run. Without it the folder holds peft's own files (``adapter_config.json``,
+any run; for Hugging Face backbones also ``pretrained/``, a ``from_pretrained`` folder. Without it the folder holds peft's own files (``adapter_config.json``,
 ``adapter_model.safetensors``) next to the recipe and assets, which :func:`load_adapter` (or
 ``PeftModel.from_pretrained`` on :func:`~crystalkit.models.lora.peft_host`) applies to the base.
 
@@ -38,6 +38,8 @@ from crystalkit.training.trainer import RECIPE_FILE
 
 EXPORT_FILE = "export.json"
 BUFFERS = "buffers.safetensors"
+#: the merged model in its library's format (Hugging Face backbones), next to the run files
+PRETRAINED_DIR = "pretrained"
 
 
 def without_lora(recipe: Recipe) -> Recipe:
@@ -63,6 +65,8 @@ def export_run(run_dir: Path, out: Path | None = None, merge: bool = False) -> P
             model.backbone.requires_grad_(True)  # a plain model again: saved whole
             atomic_write_text(folder / RECIPE_FILE, dump_recipe(without_lora(recipe)))
             save_checkpoint(folder, step, model.backbone, None, keep=1)
+            if model.backbone.save_pretrained(folder / PRETRAINED_DIR):
+                summary["pretrained"] = PRETRAINED_DIR
         else:
             model.peft.save_pretrained(str(folder), save_embedding_layers=False)
             atomic_write_text(folder / RECIPE_FILE, dump_recipe(recipe))

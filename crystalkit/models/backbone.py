@@ -196,6 +196,11 @@ class Backbone(nn.Module, ABC):
         kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
         enable_checkpointing(self.language_model, kwargs)
 
+    def save_pretrained(self, directory: Path) -> bool:
+        """Write the model in its library's own format (weights, config, tokenizer, processor)
+        when it has one, so other tools can load the result; ``False`` when it has none."""
+        return False
+
     def new_cache(self) -> Any:
         """An empty KV cache for incremental decoding."""
         from transformers import DynamicCache

@@ -203,6 +203,15 @@ class HFBackbone(Backbone):
         self._tokenizer.save_pretrained(directory / TOKENIZER_DIR)
         self.image_processor.save_pretrained(directory / PROCESSOR_DIR)
 
+    def save_pretrained(self, directory: Path) -> bool:
+        """A ``from_pretrained`` folder (safetensors weights, config with ``crystalkit_tokens``,
+        tokenizer, image processor): usable as ``backbone.name_or_path`` or by any transformers
+        tool."""
+        self.model.save_pretrained(directory)
+        self._tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        return True
+
     # -- the Backbone interface ---------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
