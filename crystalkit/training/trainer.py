@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,10 +27,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from crystalkit.build import build_backbone, build_dataset
+from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import Recipe
-from crystalkit.crystal.method import Method
 from crystalkit.errors import UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.io import atomic_write_json, atomic_write_text
@@ -38,12 +39,22 @@ from crystalkit.training.checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from crystalkit.training.distributed import (
+    Replicas,
+    ShardLoss,
+    World,
+    data_parallel,
+    process_group,
+    shard_layout,
+    unit_counts,
+)
 from crystalkit.training.metrics import MetricsLog
 from crystalkit.training.optim import build_optimizer
-from crystalkit.training.sampler import StepSampler, derived_seed
+from crystalkit.training.sampler import StepSampler
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -69,6 +80,8 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
             "start over, or set name=... / --run-dir for a new run"
         )
     previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    with suppress(ValidationError):  # recipe keys added since that run take their defaults
+        previous = Recipe.model_validate(previous).to_dict()
     current = recipe.to_dict()
     diff = _first_difference(previous, current)
     if diff is not None:
@@ -99,7 +112,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, disable: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -110,7 +123,29 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=disable,
     )
+
+
+def _check_checkpointing(recipe: Recipe) -> None:
+    """transformers turns the KV cache off in checkpointed layers (a replay would append to it
+    twice), and recurrent latents and the two-pass copy are built on that cache."""
+    if not recipe.train.gradient_checkpointing:
+        return
+    if recipe.latents.family == "recurrent" or (
+        recipe.method == "crystal" and recipe.crystal.strategy == "two_pass"
+    ):
+        raise UsageError(
+            "train.gradient_checkpointing: not supported with latents.family=recurrent or "
+            "crystal.strategy=two_pass (they need the KV cache, which transformers disables "
+            "under checkpointing); use token latents with the packed strategy"
+        )
+
+
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
 
 
 def train(
@@ -129,34 +164,75 @@ def train(
 
     Writes ``recipe.yaml`` (fully resolved), ``tokenizer.json`` and other backbone assets,
     ``metrics.jsonl``, ``checkpoints/`` and, once finished, ``results.json`` into the run dir.
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls this and trains data-parallel
+    (:mod:`crystalkit.training.distributed`): the same result as one process with the same
+    global ``train.batch_size``. Rank 0 alone writes, prints and evaluates; the other ranks
+    return ``final=None`` once rank 0 is done.
     """
+    world = World.from_env()
+    parallel = data_parallel(recipe, world)
+    _check_checkpointing(recipe)
+    with process_group(world, recipe.device):
+        return _train(
+            recipe,
+            parallel,
+            run_dir=run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            console=console,
+            stop_after=stop_after,
+            num_threads=num_threads,
+        )
+
+
+def _train(
+    recipe: Recipe,
+    parallel: Replicas,
+    *,
+    run_dir: Path | None,
+    resume: bool,
+    overwrite: bool,
+    console: Console | None,
+    stop_after: int | None,
+    num_threads: int | None,
+) -> TrainResult:
     console = console or Console(stderr=True)
-    cfg = recipe.train
+    cfg, world = recipe.train, parallel.world
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
     _check_run_dir(run_dir, recipe, resume, overwrite)
     if num_threads or cfg.num_threads:
         torch.set_num_threads(num_threads or cfg.num_threads)
-    device = torch.device(recipe.device)
+    device = world.device(recipe.device)
 
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    world.barrier()  # every rank has read the run dir before rank 0 changes it
     torch.manual_seed(recipe.seed)
     dataset = build_dataset(recipe)
-    backbone = build_backbone(recipe, dataset, assets=run_dir if checkpoint else None)
-    method = Method(recipe, backbone)  # adds the latent tokens: before the optimizer sees rows
+    # latent tokens, then LoRA: all before the optimizer sees the parameters
+    backbone, method, _ = build_model(recipe, dataset, assets=run_dir if checkpoint else None)
+    if cfg.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     backbone.to(device)
+    if checkpoint is not None:
+        load_weights(backbone, checkpoint)
+    parallel.prepare(backbone, device)
     frozen_rows = backbone.token_matrices() if recipe.latents.train_new_rows_only else []
     optimizer, scheduler = build_optimizer(backbone, cfg, no_decay=frozen_rows)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     start = 0
     if checkpoint is not None:
-        load_weights(backbone, checkpoint)
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer(backbone, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start = checkpoint.step
-        metrics.truncate_after(start)
-        console.print(f"resuming {run_dir} from step {start}")
-    else:
+        if world.main:
+            metrics.truncate_after(start)
+            console.print(f"resuming {run_dir} from step {start}")
+    elif world.main:
         if resume:
             console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
         _clear_outputs(run_dir)
@@ -168,70 +244,97 @@ def train(
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
 
     def save(step: int) -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        save_checkpoint(run_dir, step, backbone, state, cfg.keep_checkpoints)
+        weights, optimizer_state = parallel.checkpoint_state(backbone, optimizer)
+        if world.main:
+            state = {
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+            }
+            save_checkpoint(run_dir, step, weights, state, cfg.keep_checkpoints)
+
+    evaluating = world.main or parallel.collective_forward  # a sharded model evaluates together
 
     def run_eval(step: int, split_name: str) -> EvalResult:
         result = evaluate(backbone, dataset.split(split_name), method, recipe.eval)
-        metrics.append({"step": step, "split": split_name, **result.summary()})
+        if world.main:
+            metrics.append({"step": step, "split": split_name, **result.summary()})
         return result
 
+    shard_loss = ShardLoss(method)
+    micro_batches = world.micro_batches(cfg.batch_size, cfg.grad_accum_steps)
     backbone.train()
     window_start, window_samples = time.perf_counter(), 0
     train_start = time.perf_counter()
-    with _progress(console) as progress:
+    with _progress(console, disable=not world.main) as progress:
         task = progress.add_task(
             recipe.name, total=cfg.steps, completed=start, loss=float("nan"), rate=0, terms=""
         )
         for step in range(start, end):
-            torch.manual_seed(derived_seed(recipe.seed, step))
+            torch.manual_seed(world.step_seed(recipe.seed, step))
             samples = [train_split[i] for i in sampler.indices(step)]
-            layout = method.layout(samples, step).to(device)
-            loss, terms = method.loss(backbone, layout)
+            layout = method.layout(samples, step)  # the global batch: corrupted as one process
+            global_counts = unit_counts(layout)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                backbone.parameters(), cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-            )
-            optimizer.step()
+            shares = []  # this rank's shares of [loss, *terms], one per micro-batch
+            for rows in micro_batches:
+                micro = shard_layout(layout, rows)
+                with _autocast(device, cfg.precision):
+                    total, terms = method.loss(backbone, micro.to(device))
+                loss, terms = shard_loss(total, terms, unit_counts(micro), global_counts)
+                parallel.backward(scaler.scale(loss))
+                shares.append(torch.stack([loss.detach(), *terms.values()]).float())
+            parallel.sync(backbone)
+            scaler.unscale_(optimizer)
+            grad_norm = parallel.clip(backbone, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             window_samples += len(samples)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / max(elapsed, 1e-9)
+                loss_value, *term_values = world.sum(torch.stack(shares).sum(0)).tolist()
+                values = dict(zip(terms, term_values, strict=True))
                 record = {
                     "step": done,
-                    "loss": loss.item(),
-                    **{f"loss/{k}": v.item() for k, v in terms.items()},
+                    "loss": loss_value,
+                    **{f"loss/{k}": v for k, v in values.items()},
                     "k": method.k_at(step),
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "samples_per_s": rate,
                 }
-                metrics.append(record)
-                shown = " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
+                if world.main:
+                    metrics.append(record)
+                shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
                 progress.update(task, loss=record["loss"], rate=rate, terms=shown)
                 window_start, window_samples = time.perf_counter(), 0
             progress.update(task, completed=done)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
+            if periodic and evaluating:
                 result = run_eval(done, recipe.eval.split)
-                progress.console.print(
-                    f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
-                    f"(chance {result.chance:.1%})"
-                )
+                if world.main:
+                    progress.console.print(
+                        f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
+                        f"(chance {result.chance:.1%})"
+                    )
                 window_start, window_samples = time.perf_counter(), 0  # rate: training only
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 save(done)
                 window_start, window_samples = time.perf_counter(), 0
 
+    train_time = time.perf_counter() - train_start
+    world.barrier()  # rank 0's last checkpoint is complete before any rank returns
     if end < cfg.steps:
         return TrainResult(run_dir, end, None)
-    train_time = time.perf_counter() - train_start
-    final = run_eval(end, recipe.eval.final_split)
-    final.save(run_dir, recipe.eval.final_split, end)
-    _write_results(run_dir, recipe, final, end, train_time if start == 0 else None)
-    return TrainResult(run_dir, end, final)
+    final = run_eval(end, recipe.eval.final_split) if evaluating else None
+    if world.main:
+        final.save(run_dir, recipe.eval.final_split, end)
+        _write_results(run_dir, recipe, final, end, train_time if start == 0 else None)
+    world.barrier()
+    return TrainResult(run_dir, end, final if world.main else None)
 
 
 def _write_results(
