@@ -42,14 +42,30 @@ err = Console(stderr=True)
 
 
 def user_errors(func: F) -> F:
-    """Report :class:`UsageError` as one line with exit code 2; show plugin and data warnings
-    briefly."""
+    """Report :class:`UsageError` as one line with exit code 2; show plugin and data warnings as
+    one line each, when they happen. Every warning is shown once: a warning raised on each
+    forward must neither flood the terminal nor pile up in memory."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
+        shown: set[tuple[type[Warning], str]] = set()
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if (category, str(message)) in shown:
+                return
+            shown.add((category, str(message)))
+            if issubclass(category, PluginWarning | DataWarning):
+                err.print(
+                    f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
+                )
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always", PluginWarning)
             warnings.simplefilter("always", DataWarning)
+            warnings.showwarning = show
             try:
                 return func(*args, **kwargs)
             except UsageError as exc:
@@ -57,18 +73,6 @@ def user_errors(func: F) -> F:
                     f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
                 )
                 raise typer.Exit(2) from None
-            finally:
-                for warning in caught:
-                    if issubclass(warning.category, PluginWarning | DataWarning):
-                        err.print(
-                            f"[yellow]warning:[/] {escape(str(warning.message))}",
-                            highlight=False,
-                            soft_wrap=True,
-                        )
-                    else:
-                        warnings.showwarning(
-                            warning.message, warning.category, warning.filename, warning.lineno
-                        )
 
     return wrapper  # type: ignore[return-value]
 

@@ -61,6 +61,7 @@ def train_only_rows(matrices: list[nn.Parameter], rows: list[int]) -> None:
     the new tokens' embedding and output rows). Pair with zero weight decay on these matrices:
     AdamW's update of a row whose gradient is always zero is then exactly zero."""
     for matrix in {id(m): m for m in matrices}.values():
-        keep = torch.zeros(matrix.shape[0], 1, dtype=matrix.dtype, device=matrix.device)
-        keep[rows] = 1
-        matrix.register_hook(lambda grad, keep=keep: grad * keep)
+        keep = torch.zeros(matrix.shape[0], 1, dtype=torch.bool)
+        keep[rows] = True
+        # the mask follows the gradient: the backbone moves to its device after this is set up
+        matrix.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
