@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_process import assert_one_error_line, invoke
+from conftest import ROOT
+from hf_models import build
 
 from crystalkit.crystal.paths import intact_only
 from crystalkit.latents.blocks import END, START, slot_token
 from crystalkit.models.hf.base import HFConfig
 from crystalkit.models.hf.qwen_vl import Qwen25VLBackbone
-from tests.cli_process import assert_one_error_line, invoke
-from tests.conftest import ROOT
-from tests.test_hf_backbones import build
 
 TINY_QWEN = ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml"
 

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from cli_process import invoke
+from conftest import ROOT
+from hf_models import SMALL
 
 from crystalkit.crystal.paths import intact_only
 from crystalkit.evaluation.runs import load_run
-from tests.cli_process import invoke
-from tests.conftest import ROOT
-from tests.test_hf_backbones import SMALL
 
 RECIPE = ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml"
 

@@ -1,0 +1,52 @@
+"""Test-size Hugging Face VLMs built from ``recipes/tiny/`` (shared by the tests that use them)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import ROOT
+
+from crystalkit.build import build_backbone, build_dataset
+from crystalkit.config.loader import load_recipe
+from crystalkit.crystal.method import Method
+
+FAMILIES = [
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava_clip",
+    "llava_siglip",
+    "idefics3",
+    "smolvlm",
+]
+SMALL = [
+    "dataset.image_size=64",
+    "dataset.train_size=64",
+    "dataset.val_size=8",
+    "dataset.test_size=8",
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.num_threads=2",
+]
+
+
+def build(family: str, *overrides: str):
+    """``(recipe, backbone, method, three training samples)`` of ``recipes/tiny/FAMILY.yaml``."""
+    torch.manual_seed(0)
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{family}.yaml", [*SMALL, *overrides])
+    dataset = build_dataset(recipe)
+    backbone = build_backbone(recipe, dataset)
+    method = Method(recipe, backbone)
+    samples = [dataset.split("train")[i] for i in range(3)]
+    return recipe, backbone, method, samples
+
+
+def own_forward(backbone, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's own top-level forward on one unpadded sample: the reference computation."""
+    if hasattr(backbone, "_grid_thw"):  # Qwen-VL: flattened patches + grid + token types
+        return backbone.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=backbone._grid_thw[None],
+            mm_token_type_ids=(input_ids == backbone.image_token_id).int(),
+        ).logits
+    return backbone.model(input_ids=input_ids, pixel_values=pixel_values[None]).logits
