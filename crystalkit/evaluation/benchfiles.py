@@ -20,10 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from crystalkit.data.images import ImageFileError, open_rgb, square_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 
@@ -49,13 +48,9 @@ def _decode_base64(text: str) -> Image.Image:
 
 def _open_path(path: Path) -> Image.Image:
     try:
-        return Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise _RowError(f"image file {path} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise _RowError(
-            f"image file {path} is not a readable image ({type(exc).__name__})"
-        ) from None
+        return open_rgb(path)
+    except ImageFileError as exc:
+        raise _RowError(str(exc)) from None
 
 
 def _tile(images: list[Image.Image]) -> Image.Image:
@@ -69,11 +64,6 @@ def _tile(images: list[Image.Image]) -> Image.Image:
         canvas.paste(im, (x, 0))
         x += im.width
     return canvas
-
-
-def _tensor(image: Image.Image, size: int) -> torch.Tensor:
-    square = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _options(cells: dict[str, str]) -> list[str]:
@@ -163,7 +153,7 @@ def _tsv_sample(
     meta = {k: row[k] for k in ("l2-category", "split", "index") if row.get(k)}
     return Sample(
         index=position,
-        image=_tensor(_tsv_image(row, by_index, root), size),
+        image=square_tensor(_tsv_image(row, by_index, root), size),
         question=question,
         options=options,
         answer=_answer_letter(row.get("answer") or "", options),
@@ -219,7 +209,7 @@ def _jsonl_sample(record: object, position: int, root: Path, size: int) -> Sampl
         raise _RowError("'question' must be a non-empty string")
     return Sample(
         index=position,
-        image=_tensor(_tile([_open_path(root / p) for p in paths]), size),
+        image=square_tensor(_tile([_open_path(root / p) for p in paths]), size),
         question=question.strip(),
         options=[o.strip() for o in options],
         answer=_answer_letter(str(record.get("answer", "")), options),
