@@ -19,6 +19,7 @@ import torch
 import yaml
 from cli_process import assert_one_error_line, invoke
 from conftest import ROOT, TINY
+from hf_models import SMALL as HF_SMALL
 from safetensors.torch import load_file
 
 from crystalkit.build import build_backbone, build_dataset
@@ -52,6 +53,15 @@ SMALL = [
     "train.log_every=1",
     "train.num_threads=1",
 ]
+#: the test-size Qwen2.5-VL (layer norm throughout, so exact as it is)
+QWEN = ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml"
+SMALL_QWEN = [
+    *HF_SMALL,
+    "train.steps=3",
+    "train.log_every=1",
+    "train.num_threads=1",
+    "eval.batch_size=8",
+]
 OBJECTIVES = [
     "method=crystal",
     "latents.schedule.k=3",
@@ -61,15 +71,19 @@ OBJECTIVES = [
 COMPARED = ("loss", "grad_norm", "lr", "k")
 
 
+def _small(base: Path) -> list[str]:
+    return SMALL_QWEN if base == QWEN else SMALL
+
+
 def _recipe(tmp_path: Path, base: Path, *overrides: str) -> Recipe:
-    return load_recipe(base, [*SMALL, f"output_dir={tmp_path / 'runs'}", *overrides])
+    return load_recipe(base, [*_small(base), f"output_dir={tmp_path / 'runs'}", *overrides])
 
 
 def _torchrun(base: Path, tmp_path: Path, *args: str) -> subprocess.Popen:
     """``torchrun --nproc_per_node 2 -m crystalkit train BASE SMALL... ARGS`` on CPU (gloo)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FORCE_COLOR")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", "-m", "crystalkit", "train", str(base), *SMALL]
+    command += ["--nproc_per_node", "2", "-m", "crystalkit", "train", str(base), *_small(base)]
     command += [f"output_dir={tmp_path / 'runs'}", *args]
     return subprocess.Popen(
         command,
@@ -97,7 +111,10 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt.latest_checkpoint(run_dir).path / ckpt.WEIGHTS))
+    """The latest checkpoint's weights (a LoRA run's: only what trains)."""
+    folder = ckpt.latest_checkpoint(run_dir).path
+    lora = folder / ckpt.TRAINABLE
+    return load_file(str(lora if lora.is_file() else folder / ckpt.WEIGHTS))
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
@@ -139,6 +156,17 @@ def test_two_processes_match_one_process(tmp_path):
     done = _finish(launched)
     assert done.returncode == 0, done.stderr
     _assert_same_run(tmp_path / "runs" / "crystal_default", reference)
+
+
+def test_two_processes_match_one_process_on_qwen2_5_vl_with_lora(tmp_path):
+    """A real VLM architecture (M-RoPE, its vision tower) with LoRA on the LLM and the vision
+    tower, the latent rows trainable; LoRA dropout off, since its masks are drawn per shard."""
+    lora = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.0"]
+    launched = _torchrun(QWEN, tmp_path, *lora)
+    reference = train(_recipe(tmp_path, QWEN, *lora, "name=one")).run_dir
+    done = _finish(launched)
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(tmp_path / "runs" / "qwen2_5_vl", reference)
 
 
 def test_sharded_run_matches_one_process_and_resumes_exactly(tmp_path):

@@ -47,7 +47,7 @@ def test_intact_path_equals_the_models_own_forward(family):
             torch.testing.assert_close(got, reference[0, cols], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_clip", "smolvlm"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("latents", ["token", "recurrent"])
 def test_crystal_step_packed_equals_two_pass(family, latents):
     """A full CrystaL training step (both CEs, KL, attention) in either strategy: same losses and
