@@ -44,29 +44,32 @@ def _logits(run):
         return intact_only(backbone, method.layout(samples, step=recipe.train.steps)).intact_logits
 
 
-def test_lora_run_evaluates_and_generates(run_dir, tmp_path):
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["num_samples"] == 4
-    evaluated = invoke("eval", run_dir, "--split", "test", "--max-samples", "2")
-    assert evaluated.exit_code == 0, evaluated.output
-    _, dataset, _, _, _ = load_run(run_dir)
-    sample = dataset.split("test")[0]
+def test_lora_run_generates_what_evaluation_predicts(run_dir, tmp_path):
+    """``crystalkit generate`` on raw image files gives the answers ``crystalkit eval`` decoded
+    for the same test images (same processor path, same latent computation)."""
     from PIL import Image
 
-    image = tmp_path / "image.png"
-    Image.fromarray(sample.image.permute(1, 2, 0).numpy()).save(image)
-    generated = invoke(
-        "generate",
-        run_dir,
-        "--image",
-        image,
-        "--question",
-        sample.question,
-        *(arg for option in sample.options for arg in ("--option", option)),
-        "--json",
-    )
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["num_samples"] == 4
+    evaluated = invoke("eval", run_dir, "--split", "test", "--max-samples", "3")
+    assert evaluated.exit_code == 0, evaluated.output
+    predictions = [
+        json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()
+    ]
+    _, dataset, _, _, _ = load_run(run_dir)
+    rows = []
+    for i in range(3):
+        sample = dataset.split("test")[i]
+        image = tmp_path / f"test_{i}.png"
+        Image.fromarray(sample.image.permute(1, 2, 0).numpy()).save(image)
+        rows.append({"image": str(image), "question": sample.question, "options": sample.options})
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    generated = invoke("generate", run_dir, "--input", queries, "--json")
     assert generated.exit_code == 0, generated.output
-    assert "answer" in generated.output or "prediction" in generated.output
+    answers = [json.loads(line) for line in generated.stdout.splitlines()]
+    assert [a["answer"] for a in answers] == [p["raw"] for p in predictions]
+    assert [a["choice"] for a in answers] == [p["prediction"] for p in predictions]
 
 
 def test_merged_export_gives_the_lora_models_outputs(run_dir, tmp_path):
