@@ -17,6 +17,7 @@ from crystalkit.crystal.packing import INTACT_PATH, Segment, packed_allowed
 from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed
 from crystalkit.crystal.runner import run_sequence
 from crystalkit.evaluation.generation import generate_answers
+from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.masks import additive
 
 
@@ -161,8 +162,8 @@ def test_cache_with_explicit_mask_and_positions_equals_one_forward():
             backbone.model(
                 inputs_embeds=backbone.embed(ids[:, -3:]),
                 attention_mask=torch.ones(1, width),
-                cache=head.cache,
                 use_cache=True,
+                **cache_kwargs(backbone.model, output_cache(head)),
             )
         inputs = layout_inputs(backbone, layout)
         mask = additive(packed_allowed(layout.segments), inputs.embeds.dtype)
