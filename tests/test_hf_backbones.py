@@ -126,21 +126,24 @@ def _one_sample(family: str):
 
 
 def test_stale_rope_deltas_do_not_shift_positions():
-    """The top-level forward keeps ``rope_deltas`` between calls and uses it when only embeddings
-    come in; crystalkit computes positions itself, so a stale value changes nothing."""
+    """Given only embeddings, the top-level forward cannot compute M-RoPE positions: it falls back
+    to a range plus whatever ``rope_deltas`` an earlier call left on the model. crystalkit computes
+    positions itself, so its result is the model's own with any value left there."""
     backbone, layout = _one_sample("qwen2_5_vl")
     ids, pixels = layout.input_ids, layout.pixel_values[0]
+    cue = layout.regions[Segment.ANSWER_INTACT]
     with torch.no_grad():
-        reference = own_forward(backbone, ids, pixels)
+        reference = own_forward(backbone, ids, pixels)[0, cue.start : cue.stop - 1]
         embeds = backbone.embed(ids, layout.pixel_values)
-        backbone.model.model.rope_deltas = torch.tensor([[-7]])
-        naive = backbone.model(inputs_embeds=embeds).logits
-        ours = intact_only(backbone, layout).intact_logits
-    assert (naive - reference).abs().max() > 1e-4  # the pitfall is real
-    intact_cue = layout.regions[Segment.ANSWER_INTACT]
-    torch.testing.assert_close(
-        ours[0], reference[0, intact_cue.start : intact_cue.stop - 1], atol=1e-5, rtol=1e-4
-    )
+        results = []
+        for stale in (None, torch.tensor([[-7]]), torch.tensor([[5]])):
+            backbone.model.model.rope_deltas = stale
+            naive = backbone.model(inputs_embeds=embeds).logits[0, cue.start : cue.stop - 1]
+            assert (naive - reference).abs().max() > 1e-4  # the pitfall is real
+            results.append(intact_only(backbone, layout).intact_logits[0])
+    for ours in results:
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+        assert torch.equal(ours, results[0])
 
 
 def test_cache_with_explicit_mask_and_positions_equals_one_forward():
