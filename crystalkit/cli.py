@@ -127,9 +127,10 @@ def evaluate_run(
         ),
     ] = None,
     probe: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="latent probes, comma-separated: zero,mean,shuffle,swap (accuracy drops)"
+            help="latent probes: zero, mean, shuffle, swap (repeat the option or separate with "
+            "commas; accuracy drops)"
         ),
     ] = None,
 ) -> None:
@@ -144,7 +145,7 @@ def evaluate_run(
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} are separate evaluations; pass one of them")
     if probe is not None:
-        names = [p.strip() for p in probe.split(",") if p.strip()]
+        names = [p.strip() for value in probe for p in value.split(",") if p.strip()]
         summary = probe_run_dir(run_dir, split, names, max_samples)
         table = Table(title=f"{run_dir} — latent probes on {split}", show_edge=False)
         for column in ("latents", "accuracy", "drop"):

@@ -8,6 +8,9 @@ from conftest import ROOT
 from crystalkit.build import build_backbone, build_dataset
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.method import Method
+from crystalkit.crystal.packing import packed_allowed
+from crystalkit.crystal.paths import layout_inputs
+from crystalkit.models.masks import additive
 
 FAMILIES = [
     "qwen2_vl",
@@ -50,3 +53,24 @@ def own_forward(backbone, input_ids: torch.Tensor, pixel_values: torch.Tensor) -
             mm_token_type_ids=(input_ids == backbone.image_token_id).int(),
         ).logits
     return backbone.model(input_ids=input_ids, pixel_values=pixel_values[None]).logits
+
+
+def chunked_forward(backbone, layout, tail: int) -> tuple[torch.Tensor, object]:
+    """``layout`` through ``backbone`` in two cached chunks (all but the last ``tail`` columns,
+    then those), with crystalkit's explicit mask and positions: ``(logits, cache)``."""
+    inputs = layout_inputs(backbone, layout)
+    mask = additive(packed_allowed(layout.segments), inputs.embeds.dtype)
+    width = inputs.embeds.shape[1]
+    cache = backbone.new_cache()
+    logits = []
+    for cols in (slice(0, width - tail), slice(width - tail, width)):
+        out = backbone(
+            inputs.embeds[:, cols],
+            mask[:, :, cols, : cols.stop],
+            inputs.positions[..., cols],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, 1), cache

@@ -6,19 +6,16 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from hf_models import build
+from hf_models import build, chunked_forward
 from torch import nn
 from transformers import DynamicCache
 
-from crystalkit.crystal.packing import packed_allowed
-from crystalkit.crystal.paths import layout_inputs
 from crystalkit.models.compat import (
     cache_kwargs,
     cache_layers_kv,
     enable_checkpointing,
     output_cache,
 )
-from crystalkit.models.masks import additive
 
 
 class _NewName(nn.Module):
@@ -88,17 +85,5 @@ def test_installed_release_takes_the_chosen_names_without_deprecation_warnings()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        inputs = layout_inputs(backbone, layout)
-        mask = additive(packed_allowed(layout.segments), inputs.embeds.dtype)
-        width = inputs.embeds.shape[1]
-        cache = backbone.new_cache()
-        for cols in (slice(0, width - 2), slice(width - 2, width)):
-            out = backbone(
-                inputs.embeds[:, cols],
-                mask[:, :, cols, : cols.stop],
-                inputs.positions[..., cols],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
+        _, cache = chunked_forward(backbone, layout, tail=2)
     assert cache is not None and len(cache_layers_kv(cache)) == backbone.num_layers

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from hf_models import FAMILIES, build, own_forward
+from hf_models import FAMILIES, build, chunked_forward, own_forward
 
 from crystalkit.crystal.packing import INTACT_PATH, Segment, packed_allowed
 from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed
@@ -168,21 +168,8 @@ def test_cache_with_explicit_mask_and_positions_equals_one_forward():
                 use_cache=True,
                 **cache_kwargs(backbone.model, output_cache(head)),
             )
-        inputs = layout_inputs(backbone, layout)
-        mask = additive(packed_allowed(layout.segments), inputs.embeds.dtype)
-        cache = backbone.new_cache()
-        logits = []
-        for cols in (slice(0, width - 3), slice(width - 3, width)):
-            out = backbone(
-                inputs.embeds[:, cols],
-                mask[:, :, cols, : cols.stop],
-                inputs.positions[..., cols],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), reference, atol=1e-5, rtol=1e-4)
+        logits, _ = chunked_forward(backbone, layout, tail=3)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_eager_attention_needs_an_additive_mask():

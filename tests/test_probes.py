@@ -56,6 +56,10 @@ def test_probe_command_reports_accuracy_drops(tiny_recipe):
     assert set(summary["accuracy"]) == {"none", "zero", "mean", "shuffle", "swap"}
     for name, drop in summary["drop"].items():
         assert drop == pytest.approx(summary["accuracy"]["none"] - summary["accuracy"][name])
+    repeated = invoke("eval", run_dir, "--probe", "zero", "--probe", "swap", "--max-samples", "16")
+    assert repeated.exit_code == 0, repeated.output
+    again = json.loads((run_dir / "probes_test.json").read_text())
+    assert set(again["accuracy"]) == {"none", "zero", "swap"}  # repeated options add up
     line = assert_one_error_line(invoke("eval", run_dir, "--probe", "zeros"))
     assert "unknown probe(s) zeros" in line
     no_latents = train(tiny_recipe("name=plain", "train.steps=2")).run_dir
