@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# the tests never reach the hub: a hub id must fail at once (huggingface_hub reads this on import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

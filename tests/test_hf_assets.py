@@ -97,22 +97,30 @@ def test_from_pretrained_folder_and_saved_assets_reproduce_the_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("overrides", "expected"),
     [
-        ("backbone.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "exactly one of name_or_path"),
-        ("backbone.image_size=60", "not a multiple of patch_size x spatial_merge_size = 16"),
+        (["backbone.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"], "exactly one of name_or_path"),
+        (["backbone.image_size=60"], "not a multiple of patch_size x spatial_merge_size = 16"),
         (
-            "backbone.config.text_config.rope_parameters.mrope_section=[2, 2, 2]",
+            ["backbone.config.text_config.rope_parameters.mrope_section=[2, 2, 2]"],
             "must sum to head_dim / 2 = 8",
         ),
-        ("backbone.config.text_config.num_attention_heads=3", "hidden_size must be divisible"),
+        (["backbone.config.text_config.num_attention_heads=3"], "hidden_size must be divisible"),
+        (
+            ["~backbone.config", "backbone.name_or_path=/no/such/checkpoint"],
+            "backbone.name_or_path: cannot load Qwen2_5_VLForConditionalGeneration",
+        ),
+        (
+            ["~backbone.config", "backbone.name_or_path=Qwen/No-Such-Model-Offline"],
+            "backbone.name_or_path: cannot load",
+        ),
     ],
 )
-def test_bad_backbone_parameters_fail_with_one_line(tmp_path, override, expected):
+def test_bad_backbone_parameters_fail_with_one_line(tmp_path, overrides, expected):
     result = invoke(
         "train",
         str(TINY_QWEN),
-        override,
+        *overrides,
         f"output_dir={tmp_path}",
         "train.steps=1",
         "dataset.train_size=8",

@@ -101,19 +101,7 @@ class HFBackbone(Backbone):
     ) -> HFBackbone:
         saved = assets is not None and (assets / TOKENIZER_DIR).is_dir()
         if config.name_or_path is not None:
-            source = assets if saved else None
-            tokenizer = AutoTokenizer.from_pretrained(
-                source / TOKENIZER_DIR if source else config.name_or_path
-            )
-            processor = cls.load_processor(
-                source / PROCESSOR_DIR if source else Path(config.name_or_path), config
-            )
-            model = cls.model_class.from_pretrained(
-                config.name_or_path,
-                dtype=DTYPES[config.dtype],
-                attn_implementation=config.attn_implementation,
-            )
-            return cls(config, model, tokenizer, processor)
+            return cls.load_pretrained(config, assets if saved else None)
         if saved:
             tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
         else:
@@ -126,7 +114,7 @@ class HFBackbone(Backbone):
                 bos=cls.offline_bos,
                 vocab_size=config.vocab_size,
             )
-        model_config = cls.random_config(config.config or {}, tokenizer, config)
+        model_config = cls.random_config(config.config or {}, tokenizer)
         try:
             model = cls.model_class._from_config(
                 model_config,
@@ -139,9 +127,28 @@ class HFBackbone(Backbone):
         return cls(config, model, tokenizer, cls.build_processor(model_config, config))
 
     @classmethod
-    def random_config(
-        cls, fields: dict[str, Any], tokenizer: Any, config: HFConfig
-    ) -> PretrainedConfig:
+    def load_pretrained(cls, config: HFConfig, assets: Path | None) -> HFBackbone:
+        """Model, tokenizer and image processor from ``name_or_path`` (the tokenizer and
+        processor from a run's ``assets`` when given: they hold the latent tokens)."""
+        source = str(config.name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR if assets else source)
+            processor = cls.load_processor(assets / PROCESSOR_DIR if assets else source, config)
+            model = cls.model_class.from_pretrained(
+                source,
+                dtype=DTYPES[config.dtype],
+                attn_implementation=config.attn_implementation,
+            )
+        except (OSError, ValueError) as exc:  # missing files, no hub access, wrong model type
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                f"backbone.name_or_path: cannot load {cls.model_class.__name__} from "
+                f"{source!r}: {first}"
+            ) from None
+        return cls(config, model, tokenizer, processor)
+
+    @classmethod
+    def random_config(cls, fields: dict[str, Any], tokenizer: Any) -> PretrainedConfig:
         """The family config from a recipe's ``config:`` block, with the vocabulary and the
         special token ids filled in from the offline tokenizer."""
         ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in cls.token_fields()}
@@ -167,7 +174,7 @@ class HFBackbone(Backbone):
         return []
 
     @classmethod
-    def load_processor(cls, path: Path, config: HFConfig) -> Any:
+    def load_processor(cls, path: str | Path, config: HFConfig) -> Any:
         return AutoImageProcessor.from_pretrained(path)
 
     @classmethod

@@ -134,7 +134,7 @@ class _Idefics3Family(HFBackbone):
         return [("image_token_id", "<image>")]
 
     @classmethod
-    def load_processor(cls, path: Path, config: HFConfig) -> Any:
+    def load_processor(cls, path: str | Path, config: HFConfig) -> Any:
         processor = super().load_processor(path, config)
         processor.do_image_splitting = False  # one global view: a fixed token count per image
         return processor
