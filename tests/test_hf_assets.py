@@ -54,6 +54,24 @@ def test_train_new_rows_only_masks_every_other_row_of_both_matrices():
         assert matrix.grad[new].abs().sum() > 0
 
 
+def test_xavier_init_of_a_random_model():
+    """``init: xavier`` (the tiny recipes) re-initialises every linear layer uniformly within
+    the Xavier bound; ``default`` keeps transformers' N(0, 0.02)."""
+    for init in ("xavier", "default"):
+        _, backbone, _, _ = build("qwen2_5_vl", f"backbone.init={init}")
+        resized = {id(m) for m in backbone.token_matrices()}  # grown by the latent tokens
+        for name, module in backbone.model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or id(module.weight) in resized:
+                continue
+            fan_out, fan_in = module.weight.shape
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            if init == "xavier":
+                assert module.weight.abs().max() <= bound, name
+                assert module.weight.std() > 0.8 * bound / 3**0.5, name
+            elif fan_in + fan_out < 600:  # N(0, 0.02) is far below the bound of small layers
+                assert module.weight.std() < 0.5 * bound / 3**0.5, name
+
+
 def test_preprocessing_accepts_uint8_and_float_and_resizes_to_the_recipe_size():
     _, backbone, _, samples = build("qwen2_5_vl")
     images = torch.stack([s.image for s in samples])
@@ -102,16 +120,24 @@ def test_from_pretrained_folder_and_saved_assets_reproduce_the_model(tmp_path):
         (["backbone.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"], "exactly one of name_or_path"),
         (["backbone.image_size=60"], "not a multiple of patch_size x spatial_merge_size = 16"),
         (
+            ["~backbone.config", "backbone.name_or_path=/some/checkpoint"],
+            "init applies to config: models",
+        ),
+        (
             ["backbone.config.text_config.rope_parameters.mrope_section=[2, 2, 2]"],
             "must sum to head_dim / 2 = 8",
         ),
         (["backbone.config.text_config.num_attention_heads=3"], "hidden_size must be divisible"),
         (
-            ["~backbone.config", "backbone.name_or_path=/no/such/checkpoint"],
+            ["~backbone.config", "~backbone.init", "backbone.name_or_path=/no/such/checkpoint"],
             "backbone.name_or_path: cannot load Qwen2_5_VLForConditionalGeneration",
         ),
         (
-            ["~backbone.config", "backbone.name_or_path=Qwen/No-Such-Model-Offline"],
+            [
+                "~backbone.config",
+                "~backbone.init",
+                "backbone.name_or_path=Qwen/No-Such-Model-Offline",
+            ],
             "backbone.name_or_path: cannot load",
         ),
     ],

@@ -61,6 +61,11 @@ class HFConfig(BaseModel):
     vocab_size: int = Field(
         1024, ge=64, description="size of the offline BPE tokenizer trained for config: models"
     )
+    init: Literal["default", "xavier"] = Field(
+        "default",
+        description="config: models only — initialisation of the linear layers (xavier: what "
+        "lets a small from-scratch model learn to attend to image tokens)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> HFConfig:
@@ -68,6 +73,8 @@ class HFConfig(BaseModel):
             raise ValueError(
                 "give exactly one of name_or_path (pretrained) or config (random init)"
             )
+        if self.name_or_path is not None and self.init != "default":
+            raise ValueError("init applies to config: models; pretrained weights keep theirs")
         return self
 
 
@@ -124,6 +131,12 @@ class HFBackbone(Backbone):
         except (ValueError, RuntimeError, TypeError) as exc:
             name = cls.model_class.__name__
             raise UsageError(f"backbone.config: cannot build {name}: {exc}") from None
+        if config.init == "xavier":
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
         return cls(config, model, tokenizer, cls.build_processor(model_config, config))
 
     @classmethod
