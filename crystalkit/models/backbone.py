@@ -18,6 +18,32 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import nn
+from transformers import PreTrainedModel
+
+
+def resize_unit(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``uint8`` or [0, 1] float ``[B, 3, H, W]`` -> float [0, 1] at ``size x size`` (antialiased
+    bilinear, whose non-negative weights keep values in [0, 1])."""
+    pixels = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    if pixels.shape[-2:] != (size, size):
+        pixels = nn.functional.interpolate(
+            pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return pixels
+
+
+def scatter_image_features(
+    embeds: torch.Tensor, is_image: torch.Tensor, features: torch.Tensor, num_images: int
+) -> torch.Tensor:
+    """``embeds`` with ``features`` ``[num_images * tokens, D]`` written at the image-placeholder
+    positions ``is_image`` (in row-major order); a count mismatch is a ``ValueError``."""
+    found = int(is_image.sum())
+    if found != features.shape[0]:
+        raise ValueError(
+            f"{found} image placeholder tokens for {num_images} images of "
+            f"{features.shape[0] // max(num_images, 1)} tokens each"
+        )
+    return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
 
 
 @dataclass
@@ -130,11 +156,40 @@ class Backbone(nn.Module, ABC):
         ``position_ids`` as :meth:`position_ids` gives them; ``layer_inputs`` as
         :meth:`embed_inputs` gives them (for these columns)."""
 
+    @property
     @abstractmethod
+    def token_model(self) -> PreTrainedModel:
+        """The ``transformers`` model that owns the input embedding and the output head (the
+        causal LM, or the whole VLM): its token matrices grow with new tokens."""
+
     def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
         """Add special tokens (latent slots, block markers) and return their ids. New embedding
         (and output) rows start as copies of ``init_from``'s row, as Coconut does: random rows
-        with norms unlike the trained ones destabilise early training."""
+        with norms unlike the trained ones destabilise early training. The matrices grow only
+        when they have fewer rows than the tokenizer has tokens (pretrained checkpoints often
+        carry spare rows); the ``{token: id}`` map is kept on the model config as
+        ``crystalkit_tokens``, so saved checkpoints say which rows are latent tokens."""
+        tokenizer = self.tokenizer
+        if init_from not in tokenizer.get_vocab():
+            raise ValueError(
+                f"cannot initialise new tokens from {init_from!r}: not in the vocabulary"
+            )
+        source = tokenizer.convert_tokens_to_ids(init_from)
+        new = [t for t in tokens if t not in tokenizer.get_vocab()]
+        if new:
+            tokenizer.add_tokens(new, special_tokens=True)
+        model = self.token_model
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if new:
+            fresh = tokenizer.convert_tokens_to_ids(new)
+            with torch.no_grad():
+                for matrix in self.token_matrices():
+                    matrix[fresh] = matrix[source].clone()
+        ids = tokenizer.convert_tokens_to_ids(list(tokens))
+        recorded = getattr(model.config, "crystalkit_tokens", None) or {}
+        model.config.crystalkit_tokens = recorded | dict(zip(tokens, ids, strict=True))
+        return ids
 
     @property
     @abstractmethod
@@ -176,8 +231,8 @@ class Backbone(nn.Module, ABC):
 
     def token_matrices(self) -> list[nn.Parameter]:
         """The input embedding and output head weights (one matrix when they are tied)."""
-        lm = self.language_model
-        matrices = [lm.get_input_embeddings().weight, lm.get_output_embeddings().weight]
+        model = self.token_model
+        matrices = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
         return list({id(m): m for m in matrices}.values())
 
     def enable_attention_probe(self) -> None:

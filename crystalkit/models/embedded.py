@@ -22,10 +22,10 @@ import torch
 from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from crystalkit.errors import UsageError
-from crystalkit.models.backbone import Backbone, BackboneOutput
+from crystalkit.models.backbone import Backbone, BackboneOutput, resize_unit, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.tokenizer import (
     IMAGE_TOKEN,
@@ -135,6 +135,10 @@ class EmbeddedBackbone(Backbone):
         return self.lm
 
     @property
+    def token_model(self) -> PreTrainedModel:
+        return self.lm
+
+    @property
     def vision_tower(self) -> nn.Module:
         return nn.ModuleList([self.encoder, self.projector])
 
@@ -143,30 +147,8 @@ class EmbeddedBackbone(Backbone):
         side = self.config.image_size // self.config.feature_stride
         return side, side
 
-    def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
-        source = self._tokenizer.convert_tokens_to_ids(init_from)
-        if source == self._tokenizer.unk_token_id and init_from != self._tokenizer.unk_token:
-            raise ValueError(
-                f"cannot initialise new tokens from {init_from!r}: not in the vocabulary"
-            )
-        new = [t for t in tokens if t not in self._tokenizer.get_vocab()]
-        if new:
-            self._tokenizer.add_tokens(new, special_tokens=True)
-            self.lm.resize_token_embeddings(len(self._tokenizer), mean_resizing=False)
-            ids = self._tokenizer.convert_tokens_to_ids(new)
-            with torch.no_grad():
-                for matrix in self.token_matrices():
-                    matrix[ids] = matrix[source].clone()
-        return self._tokenizer.convert_tokens_to_ids(list(tokens))
-
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-        size = self.config.image_size
-        if pixels.shape[-2:] != (size, size):
-            pixels = nn.functional.interpolate(
-                pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        return (pixels - 0.5) / 0.5
+        return (resize_unit(images, self.config.image_size) - 0.5) / 0.5
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> ``[B, N, D]`` image token embeddings."""
@@ -180,15 +162,9 @@ class EmbeddedBackbone(Backbone):
         embeds = self.lm.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
+        features = self.encode_images(pixel_values).flatten(0, 1)
         is_image = input_ids == self.image_token_id
-        image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
-        expected = image_embeds.shape[0] * image_embeds.shape[1]
-        if int(is_image.sum()) != expected:
-            raise ValueError(
-                f"{int(is_image.sum())} image placeholder tokens for {image_embeds.shape[0]} images "
-                f"of {image_embeds.shape[1]} tokens each"
-            )
-        return embeds.masked_scatter(is_image[..., None], image_embeds)
+        return scatter_image_features(embeds, is_image, features, len(pixel_values))
 
     def forward(
         self,

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from crystalkit.errors import UsageError
-from crystalkit.models.backbone import Backbone, BackboneOutput
+from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.hf.offline import train_bpe_tokenizer
 
@@ -257,33 +257,9 @@ class HFBackbone(Backbone):
             return self.config.question_suffix
         return self.default_suffix
 
-    def token_matrices(self) -> list[nn.Parameter]:
-        matrices = [self.model.get_input_embeddings().weight, self.model.lm_head.weight]
-        return list({id(m): m for m in matrices}.values())
-
-    def add_tokens(self, tokens: Sequence[str], init_from: str) -> list[int]:
-        source = self._tokenizer.convert_tokens_to_ids(init_from)
-        if source is None or source == self._tokenizer.unk_token_id:
-            raise ValueError(
-                f"cannot initialise new tokens from {init_from!r}: not in the vocabulary"
-            )
-        new = [t for t in tokens if t not in self._tokenizer.get_vocab()]
-        if new:
-            self._tokenizer.add_tokens(new, special_tokens=True)
-        rows = self.model.get_input_embeddings().weight.shape[0]
-        if len(self._tokenizer) > rows:  # pretrained matrices often have spare rows already
-            self.model.resize_token_embeddings(len(self._tokenizer), mean_resizing=False)
-        ids = self._tokenizer.convert_tokens_to_ids(list(tokens))
-        if new:
-            fresh = self._tokenizer.convert_tokens_to_ids(new)
-            with torch.no_grad():
-                for matrix in self.token_matrices():
-                    matrix[fresh] = matrix[source].clone()
-        # kept on the config, so exported checkpoints say which rows are latent tokens
-        self.model.config.crystalkit_tokens = dict(
-            getattr(self.model.config, "crystalkit_tokens", {}) or {}
-        ) | dict(zip(tokens, ids, strict=True))
-        return ids
+    @property
+    def token_model(self) -> PreTrainedModel:
+        return self.model
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
@@ -298,13 +274,7 @@ class HFBackbone(Backbone):
             return embeds, None
         features, per_layer = self.image_features(pixel_values)
         is_image = input_ids == self.image_token_id
-        expected = pixel_values.shape[0] * self.num_image_tokens
-        if int(is_image.sum()) != expected or features.shape[0] != expected:
-            raise ValueError(
-                f"{int(is_image.sum())} image placeholder tokens for {pixel_values.shape[0]} "
-                f"images of {self.num_image_tokens} tokens each"
-            )
-        embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        embeds = scatter_image_features(embeds, is_image, features, len(pixel_values))
         if not per_layer:
             return embeds, None
         layers = [
@@ -346,14 +316,3 @@ class HFBackbone(Backbone):
         if layer_inputs is not None:
             raise ValueError(f"{type(self).__name__} has no per-layer inputs")
         return {}
-
-    # -- images -------------------------------------------------------------------------------
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` or [0, 1] float ``[B, 3, H, W]`` -> float [0, 1] at ``image_size``."""
-        pixels = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-        size = self.config.image_size
-        if pixels.shape[-2:] != (size, size):
-            pixels = nn.functional.interpolate(
-                pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        return pixels.clamp(0, 1)

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from crystalkit.errors import UsageError
+from crystalkit.models.backbone import resize_unit
 from crystalkit.models.hf.base import HFBackbone, HFConfig
 from crystalkit.registries import BACKBONES
 
@@ -94,7 +95,7 @@ class LlavaBackbone(HFBackbone):
         return (self.tokenizer.bos_token or "") + self.default_prefix
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = self.resize(images)
+        pixels = resize_unit(images, self.config.image_size)
         out = self.image_processor(
             images=list(pixels),
             do_resize=False,
@@ -177,7 +178,7 @@ class _Idefics3Family(HFBackbone):
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """-> ``[B, 1, 3, S, S]`` (one view per image)."""
-        pixels = self.resize(images)
+        pixels = resize_unit(images, self.config.image_size)
         out = self.image_processor(
             images=[[p] for p in pixels], do_resize=False, do_rescale=False, return_tensors="pt"
         )

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from crystalkit.errors import UsageError
+from crystalkit.models.backbone import resize_unit
 from crystalkit.models.hf.base import HFBackbone, HFConfig
 from crystalkit.registries import BACKBONES
 
@@ -106,7 +107,7 @@ class QwenVLBackbone(HFBackbone):
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """-> ``[B, patches, C * T * P * P]`` (the processor's flattened patches, per image)."""
-        pixels = self.resize(images)
+        pixels = resize_unit(images, self.config.image_size)
         out = self.image_processor(
             images=list(pixels), do_resize=False, do_rescale=False, return_tensors="pt"
         )
