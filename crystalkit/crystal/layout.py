@@ -9,7 +9,7 @@ packed and two-pass strategies cut the very same tensors. Masks and positions sk
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -41,16 +41,23 @@ class Layout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device: torch.device | str) -> Layout:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Layout:
         corrupted = self.corrupted_pixels
         return replace(
             self,
-            input_ids=self.input_ids.to(device),
-            segments=self.segments.to(device),
-            labels=self.labels.to(device),
-            pixel_values=self.pixel_values.to(device),
-            corrupted_pixels=None if corrupted is None else corrupted.to(device),
+            input_ids=fn(self.input_ids),
+            segments=fn(self.segments),
+            labels=fn(self.labels),
+            pixel_values=fn(self.pixel_values),
+            corrupted_pixels=None if corrupted is None else fn(corrupted),
         )
+
+    def to(self, device: torch.device | str) -> Layout:
+        return self._map(lambda t: t.to(device))
+
+    def rows(self, index: slice) -> Layout:
+        """Some rows of the batch; columns (so every row's computation) are unchanged."""
+        return self._map(lambda t: t[index])
 
     def has(self, segment: Segment) -> bool:
         return segment in self.regions and len(self.regions[segment]) > 0

@@ -22,9 +22,7 @@ from crystalkit.data.images import open_rgb, square_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
-from crystalkit.evaluation.runs import load_run
-
-DEFAULT_IMAGE_SIZE = 448  # the reference's input size, for datasets and backbones that name none
+from crystalkit.evaluation.runs import load_run, run_image_size
 
 
 @dataclass(frozen=True)
@@ -99,16 +97,6 @@ def read_queries(path: Path) -> list[Query]:
     if not queries:
         raise UsageError(f"--input: {path}: no queries (expected one JSON object per line)")
     return queries
-
-
-def run_image_size(dataset: Any, backbone: Any) -> int:
-    """The square size of the run's samples: its dataset's ``image_size`` (the backbone resizes
-    from there, as in training), else the backbone's input size."""
-    for component in (dataset, backbone):
-        size = getattr(getattr(component, "config", None), "image_size", None)
-        if isinstance(size, int):
-            return size
-    return DEFAULT_IMAGE_SIZE
 
 
 def predict(

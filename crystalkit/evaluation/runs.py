@@ -41,6 +41,20 @@ def load_model(run_dir: Path) -> tuple[Recipe, object, Model, int]:
     return recipe, dataset, model, checkpoint.step
 
 
+#: the reference's input size, for datasets and backbones that name none
+DEFAULT_IMAGE_SIZE = 448
+
+
+def run_image_size(dataset: object, backbone: Backbone) -> int:
+    """The square size of the run's samples: its dataset's ``image_size`` (the backbone resizes
+    from there, as in training), else the backbone's input size."""
+    for component in (dataset, backbone):
+        size = getattr(getattr(component, "config", None), "image_size", None)
+        if isinstance(size, int):
+            return size
+    return DEFAULT_IMAGE_SIZE
+
+
 def evaluate_run_dir(
     run_dir: Path, split: str, max_samples: int | None = None, corrupted: bool = False
 ) -> EvalResult:
@@ -65,8 +79,7 @@ def evaluate_bench(run_dir: Path, bench: str, max_samples: int | None = None) ->
 
     spec, root = resolve_bench(bench)
     recipe, dataset, backbone, method, step = load_run(run_dir)
-    image_size = getattr(getattr(backbone, "config", None), "image_size", 448)
-    samples, bad = load_samples(spec, root, dataset, image_size)
+    samples, bad = load_samples(spec, root, dataset, run_image_size(dataset, backbone))
     cfg = recipe.eval.model_copy(update={"max_samples": max_samples})
     result = evaluate(backbone, samples, method, cfg)
     answer_texts(samples, result.predictions)

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -108,12 +108,12 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
-    def micro_batches(self, batch_size: int, accum: int) -> list[range]:
+    def micro_batches(self, batch_size: int, accum: int) -> list[slice]:
         """This rank's contiguous shard of a global batch, cut into ``accum`` micro-batches."""
         per_rank = batch_size // self.size
         per_micro = per_rank // accum
         start = self.rank * per_rank
-        return [range(start + i * per_micro, start + (i + 1) * per_micro) for i in range(accum)]
+        return [slice(start + i * per_micro, start + (i + 1) * per_micro) for i in range(accum)]
 
 
 @contextmanager
@@ -163,21 +163,6 @@ def _reduce(bucket: list[torch.Tensor]) -> None:
     dist.all_reduce(flat)
     for grad, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
         grad.copy_(part.view_as(grad))
-
-
-def shard_layout(layout: Layout, rows: range) -> Layout:
-    """Rows ``rows`` of a laid-out batch. Columns (and so every row's computation) are unchanged:
-    a shard pads to the global batch's widths."""
-    index = slice(rows.start, rows.stop)
-    corrupted = layout.corrupted_pixels
-    return replace(
-        layout,
-        input_ids=layout.input_ids[index],
-        segments=layout.segments[index],
-        labels=layout.labels[index],
-        pixel_values=layout.pixel_values[index],
-        corrupted_pixels=None if corrupted is None else corrupted[index],
-    )
 
 
 def unit_counts(layout: Layout) -> torch.Tensor:

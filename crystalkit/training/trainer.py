@@ -45,7 +45,6 @@ from crystalkit.training.distributed import (
     World,
     data_parallel,
     process_group,
-    shard_layout,
     unit_counts,
 )
 from crystalkit.training.metrics import MetricsLog
@@ -278,7 +277,7 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             shares = []  # this rank's shares of [loss, *terms], one per micro-batch
             for rows in micro_batches:
-                micro = shard_layout(layout, rows)
+                micro = layout.rows(rows)
                 with _autocast(device, cfg.precision):
                     total, terms = method.loss(backbone, micro.to(device))
                 loss, terms = shard_loss(total, terms, unit_counts(micro), global_counts)
