@@ -25,7 +25,7 @@ from crystalkit.crystal.packing import Segment
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.sampler import StepSampler
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "crystal_default.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "crystal_scratch.yaml"
 
 
 def saved_activation_bytes(fn) -> int:

@@ -11,6 +11,7 @@ from crystalkit.config.components import config_model
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.crystal.method import Method
 from crystalkit.data.prompt import template_text
+from crystalkit.latents.blocks import train_only_rows
 from crystalkit.models.backbone import Backbone
 from crystalkit.registries import BACKBONES, DATASETS
 
@@ -35,12 +36,16 @@ def build_backbone(recipe: Recipe, dataset: Any, assets: Path | None = None) -> 
 
 
 class Model(NamedTuple):
-    """A run's model: the backbone, the recipe's :class:`Method` on it, and peft's wrapper when
-    the recipe uses LoRA (to merge or save the adapter; ``None`` otherwise)."""
+    """A run's model: the backbone, the recipe's :class:`Method` on it (its last stage's: what
+    evaluation and generation use), peft's wrapper when the recipe uses LoRA (to merge or save the
+    adapter; ``None`` otherwise), and one :class:`Method` per stage with the latent token ids each
+    stage introduces (their rows are initialised when the stage begins)."""
 
     backbone: Backbone
     method: Method
     peft: PeftModel | None
+    stage_methods: tuple[Method, ...] = ()
+    introduced: tuple[tuple[int, ...], ...] = ()
 
 
 def build_model(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Model:
@@ -50,14 +55,37 @@ def build_model(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Mod
     as training began: initialisation is seeded from ``recipe.seed``, and saved ``assets`` are
     not used (the saved tokenizer already holds the latent tokens, which would change the
     vocabulary the model is built with and so its init); the checkpoint's base fingerprint
-    checks the result. LoRA comes after the :class:`Method`, which adds the latent tokens: peft
-    must see the resized token matrices to keep the new rows trainable.
+    checks the result. A warm-started run is built from its snapshot of the source
+    (:mod:`crystalkit.training.warm_start`) under ``assets``. Every stage's latent tokens are added
+    before LoRA: peft must see the resized token matrices to keep the new rows trainable.
     """
-    torch.manual_seed(recipe.seed)
-    backbone = build_backbone(recipe, dataset, assets=None if recipe.lora.enabled else assets)
-    method = Method(recipe, backbone)
-    if not recipe.lora.enabled:
-        return Model(backbone, method, None)
-    from crystalkit.models.lora import apply_lora  # peft takes a second to import
+    from crystalkit.training.stages import plan_stages
+    from crystalkit.training.warm_start import load_snapshot, snapshot_dir
 
-    return Model(backbone, method, apply_lora(backbone, recipe.lora, method.block.new_token_ids))
+    torch.manual_seed(recipe.seed)
+    warm = snapshot_dir(recipe, assets)
+    if warm is not None:
+        backbone = build_backbone(recipe, dataset, assets=warm)
+        load_snapshot(backbone, warm)
+    else:
+        backbone = build_backbone(recipe, dataset, assets=None if recipe.lora.enabled else assets)
+    inherited = set(backbone.tokenizer.get_vocab()) if warm is not None else set()
+    methods, introduced, seen = [], [], set(inherited)
+    for stage in plan_stages(recipe):
+        method = Method(stage.recipe, backbone)
+        tokens = backbone.tokenizer.convert_ids_to_tokens(method.block.new_token_ids)
+        fresh = [
+            i for t, i in zip(tokens, method.block.new_token_ids, strict=True) if t not in seen
+        ]
+        introduced.append(tuple(fresh) if stage.index else ())
+        seen.update(tokens)
+        methods.append(method)
+    token_ids = sorted({i for m in methods for i in m.block.new_token_ids})
+    if recipe.latents.train_new_rows_only:
+        train_only_rows(backbone.token_matrices(), token_ids)
+    peft = None
+    if recipe.lora.enabled:
+        from crystalkit.models.lora import apply_lora  # peft takes a second to import
+
+        peft = apply_lora(backbone, recipe.lora, token_ids)
+    return Model(backbone, methods[-1], peft, tuple(methods), tuple(introduced))

@@ -120,6 +120,14 @@ def evaluate_run(
     corrupted: Annotated[
         bool, typer.Option(help="show the model the recipe's corrupted images instead")
     ] = False,
+    latents: Annotated[
+        str,
+        typer.Option(
+            help="with --corrupted: the latent block the answer reads — own (computed from the "
+            "corrupted image), copied (from the intact image, as in training), no_copy (from no "
+            "image)"
+        ),
+    ] = "own",
     bench: Annotated[
         str | None,
         typer.Option(
@@ -168,8 +176,9 @@ def evaluate_run(
                 f"[yellow]skipped[/] row {escape(str(row['index']))}: {escape(row['reason'])}"
             )
         return
-    result = evaluate_run_dir(run_dir, split, max_samples, corrupted)
-    _print_eval(result, f"{split} (corrupted)" if corrupted else split, run_dir)
+    result = evaluate_run_dir(run_dir, split, max_samples, corrupted, latents)
+    shown = split + (" (corrupted" + ("" if latents == "own" else f", {latents} latents") + ")")
+    _print_eval(result, shown if corrupted else split, run_dir)
 
 
 @app.command("inspect")
@@ -413,14 +422,21 @@ def ablate(
 
     loaded = load_grid(grid)
     if dry_run:
-        table = Table(title=f"{grid}: {len(loaded.cells())} cells -> {loaded.output_dir}")
+        sources, cells = loaded.sources(), loaded.cells()
+        title = f"{grid}: {len(cells)} cells" + (
+            f" after {len(sources)} warm-start sources" if sources else ""
+        )
+        table = Table(title=f"{title} -> {loaded.output_dir}")
         for column in ("cell", *loaded.varied_keys, "seed", "state"):
-            table.add_column(column)
-        for cell in loaded.cells():
+            table.add_column(escape(column))
+        for cell in [*sources, *cells]:
             loaded.recipe(cell)
-            values = [json.dumps(cell.values[k]).strip('"') for k in loaded.varied_keys]
+            values = [
+                json.dumps(cell.values[k]).strip('"') if k in cell.values else "(source)"
+                for k in loaded.varied_keys
+            ]
             state = cell_state(cell_dir(loaded, cell))
-            table.add_row(cell.id, *values, str(cell.seed), state)
+            table.add_row(cell.id, *(escape(v) for v in values), str(cell.seed), state)
         out.print(table)
         return
     if launcher == "local":

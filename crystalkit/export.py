@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from crystalkit.build import Model, build_dataset, build_model
 from crystalkit.config.loader import dump_recipe, load_recipe
-from crystalkit.config.schema import Recipe
+from crystalkit.config.schema import Recipe, WarmStartConfig
 from crystalkit.errors import CheckpointError, UsageError
 from crystalkit.evaluation.runs import load_model
 from crystalkit.io import atomic_write_json, atomic_write_text, fsync_dir
@@ -35,6 +35,7 @@ from crystalkit.models.backbone import Backbone
 from crystalkit.models.lora import peft_host
 from crystalkit.training.checkpoint import base_fingerprint, save_checkpoint
 from crystalkit.training.trainer import RECIPE_FILE
+from crystalkit.training.warm_start import SNAPSHOT_DIR
 
 EXPORT_FILE = "export.json"
 BUFFERS = "buffers.safetensors"
@@ -63,13 +64,18 @@ def export_run(run_dir: Path, out: Path | None = None, merge: bool = False) -> P
         if merge:
             model.peft.merge_and_unload()
             model.backbone.requires_grad_(True)  # a plain model again: saved whole
-            atomic_write_text(folder / RECIPE_FILE, dump_recipe(without_lora(recipe)))
+            standalone = without_lora(recipe).model_copy(
+                update={"warm_start": WarmStartConfig()}  # the merged weights are all it needs
+            )
+            atomic_write_text(folder / RECIPE_FILE, dump_recipe(standalone))
             save_checkpoint(folder, step, model.backbone, None, keep=1)
             if model.backbone.save_pretrained(folder / PRETRAINED_DIR):
                 summary["pretrained"] = PRETRAINED_DIR
         else:
             model.peft.save_pretrained(str(folder), save_embedding_layers=False)
             atomic_write_text(folder / RECIPE_FILE, dump_recipe(recipe))
+            if recipe.warm_start.source is not None:  # the adapter's base
+                shutil.copytree(run_dir / SNAPSHOT_DIR, folder / SNAPSHOT_DIR)
             buffers = base_buffers(model.backbone)
             if buffers:
                 save_file(buffers, str(folder / BUFFERS))
@@ -103,7 +109,9 @@ def load_adapter(directory: Path) -> Model:
     if not isinstance(summary, dict) or summary.get("merged") is not False:
         raise CheckpointError(f"{directory}: not an adapter export of crystalkit export")
     recipe = load_recipe(directory / RECIPE_FILE)
-    backbone, method, _ = build_model(without_lora(recipe), build_dataset(recipe))
+    warm = directory if recipe.warm_start.source is not None else None  # its snapshot is here
+    built = build_model(without_lora(recipe), build_dataset(recipe), assets=warm)
+    backbone, method = built.backbone, built.method
     try:
         peft = PeftModel.from_pretrained(peft_host(backbone), str(directory), is_trainable=True)
         buffers = load_file(str(directory / BUFFERS)) if (directory / BUFFERS).is_file() else {}

@@ -16,7 +16,8 @@ DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic", "crystal
 CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))
 OBJECTIVES: Registry = Registry("objectives", ("crystalkit.objectives.alignment",))
 SCHEDULES: Registry = Registry("schedules", ("crystalkit.latents.schedules",))
+WEIGHTS: Registry = Registry("weights", ("crystalkit.objectives.weights",))
 
 ALL: dict[str, Registry] = {
-    r.kind: r for r in (BACKBONES, DATASETS, CORRUPTIONS, OBJECTIVES, SCHEDULES)
+    r.kind: r for r in (BACKBONES, DATASETS, CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS)
 }

@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny recipes that train in seconds on two CPU threads."""
+"""Shared fixtures: tiny recipes that train in seconds on a few CPU threads.
+
+The suite runs with ``CRYSTALKIT_TEST_THREADS`` torch threads (default: ``OMP_NUM_THREADS``, else
+2). Floating-point trajectories differ between thread counts, so no test may depend on where
+training lands; run the suite with 1 and with 2 threads before relying on it::
+
+    CRYSTALKIT_TEST_THREADS=1 pytest
+    CRYSTALKIT_TEST_THREADS=2 pytest
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ from crystalkit.config.loader import load_recipe
 from crystalkit.config.schema import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+#: torch threads of the test process and of the runs it trains
+THREADS = int(os.environ.get("CRYSTALKIT_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or 2)
 
 #: overrides that shrink the default recipe to a model and data set that train in seconds
 TINY = [
@@ -43,7 +53,7 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

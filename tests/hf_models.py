@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, THREADS
 
-from crystalkit.build import build_backbone, build_dataset
+from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import load_recipe
-from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import packed_allowed
 from crystalkit.crystal.paths import layout_inputs
 from crystalkit.models.masks import additive
@@ -28,7 +27,7 @@ SMALL = [
     "dataset.test_size=8",
     "train.steps=4",
     "train.batch_size=4",
-    "train.num_threads=2",
+    f"train.num_threads={THREADS}",
 ]
 
 
@@ -37,10 +36,9 @@ def build(family: str, *overrides: str):
     torch.manual_seed(0)
     recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{family}.yaml", [*SMALL, *overrides])
     dataset = build_dataset(recipe)
-    backbone = build_backbone(recipe, dataset)
-    method = Method(recipe, backbone)
+    model = build_model(recipe, dataset)
     samples = [dataset.split("train")[i] for i in range(3)]
-    return recipe, backbone, method, samples
+    return recipe, model.backbone, model.method, samples
 
 
 def own_forward(backbone, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:

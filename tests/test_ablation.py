@@ -90,8 +90,17 @@ def test_zip_varies_keys_together_and_cells_add_overrides():
         ),
         (
             "base: r.yaml\ngrid: {a: [1]}\nexclude: [{b: 1}]\n",
-            "exclude/cells name keys the grid does not vary: b",
+            "exclude names keys the grid does not vary: b",
         ),
+        (
+            "base: r.yaml\nvariants: {x: []}\ncompare: {arm: x}\n",
+            "compare names keys the grid does not vary: arm (the variants' axis is 'variant')",
+        ),
+        (
+            "base: r.yaml\nwarm_start: {base: none.yaml}\n",
+            "warm_start.base: recipe 'none.yaml' not found",
+        ),
+        ("base: r.yaml\nvariants: {x: [lr]}\n", "expected KEY=VALUE"),
         ("base: r.yaml\nseeds: []\n", "seeds: List should have at least 1 item"),
         ("base: missing.yaml\n", "base: recipe 'missing.yaml' not found"),
         ("base: r.yaml\noverrides: [train.lr]\n", "expected KEY=VALUE"),
@@ -108,7 +117,7 @@ def test_bad_grid_files_are_one_line_errors(tmp_path: Path, text: str, expected:
 def test_a_bad_cell_value_names_the_cell(tmp_path: Path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        f"base: {ROOT / 'recipes' / 'crystal_default.yaml'}\ngrid: {{corruption.name: [blur, blurr]}}\n"
+        f"base: {ROOT / 'recipes' / 'crystal_scratch.yaml'}\ngrid: {{corruption.name: [blur, blurr]}}\n"
     )
     line = assert_one_error_line(invoke("ablate", "--grid", grid, "--dry-run"))
     assert "cell corruption.name=blurr (seed 0)" in line and "unknown corruption 'blurr'" in line
@@ -235,3 +244,106 @@ def test_report_of_an_unrun_grid_with_mapping_values(tmp_path: Path):
     assert all(r.seeds == 2 and r.finished == 0 for r in rows) and names == ["accuracy"]
     paths = write_report(grid, Console(file=io.StringIO()))
     assert '{"kl":{"fraction":1.0}}' in paths["md"].read_text()
+
+
+def test_variants_are_an_axis_of_named_override_lists():
+    spec = GridFile(
+        base="r.yaml",
+        grid={"train.lr": [0.1, 0.2]},
+        variants={"ft": ["method=finetune", "latents.schedule.k=0"], "crystal": []},
+        cells=[{"match": {"variant": "crystal"}, "overrides": ["train.steps=3"]}],
+        exclude=[{"variant": "ft", "train.lr": 0.2}],
+    )
+    cells = expand(spec)
+    assert [(c.values["train.lr"], c.values["variant"]) for c in cells] == [
+        (0.1, "ft"),
+        (0.1, "crystal"),
+        (0.2, "crystal"),
+    ]
+    assert cells[0].overrides == (
+        "train.lr=0.1",
+        "method=finetune",
+        "latents.schedule.k=0",
+        "seed=0",
+    )
+    assert cells[1].overrides == ("train.lr=0.1", "train.steps=3", "seed=0")
+    assert cells[0].label() == "train.lr=0.1, variant=ft"
+
+
+def test_cell_ids_of_digits_only_name_their_runs(tmp_path: Path):
+    """A hash may come out as digits only; the run name must stay a string."""
+    path = _tiny_grid(tmp_path)
+    grid = load_grid(path)
+    cell = grid.cells()[0]
+
+    class DigitCell(type(cell)):
+        @property
+        def id(self) -> str:
+            return "0123456789"
+
+    recipe = grid.recipe(DigitCell(cell.assignment, cell.seed, cell.overrides))
+    assert recipe.name == "0123456789"
+
+
+def test_a_warm_started_grid_trains_one_source_per_seed_first(tmp_path: Path):
+    from rich.console import Console
+
+    path = _tiny_grid(
+        tmp_path,
+        grid={},
+        variants={"ft": ["train.lr=0.001"], "crystal": ["method=crystal", "latents.schedule.k=2"]},
+        warm_start={"base": str(ROOT / "recipes" / "direct_finetune.yaml"), "overrides": TINY},
+        compare={"variant": "ft"},
+        collapse_below=0.3,
+    )
+    grid = load_grid(path)
+    sources = grid.sources()
+    assert [s.seed for s in sources] == [0, 1] and all(s.id.startswith("source-") for s in sources)
+    for cell in grid.cells():
+        source = cell_dir(grid, grid.source_of(cell.seed))
+        assert f'warm_start.source="{source}"' in cell.overrides
+    dry = invoke("ablate", "--grid", path, "--dry-run")
+    assert dry.exit_code == 0 and dry.stdout.count("pending") == 6  # 2 sources + 4 cells
+    outcome = run_local(grid, jobs=2, console=Console(file=io.StringIO()))
+    assert len(outcome.done) == 6 and not outcome.failed
+    for cell in grid.cells():
+        results = json.loads((cell_dir(grid, cell) / "results.json").read_text())
+        source = cell_dir(grid, grid.source_of(cell.seed)).resolve()
+        assert results["warm_start"]["source"] == str(source)
+    # the report pairs every row with the compared one, seed by seed
+    from crystalkit.ablation.report import aggregate, write_report
+
+    rows, _ = aggregate(grid)
+    by_variant = {r.values["variant"]: r for r in rows}
+    expected = [
+        100
+        * (by_variant["crystal"].by_seed["accuracy"][s] - by_variant["ft"].by_seed["accuracy"][s])
+        for s in (0, 1)
+    ]
+    paths = write_report(grid, Console(file=io.StringIO()))
+    markdown = paths["md"].read_text()
+    assert "Δ paired" in markdown and "95% PI" in markdown and "(reference)" in markdown
+    assert " ".join(f"{d:+.1f}" for d in expected) in markdown
+    seeds = list(csv.DictReader(paths["seeds"].open()))
+    assert len(seeds) == 4 and {r["seed"] for r in seeds} == {"0", "1"}
+
+
+def test_a_failed_source_fails_its_seeds_cells_only(tmp_path: Path):
+    from rich.console import Console
+
+    path = _tiny_grid(
+        tmp_path,
+        grid={},
+        variants={"ft": []},
+        # seed 1's source asks for an image size the encoder stride does not divide
+        warm_start={
+            "base": str(ROOT / "recipes" / "direct_finetune.yaml"),
+            "overrides": [*TINY, "backbone.image_size=24"],
+        },
+        seeds=[0],
+    )
+    grid = load_grid(path)
+    outcome = run_local(grid, jobs=1, console=Console(file=io.StringIO()))
+    assert len(outcome.failed) == 2 and not outcome.done
+    (cell,) = grid.cells()
+    assert "warm-start source of seed 0 failed" in read_status(cell_dir(grid, cell))["error"]

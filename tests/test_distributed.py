@@ -22,7 +22,7 @@ from conftest import ROOT, TINY
 from hf_models import SMALL as HF_SMALL
 from safetensors.torch import load_file
 
-from crystalkit.build import build_backbone, build_dataset
+from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.config.schema import Recipe
 from crystalkit.crystal.method import Method
@@ -38,7 +38,7 @@ from crystalkit.training.distributed import (
 from crystalkit.training.trainer import train
 
 FINETUNE = ROOT / "recipes" / "direct_finetune.yaml"
-CRYSTAL = ROOT / "recipes" / "crystal_default.yaml"
+CRYSTAL = ROOT / "recipes" / "crystal_scratch.yaml"
 #: small and norm-free where it matters; one thread per process (torchrun runs two)
 SMALL = [
     *TINY,
@@ -154,7 +154,7 @@ def test_two_processes_match_one_process(tmp_path):
     reference = train(_recipe(tmp_path, CRYSTAL, *OBJECTIVES, *variant, "name=one")).run_dir
     done = _finish(launched)
     assert done.returncode == 0, done.stderr
-    _assert_same_run(tmp_path / "runs" / "crystal_default", reference)
+    _assert_same_run(tmp_path / "runs" / "crystal_scratch", reference)
 
 
 def test_two_processes_match_one_process_on_qwen2_5_vl_with_lora(tmp_path):
@@ -178,7 +178,7 @@ def test_sharded_run_matches_one_process_and_resumes_exactly(tmp_path):
     ).run_dir
     done = _finish(launched)
     assert done.returncode == 0, done.stderr
-    run_dir = tmp_path / "runs" / "crystal_default"
+    run_dir = tmp_path / "runs" / "crystal_scratch"
     _assert_same_run(run_dir, reference)
     shutil.rmtree(run_dir / "checkpoints" / "step_000003")  # as if killed after step 2
     done = _finish(_torchrun(CRYSTAL, tmp_path, *OBJECTIVES, *sharded, "--resume"))
@@ -188,20 +188,31 @@ def test_sharded_run_matches_one_process_and_resumes_exactly(tmp_path):
 
 
 def _model(recipe: Recipe) -> tuple[Backbone, Method, list]:
-    torch.manual_seed(0)
     dataset = build_dataset(recipe)
-    backbone = build_backbone(recipe, dataset)
-    return backbone, Method(recipe, backbone), [dataset.split("train")[i] for i in range(6)]
+    model = build_model(recipe, dataset)
+    return model.backbone, model.method, [dataset.split("train")[i] for i in range(6)]
 
 
-def test_shard_losses_and_gradients_sum_to_the_batch_ones(tmp_path):
-    recipe = _recipe(tmp_path, CRYSTAL, *OBJECTIVES)
+@pytest.mark.parametrize(
+    "weighting",
+    [
+        [],
+        [  # a scheduled weight mid-ramp, and a term that gives no gradient
+            "objectives.kl.weight={name: linear, start: 0.5, end: 2.0}",
+            "objectives.attention.gradient=false",
+        ],
+    ],
+    ids=["constant", "scheduled"],
+)
+def test_shard_losses_and_gradients_sum_to_the_batch_ones(tmp_path, weighting):
+    recipe = _recipe(tmp_path, CRYSTAL, *OBJECTIVES, *weighting)
     backbone, method, samples = _model(recipe)
     backbone.train()
     layout = method.layout(samples, step=0)
+    weights = method.weights_at(3)
     answer_tokens = (layout.answer_targets() >= 0).sum(-1)
     assert len(set(answer_tokens.tolist())) > 1  # per-shard means would not add up
-    total, terms = method.loss(backbone, layout)
+    total, terms = method.loss(backbone, layout, weights)
     total.backward()
     expected = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
     backbone.zero_grad()
@@ -209,7 +220,7 @@ def test_shard_losses_and_gradients_sum_to_the_batch_ones(tmp_path):
     for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):  # uneven on purpose
         micro = layout.rows(rows)
         loss, scaled = shard_loss(
-            *method.loss(backbone, micro), unit_counts(micro), unit_counts(layout)
+            *method.loss(backbone, micro, weights), unit_counts(micro), unit_counts(layout), weights
         )
         loss.backward()
         summed += loss.item()

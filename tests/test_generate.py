@@ -109,7 +109,8 @@ def test_one_question_for_several_images_and_table_output(run):
     result = invoke("generate", run_dir, *images, "--question", "what colour ?")
     assert result.exit_code == 0, result.output
     assert "answers" in result.stdout and "what colour ?" in result.stdout
-    assert all(a["answer"].split()[0] in result.stdout for a in answers)
+    # whatever the 2-step model writes (possibly nothing), the table shows it
+    assert all(word in result.stdout for a in answers for word in a["answer"].split())
 
 
 def test_bad_queries_are_one_error_line(run, tmp_path: Path):

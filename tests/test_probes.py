@@ -109,3 +109,43 @@ def test_latent_maps_are_distributions_over_the_image_grid(tiny_recipe):
         assert m.latent_to_image.shape == (3, *backbone.image_grid)
         torch.testing.assert_close(m.latent_to_image.sum((1, 2)), torch.ones(3))
         torch.testing.assert_close(m.answer_to_latent.sum(-1), torch.ones(len(m.answer_tokens)))
+
+
+def test_controls_land_in_results_and_match_the_eval_command(tiny_recipe):
+    from crystalkit.training.trainer import train
+
+    controls = "eval.controls=[corrupted, copied, no_copy, zero, mean, shuffle, swap]"
+    recipe = tiny_recipe(
+        "name=controlled", "train.steps=2", "method=crystal", "latents.schedule.k=2", controls
+    )
+    run_dir = train(recipe).run_dir
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results["controls"]) == [
+        "corrupted",
+        "copied",
+        "no_copy",
+        "zero",
+        "mean",
+        "shuffle",
+        "swap",
+    ]
+    samples = str(recipe.eval.max_samples or recipe.dataset.params["test_size"])
+    for latents in ("own", "copied", "no_copy"):
+        shown = invoke(
+            "eval", run_dir, "--corrupted", "--latents", latents, "--max-samples", samples
+        )
+        assert shown.exit_code == 0, shown.output
+        name = "corrupted" if latents == "own" else latents
+        suffix = "" if latents == "own" else f"_{latents}"
+        saved = json.loads((run_dir / f"eval_test_corrupted{suffix}.json").read_text())
+        assert saved["accuracy"] == results["controls"][name]
+    line = assert_one_error_line(invoke("eval", run_dir, "--latents", "copied"))
+    assert "add --corrupted" in line
+
+
+def test_controls_without_a_latent_block_keep_only_the_corrupted_view(tiny_recipe):
+    from crystalkit.training.trainer import train
+
+    recipe = tiny_recipe("name=plain", "train.steps=1", "eval.controls=[corrupted, copied, zero]")
+    results = json.loads((train(recipe).run_dir / "results.json").read_text())
+    assert list(results["controls"]) == ["corrupted"]

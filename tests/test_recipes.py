@@ -13,6 +13,7 @@ import pytest
 from crystalkit.config.loader import dump_recipe, load_recipe, recipe_json_schema
 from crystalkit.config.schema import EvalConfig, Recipe, TrainConfig
 from crystalkit.errors import RecipeError, UsageError
+from crystalkit.training.stages import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -135,7 +136,11 @@ def test_defaults_fill_everything_and_name_defaults_to_the_file_stem(tmp_path: P
 
 
 def test_recipes_are_shipped():
-    assert {p.name for p in SHIPPED} >= {"direct_finetune.yaml", "crystal_default.yaml"}
+    assert {p.name for p in SHIPPED} >= {
+        "direct_finetune.yaml",
+        "crystal_scratch.yaml",
+        "crystal_default.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -146,16 +151,36 @@ def test_shipped_recipe_validates(path: Path):
     assert recipe.train.steps >= 1
 
 
-def test_crystal_default_inherits_direct_finetune():
+def test_crystal_scratch_inherits_direct_finetune():
     base = load_recipe(ROOT / "recipes" / "direct_finetune.yaml")
-    derived = load_recipe(ROOT / "recipes" / "crystal_default.yaml")
-    assert derived.name == "crystal_default"
+    derived = load_recipe(ROOT / "recipes" / "crystal_scratch.yaml")
+    assert derived.name == "crystal_scratch" and derived.stages == []
     assert derived.eval == base.eval
     assert derived.train.model_copy(update={"steps": base.train.steps}) == base.train
     assert (derived.method, base.method) == ("crystal", "finetune")
     assert derived.corruption == base.corruption
     assert derived.backbone == base.backbone
     assert derived.dataset == base.dataset
+
+
+def test_the_main_job_finetunes_then_runs_the_crystal_scratch_configuration():
+    scratch = load_recipe(ROOT / "recipes" / "crystal_scratch.yaml")
+    default = load_recipe(ROOT / "recipes" / "crystal_default.yaml")
+    finetune, crystal = default.stages
+    assert (finetune.name, finetune.method, crystal.name, crystal.method) == (
+        "finetune",
+        "finetune",
+        "crystal",
+        "crystal",
+    )
+    assert finetune.latents.schedule.params == {"k": 0}
+    assert crystal.latents.schedule == scratch.latents.schedule
+    assert crystal.latents.family == scratch.latents.family
+    assert crystal.corruption == scratch.corruption and crystal.crystal == scratch.crystal
+    assert crystal.objectives == scratch.objectives
+    last = plan_stages(default)[-1]
+    assert 3 * last.steps >= default.train.steps  # the CrystaL stage: at least a third of the run
+    assert default.backbone == scratch.backbone and default.dataset == scratch.dataset
 
 
 # -- error messages ---------------------------------------------------------------------------

@@ -2,19 +2,27 @@
 
 A grid file names a base recipe and the keys to vary::
 
-    base: ../recipes/crystal_default.yaml
+    base: ../recipes/crystal_scratch.yaml
     overrides: [train.steps=300]            # every cell
     grid:                                   # cartesian product, in file order
       corruption.name: [none, blur, mask]
     zip:                                    # keys varied together (equal-length lists)
       - {latents.family: [token, recurrent], latents.schedule.k: [8, 4]}
+    variants:                               # named arms: an axis "variant" of override lists
+      finetune: [method=finetune, latents.schedule.k=0]
+      crystal: []
     seeds: [0, 1, 2]
     exclude: [{corruption.name: none, latents.family: recurrent}]
     cells: [{match: {corruption.name: mask}, overrides: [corruption.fraction=0.75]}]
+    warm_start: {base: ../recipes/direct_finetune.yaml, overrides: [train.steps=600]}
     metric: {name: accuracy, mode: max}
+    compare: {variant: finetune}            # report paired differences to this row, per seed
 
 Expansion is local and deterministic. A cell's id is a hash of its resolved overrides (order of
 keys and of grid lists does not matter), so re-running the same grid finds the same run folders.
+With ``warm_start``, one source run per seed is trained first (its own recipe), and every cell of
+that seed starts from it (``warm_start.source``; a variant or ``cells`` entry can set
+``warm_start.source=null`` to start from scratch instead).
 """
 
 from __future__ import annotations
@@ -49,6 +57,15 @@ class CellOverrides(_Strict):
     overrides: list[str] = Field(description="extra overrides for the matching cells")
 
 
+class WarmStartSource(_Strict):
+    base: str = Field(description="recipe of the source run, relative to the grid file")
+    overrides: list[str] = Field(default_factory=list, description="overrides of the source run")
+
+
+#: the axis a grid's ``variants:`` add
+VARIANT = "variant"
+
+
 class GridFile(_Strict):
     """A grid file (see the module docstring)."""
 
@@ -61,8 +78,20 @@ class GridFile(_Strict):
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
+    variants: dict[str, list[str]] = Field(
+        default_factory=dict, description="named arms: variant name -> its overrides"
+    )
     cells: list[CellOverrides] = Field(default_factory=list)
+    warm_start: WarmStartSource | None = Field(
+        None, description="a source run per seed that every cell of that seed starts from"
+    )
     metric: MetricSpec = Field(default_factory=MetricSpec)
+    compare: dict[str, Any] | None = Field(
+        None, description="the row (partial assignment) the report pairs every row with, by seed"
+    )
+    collapse_below: float | None = Field(
+        None, description="count the seeds whose metric ends below this value (collapsed runs)"
+    )
     output_dir: str | None = Field(None, description="default: runs/ablations/<grid file stem>")
     slurm: dict[str, Any] = Field(
         default_factory=dict, description="submitit executor parameters for --launcher submitit"
@@ -93,32 +122,48 @@ class GridFile(_Strict):
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
             raise ValueError(f"keys varied twice (grid and zip): {', '.join(repeated)}")
-        for entry in [*self.exclude, *(c.match for c in self.cells)]:
+        if VARIANT in keys:
+            raise ValueError(f"{VARIANT!r} is the axis of variants:, not a key to vary")
+        if self.variants:
+            keys.append(VARIANT)
+        entries = [
+            *(("exclude", e) for e in self.exclude),
+            *(("cells", c.match) for c in self.cells),
+            ("compare", self.compare or {}),
+        ]
+        for field, entry in entries:
             unknown = sorted(set(entry) - set(keys))
             if unknown:
                 raise ValueError(
-                    f"exclude/cells name keys the grid does not vary: {', '.join(unknown)}"
+                    f"{field} names keys the grid does not vary: {', '.join(unknown)}"
+                    + (" (the variants' axis is 'variant')" if self.variants else "")
                 )
         return self
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a grid: the varied values, the seed, and the overrides that make its recipe."""
+    """One run of a grid: the varied values, the seed, and the overrides that make its recipe.
+    ``base`` is set for a warm-start source, which runs its own recipe."""
 
     assignment: tuple[tuple[str, Any], ...]
     seed: int
     overrides: tuple[str, ...]
+    base: str | None = None
 
     @property
     def id(self) -> str:
-        return cell_id(self.overrides)
+        if self.base is None:
+            return cell_id(self.overrides)
+        return "source-" + cell_id((*self.overrides, override_text("base", self.base)))
 
     @property
     def values(self) -> dict[str, Any]:
         return dict(self.assignment)
 
     def label(self) -> str:
+        if self.base is not None:
+            return "warm-start source"
         return ", ".join(f"{k}={compact(v)}" for k, v in self.assignment) or "(base)"
 
 
@@ -139,20 +184,36 @@ class Grid:
 
     @property
     def varied_keys(self) -> list[str]:
-        return [*self.spec.grid, *(k for group in self.spec.zip for k in group)]
+        keys = [*self.spec.grid, *(k for group in self.spec.zip for k in group)]
+        return [*keys, VARIANT] if self.spec.variants else keys
+
+    def sources(self) -> list[Cell]:
+        """The warm-start source run of each seed (none without ``warm_start``)."""
+        source = self.spec.warm_start
+        if source is None:
+            return []
+        return [
+            Cell((), seed, (*source.overrides, f"seed={seed}"), base=source.base)
+            for seed in self.spec.seeds
+        ]
+
+    def source_of(self, seed: int) -> Cell | None:
+        return next((c for c in self.sources() if c.seed == seed), None)
 
     def cells(self) -> list[Cell]:
-        return expand(self.spec)
+        sources = {c.seed: str(self.output_dir / c.id) for c in self.sources()}
+        return expand(self.spec, sources)
 
     def recipe(self, cell: Cell) -> Recipe:
         """The cell's validated recipe (named by its id, writing under the grid's folder)."""
-        extra = [f"name={cell.id}", f"output_dir={json.dumps(str(self.output_dir))}"]
+        # quoted: an id of digits only would otherwise read as a number
+        extra = [override_text("name", cell.id), override_text("output_dir", str(self.output_dir))]
+        base = self.base if cell.base is None else (self.path.parent / cell.base).resolve()
+        what = "warm-start source" if cell.base is not None else f"cell {cell.label()}"
         try:
-            return load_recipe(self.base, [*cell.overrides, *extra])
+            return load_recipe(base, [*cell.overrides, *extra])
         except RecipeError as exc:
-            raise RecipeError(
-                f"{self.path}: cell {cell.label()} (seed {cell.seed}): {exc}"
-            ) from None
+            raise RecipeError(f"{self.path}: {what} (seed {cell.seed}): {exc}") from None
 
 
 def compact(value: Any) -> str:
@@ -180,6 +241,8 @@ def _axes(spec: GridFile) -> list[list[tuple[tuple[str, Any], ...]]]:
         axes.append(
             [tuple(zip(keys, values, strict=True)) for values in zip(*group.values(), strict=True)]
         )
+    if spec.variants:
+        axes.append([((VARIANT, name),) for name in spec.variants])
     return axes
 
 
@@ -187,8 +250,9 @@ def _matches(values: dict[str, Any], partial: dict[str, Any]) -> bool:
     return all(key in values and values[key] == value for key, value in partial.items())
 
 
-def expand(spec: GridFile) -> list[Cell]:
-    """Every cell of the grid, in file order (seeds innermost), exclusions removed."""
+def expand(spec: GridFile, sources: dict[int, str] | None = None) -> list[Cell]:
+    """Every cell of the grid, in file order (seeds innermost), exclusions removed. ``sources``:
+    the warm-start source run directory of each seed."""
     cells = []
     for combo in itertools.product(*_axes(spec)):
         assignment = tuple(pair for part in combo for pair in part)
@@ -196,13 +260,14 @@ def expand(spec: GridFile) -> list[Cell]:
         if any(_matches(values, rule) for rule in spec.exclude):
             continue
         extra = [o for rule in spec.cells if _matches(values, rule.match) for o in rule.overrides]
+        varied = [
+            o
+            for k, v in assignment
+            for o in (spec.variants[v] if k == VARIANT else [override_text(k, v)])
+        ]
         for seed in spec.seeds:
-            overrides = (
-                *spec.overrides,
-                *(override_text(k, v) for k, v in assignment),
-                *extra,
-                f"seed={seed}",
-            )
+            warm = [override_text("warm_start.source", sources[seed])] if sources else []
+            overrides = (*spec.overrides, *warm, *varied, *extra, f"seed={seed}")
             cells.append(Cell(assignment, seed, overrides))
     return cells
 
@@ -219,7 +284,13 @@ def load_grid(path: str | Path) -> Grid:
         spec = GridFile.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, GridFile, str(path), {})) from None
-    for text in spec.overrides + [o for c in spec.cells for o in c.overrides]:
+    overrides = [
+        *spec.overrides,
+        *(o for c in spec.cells for o in c.overrides),
+        *(o for variant in spec.variants.values() for o in variant),
+        *(spec.warm_start.overrides if spec.warm_start else []),
+    ]
+    for text in overrides:
         try:
             parse_override(text)
         except RecipeError as exc:
@@ -227,4 +298,9 @@ def load_grid(path: str | Path) -> Grid:
     grid = Grid(path, spec)
     if not grid.base.is_file():
         raise UsageError(f"{path}: base: recipe {spec.base!r} not found (looked for {grid.base})")
+    if spec.warm_start is not None and not (path.parent / spec.warm_start.base).is_file():
+        raise UsageError(
+            f"{path}: warm_start.base: recipe {spec.warm_start.base!r} not found (looked for "
+            f"{(path.parent / spec.warm_start.base).resolve()})"
+        )
     return grid

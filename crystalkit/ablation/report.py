@@ -1,5 +1,12 @@
-"""Aggregate a grid: one row per cell (seeds pooled), mean ± std of each metric, written as a rich
-table, CSV, Markdown, LaTeX and a PNG bar chart with error bars."""
+"""Aggregate a grid: one row per grid point (seeds pooled), mean ± std of each metric, written as a
+rich table, CSV, Markdown, LaTeX and a PNG bar chart with error bars, plus every seed's values in
+``report_seeds.csv``.
+
+For the ranking metric the report also gives the 95 % prediction interval for one more seed, the
+number of collapsed seeds (``collapse_below``) and, with ``compare``, the paired difference of every
+row to the compared row: same seed (and, with a warm start, the same starting checkpoint), mean ±
+sd, its 95 % confidence interval and each seed's value.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from crystalkit.ablation.grid import Grid, compact
 from crystalkit.ablation.runner import RESULTS_FILE, cell_dir, cell_state
+from crystalkit.ablation.stats import paired_differences, summary
+from crystalkit.errors import UsageError
 from crystalkit.io import atomic_write_bytes, atomic_write_text
 
 
@@ -31,12 +41,16 @@ def _metric(results: dict[str, Any], name: str) -> float | None:
 
 @dataclass
 class Row:
-    """One grid point: its varied values and, per metric, the values of its finished seeds."""
+    """One grid point: its varied values and, per metric, the value of each finished seed."""
 
     values: dict[str, Any]
     seeds: int = 0
     finished: int = 0
-    metrics: dict[str, list[float]] = field(default_factory=dict)
+    by_seed: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, list[float]]:
+        return {name: list(values.values()) for name, values in self.by_seed.items()}
 
     def mean(self, name: str) -> float | None:
         values = self.metrics.get(name, [])
@@ -45,6 +59,18 @@ class Row:
     def std(self, name: str) -> float | None:
         values = self.metrics.get(name, [])
         return statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+
+
+def _flatten(results: dict[str, Any], metric: str) -> dict[str, Any]:
+    flat = {
+        "accuracy": results.get("accuracy"),
+        "train_seconds": results.get("train_seconds"),
+        "chance": results.get("chance"),
+    }
+    flat |= {f"per_category.{k}": v for k, v in results.get("per_category", {}).items()}
+    flat |= {f"controls.{k}": v for k, v in results.get("controls", {}).items()}
+    flat[metric] = _metric(results, metric)
+    return flat
 
 
 def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
@@ -60,16 +86,9 @@ def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
             continue
         results = json.loads((directory / RESULTS_FILE).read_text(encoding="utf-8"))
         row.finished += 1
-        flat = {
-            "accuracy": results.get("accuracy"),
-            "train_seconds": results.get("train_seconds"),
-            "chance": results.get("chance"),
-        }
-        flat |= {f"per_category.{k}": v for k, v in results.get("per_category", {}).items()}
-        flat[grid.spec.metric.name] = _metric(results, grid.spec.metric.name)
-        for name, value in flat.items():
+        for name, value in _flatten(results, grid.spec.metric.name).items():
             if isinstance(value, int | float):
-                row.metrics.setdefault(name, []).append(float(value))
+                row.by_seed.setdefault(name, {})[cell.seed] = float(value)
                 if name != "chance":  # drawn as a line in the chart, not a column
                     names.setdefault(name, None)
     metric, sign = grid.spec.metric.name, (-1 if grid.spec.metric.mode == "max" else 1)
@@ -79,6 +98,63 @@ def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
         return (1, 0.0) if mean is None else (0, sign * mean)
 
     return sorted(rows.values(), key=rank), list(names)
+
+
+@dataclass
+class Extras:
+    """The ranking metric's seed statistics per row, keyed by the row's position."""
+
+    headers: list[str]
+    cells: dict[int, list[str]]
+
+
+def _reference(grid: Grid, rows: list[Row]) -> Row | None:
+    compare = grid.spec.compare
+    if not compare:
+        return None
+    matches = [r for r in rows if all(r.values.get(k) == v for k, v in compare.items())]
+    if len(matches) != 1:
+        raise UsageError(
+            f"{grid.path}: compare: {compact(compare)} matches {len(matches)} rows; it must "
+            "match exactly one"
+        )
+    return matches[0]
+
+
+def _interval(low_high: tuple[float, float] | None, scale: float) -> str:
+    return "—" if low_high is None else f"[{low_high[0] * scale:.1f}, {low_high[1] * scale:.1f}]"
+
+
+def seed_statistics(grid: Grid, rows: list[Row]) -> Extras:
+    """Prediction interval, collapsed seeds and paired differences of the ranking metric."""
+    metric, scale = grid.spec.metric.name, _scale(grid.spec.metric.name)
+    reference = _reference(grid, rows)
+    headers = ["95% PI"]
+    if grid.spec.collapse_below is not None:
+        headers.append(f"collapsed (< {grid.spec.collapse_below * scale:g})")
+    if reference is not None:
+        headers += ["Δ paired", "Δ 95% CI", "Δ per seed"]
+    cells = {}
+    for i, row in enumerate(rows):
+        values = row.by_seed.get(metric, {})
+        out = [_interval(summary(list(values.values())).pi, scale) if values else "—"]
+        if grid.spec.collapse_below is not None:
+            low = sum(v < grid.spec.collapse_below for v in values.values())
+            out.append(f"{low}/{len(values)}" if values else "—")
+        if reference is not None:
+            diffs = paired_differences(values, reference.by_seed.get(metric, {}))
+            if diffs and row is not reference:
+                stats = summary(list(diffs.values()))
+                sd = "" if stats.sd is None else f" ± {stats.sd * scale:.1f}"
+                out += [
+                    f"{stats.mean * scale:+.1f}{sd}",
+                    _interval(stats.ci, scale),
+                    " ".join(f"{d * scale:+.1f}" for d in diffs.values()),
+                ]
+            else:
+                out += ["—", "—", "—"] if row is not reference else ["(reference)", "", ""]
+        cells[i] = out
+    return Extras(headers, cells)
 
 
 def _fmt(row: Row, name: str, scale: float) -> str:
@@ -92,14 +168,18 @@ def _scale(name: str) -> float:
     return 1.0 if name == "train_seconds" else 100.0
 
 
-def _header(grid: Grid, names: list[str]) -> list[str]:
+def _header(grid: Grid, names: list[str], extras: Extras | None = None) -> list[str]:
     shown = [n.removeprefix("per_category.") for n in names]
-    return [*grid.varied_keys, "seeds", *(n if n == "train_seconds" else f"{n} (%)" for n in shown)]
+    metrics = [n if n == "train_seconds" else f"{n} (%)" for n in shown]
+    metric_at = 1 + len(grid.varied_keys) + 1  # right after the ranking metric
+    header = [*grid.varied_keys, "seeds", *metrics]
+    return header[:metric_at] + (extras.headers if extras else []) + header[metric_at:]
 
 
-def _cells(grid: Grid, row: Row, names: list[str]) -> list[str]:
+def _cells(grid: Grid, row: Row, names: list[str], extras: list[str] | None = None) -> list[str]:
     varied = [compact(row.values.get(k)) for k in grid.varied_keys]
-    return [*varied, f"{row.finished}/{row.seeds}", *(_fmt(row, n, _scale(n)) for n in names)]
+    metrics = [_fmt(row, n, _scale(n)) for n in names]
+    return [*varied, f"{row.finished}/{row.seeds}", metrics[0], *(extras or []), *metrics[1:]]
 
 
 def to_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
@@ -132,10 +212,35 @@ def to_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
     return out.getvalue()
 
 
-def to_markdown(grid: Grid, rows: list[Row], names: list[str]) -> str:
-    header = _header(grid, names)
+def to_seeds_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
+    """Long format: one line per finished cell (varied keys, seed, every metric)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*grid.varied_keys, "seed", *names])
+    for row in rows:
+        seeds = sorted({seed for values in row.by_seed.values() for seed in values})
+        for seed in seeds:
+            writer.writerow(
+                [
+                    *(compact(row.values.get(k)) for k in grid.varied_keys),
+                    seed,
+                    *(_g(row.by_seed.get(n, {}).get(seed)) for n in names),
+                ]
+            )
+    return out.getvalue()
+
+
+def _g(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def to_markdown(grid: Grid, rows: list[Row], names: list[str], extras: Extras | None = None) -> str:
+    header = _header(grid, names, extras)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(grid, row, names)) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(_cells(grid, row, names, extras and extras.cells[i])) + " |"
+        for i, row in enumerate(rows)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -152,8 +257,8 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def to_latex(grid: Grid, rows: list[Row], names: list[str]) -> str:
-    header = _header(grid, names)
+def to_latex(grid: Grid, rows: list[Row], names: list[str], extras: Extras | None = None) -> str:
+    header = _header(grid, names, extras)
     lines = [
         r"\begin{tabular}{"
         + "l" * len(grid.varied_keys)
@@ -162,7 +267,13 @@ def to_latex(grid: Grid, rows: list[Row], names: list[str]) -> str:
         r"\toprule",
         " & ".join(_latex_escape(h) for h in header) + r" \\",
         r"\midrule",
-        *(" & ".join(_latex_escape(c) for c in _cells(grid, row, names)) + r" \\" for row in rows),
+        *(
+            " & ".join(
+                _latex_escape(c) for c in _cells(grid, row, names, extras and extras.cells[i])
+            )
+            + r" \\"
+            for i, row in enumerate(rows)
+        ),
         r"\bottomrule",
         r"\end{tabular}",
     ]
@@ -202,19 +313,22 @@ def to_png(grid: Grid, rows: list[Row]) -> bytes:
 def write_report(grid: Grid, console: Console) -> dict[str, Path]:
     """Print the table and write ``report.{csv,md,tex,png}`` into the grid's output folder."""
     rows, names = aggregate(grid)
+    extras = seed_statistics(grid, rows)
     table = Table(
         title=f"{grid.path} — ranked by {grid.spec.metric.name} ({grid.spec.metric.mode})"
     )
-    for i, name in enumerate(_header(grid, names)):
-        table.add_column(name, justify="left" if i < len(grid.varied_keys) else "right")
-    for row in rows:
-        table.add_row(*_cells(grid, row, names))
+    for i, name in enumerate(_header(grid, names, extras)):
+        table.add_column(escape(name), justify="left" if i < len(grid.varied_keys) else "right")
+    for i, row in enumerate(rows):
+        table.add_row(*(escape(c) for c in _cells(grid, row, names, extras.cells[i])))
     console.print(table)
     out = grid.output_dir
     out.mkdir(parents=True, exist_ok=True)
     paths = {ext: out / f"report.{ext}" for ext in ("csv", "md", "tex", "png")}
+    paths["seeds"] = out / "report_seeds.csv"
     atomic_write_text(paths["csv"], to_csv(grid, rows, names))
-    atomic_write_text(paths["md"], to_markdown(grid, rows, names))
-    atomic_write_text(paths["tex"], to_latex(grid, rows, names))
+    atomic_write_text(paths["seeds"], to_seeds_csv(grid, rows, names))
+    atomic_write_text(paths["md"], to_markdown(grid, rows, names, extras))
+    atomic_write_text(paths["tex"], to_latex(grid, rows, names, extras))
     atomic_write_bytes(paths["png"], to_png(grid, rows))
     return paths

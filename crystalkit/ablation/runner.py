@@ -154,10 +154,10 @@ class GridOutcome:
     failed: list[Cell]
 
 
-def pending_cells(grid: Grid) -> tuple[list[Cell], list[Cell]]:
-    """(cells to run, cells already done)."""
+def pending_cells(grid: Grid, cells: list[Cell] | None = None) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run, cells already done) among ``cells`` (default: the grid's cells)."""
     todo, done = [], []
-    for cell in grid.cells():
+    for cell in grid.cells() if cells is None else cells:
         state = cell_state(cell_dir(grid, cell))
         if state == "done":
             done.append(cell)
@@ -169,10 +169,33 @@ def pending_cells(grid: Grid) -> tuple[list[Cell], list[Cell]]:
 
 
 def run_local(grid: Grid, jobs: int, console: Console, poll: float = 0.5) -> GridOutcome:
-    """Run the unfinished cells, ``jobs`` processes at a time, each with its share of the CPU."""
+    """Run the unfinished warm-start sources, then the unfinished cells, ``jobs`` processes at a
+    time, each with its share of the CPU. A cell whose source failed fails without running."""
+    sources_todo, _ = pending_cells(grid, grid.sources())
     todo, done = pending_cells(grid)
-    for cell in todo:
+    for cell in [*sources_todo, *todo]:
         grid.recipe(cell)  # a bad cell fails here, before anything runs
+    finished, failed = _run_processes(grid, sources_todo, jobs, console, poll)
+    lost = {cell.seed for cell in failed}
+    for cell in [c for c in todo if c.seed in lost]:
+        directory = cell_dir(grid, cell)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_status(
+            directory,
+            state="failed",
+            finished=_now(),
+            error=f"the warm-start source of seed {cell.seed} failed",
+        )
+        failed.append(cell)
+        console.print(f"[red]failed[/]  {cell.id}  {cell.label()}: its warm-start source failed")
+    ran, broke = _run_processes(grid, [c for c in todo if c.seed not in lost], jobs, console, poll)
+    return GridOutcome(finished + ran, done, failed + broke)
+
+
+def _run_processes(
+    grid: Grid, todo: list[Cell], jobs: int, console: Console, poll: float
+) -> tuple[list[Cell], list[Cell]]:
+    """Train ``todo`` in child processes, ``jobs`` at a time: (finished, failed)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     queue, running = deque(todo), {}
@@ -222,36 +245,59 @@ def run_local(grid: Grid, jobs: int, console: Console, poll: float = 0.5) -> Gri
                 cell_dir(grid, cell), state="failed", finished=_now(), error="interrupted"
             )
         raise
-    return GridOutcome(finished, done, failed)
+    return finished, failed
 
 
 def run_submitit(
     grid: Grid, cluster: str | None, console: Console, wait: bool | None = None
 ) -> GridOutcome:
     """Submit the unfinished cells as one job array through submitit (``cluster="local"`` runs
-    them as local processes; ``None`` lets submitit pick Slurm when it is available)."""
+    them as local processes; ``None`` lets submitit pick Slurm when it is available). Unfinished
+    warm-start sources go first, as their own array; on Slurm the cells are submitted by the
+    next invocation, once the sources are done."""
     import submitit
 
+    sources_todo, _ = pending_cells(grid, grid.sources())
     todo, done = pending_cells(grid)
-    for cell in todo:
+    for cell in [*sources_todo, *todo]:
         grid.recipe(cell)
-    if not todo:
-        return GridOutcome([], done, [])
     executor = submitit.AutoExecutor(folder=grid.output_dir / "submitit", cluster=cluster)
     executor.update_parameters(**grid.spec.slurm)
-    jobs = executor.map_array(run_cell, [str(grid.path)] * len(todo), todo, [None] * len(todo))
-    console.print(
-        f"submitted {len(jobs)} cells to {executor.cluster}: job {jobs[0].job_id.split('_')[0]}"
-    )
-    if wait is False or (wait is None and executor.cluster == "slurm"):
-        return GridOutcome([], done, [])
+    waits = wait is not False and not (wait is None and executor.cluster == "slurm")
     finished, failed = [], []
-    for job, cell in zip(jobs, todo, strict=True):
+    if sources_todo:
+        batch = _submit(executor, grid, sources_todo, console, "warm-start sources")
+        if not waits:
+            console.print("re-run this command once the sources are done to submit the cells")
+            return GridOutcome([], done, [])
+        finished, failed = _collect(batch, grid, console)
+        lost = {c.seed for c in failed}
+        failed += [c for c in todo if c.seed in lost]
+        todo = [c for c in todo if c.seed not in lost]
+    if not todo:
+        return GridOutcome(finished, done, failed)
+    batch = _submit(executor, grid, todo, console, "cells")
+    if not waits:
+        return GridOutcome([], done, [])
+    ran, broke = _collect(batch, grid, console)
+    return GridOutcome(finished + ran, done, failed + broke)
+
+
+def _submit(executor: Any, grid: Grid, cells: list[Cell], console: Console, what: str) -> list:
+    jobs = executor.map_array(run_cell, [str(grid.path)] * len(cells), cells, [None] * len(cells))
+    console.print(
+        f"submitted {len(jobs)} {what} to {executor.cluster}: job {jobs[0].job_id.split('_')[0]}"
+    )
+    return list(zip(jobs, cells, strict=True))
+
+
+def _collect(batch: list, grid: Grid, console: Console) -> tuple[list[Cell], list[Cell]]:
+    finished, failed = [], []
+    for job, cell in batch:
         if job.exception() is None:
             finished.append(cell)
         else:
             failed.append(cell)
-            console.print(
-                f"[red]failed[/]  {cell.id}  {cell.label()}: {read_status(cell_dir(grid, cell)).get('error')}"
-            )
-    return GridOutcome(finished, done, failed)
+            error = read_status(cell_dir(grid, cell)).get("error")
+            console.print(f"[red]failed[/]  {cell.id}  {cell.label()}: {error}")
+    return finished, failed

@@ -16,10 +16,24 @@ from pydantic import BaseModel, ValidationError
 
 from crystalkit.config.components import component_schema, config_model
 from crystalkit.config.overrides import apply_override, parse_override
-from crystalkit.config.schema import ComponentSpec, ObjectiveSpec, Recipe
+from crystalkit.config.schema import (
+    STAGE_SECTIONS,
+    ComponentSpec,
+    ObjectiveSpec,
+    Recipe,
+    StageLatents,
+    StageTrain,
+)
 from crystalkit.errors import RecipeError, UsageError, did_you_mean
 from crystalkit.io import read_yaml
-from crystalkit.registries import BACKBONES, CORRUPTIONS, DATASETS, OBJECTIVES, SCHEDULES
+from crystalkit.registries import (
+    BACKBONES,
+    CORRUPTIONS,
+    DATASETS,
+    OBJECTIVES,
+    SCHEDULES,
+    WEIGHTS,
+)
 from crystalkit.registry import Registry
 
 Path_ = tuple[str, ...]
@@ -32,7 +46,7 @@ COMPONENT_SECTIONS: dict[Path_, Registry] = {
     ("latents", "schedule"): SCHEDULES,
 }
 #: cheap components, built once while validating so their own checks fail at load time
-BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES)
+BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES, WEIGHTS)
 
 
 def _is_component(path: Path_) -> bool:
@@ -154,8 +168,71 @@ def _get(tree: Any, loc: Path_) -> Any:
 def validate_recipe(
     tree: dict[str, Any], source: str = "<recipe>", provenance: dict[Path_, str] | None = None
 ) -> Recipe:
-    """Validate a merged recipe tree; component parameters are checked against their registry."""
+    """Validate a merged recipe tree; component parameters are checked against their registry.
+    Each stage is merged over the recipe's own sections, validated like a recipe of its own
+    (errors name ``stages.NAME.KEY``) and stored fully resolved."""
     provenance = provenance or {}
+    stages = tree.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return _validate(tree, source, provenance)
+    top = {key: value for key, value in tree.items() if key != "stages"}
+    base = _validate(copy.deepcopy(top), source, provenance)  # the recipe's own errors first
+    resolved = [
+        _resolve_stage(top, stage, i, base, _source_of(("stages",), provenance, source), provenance)
+        for i, stage in enumerate(stages)
+    ]
+    return _validate({**tree, "stages": resolved}, source, provenance)
+
+
+def _resolve_stage(
+    top: dict[str, Any], stage: Any, index: int, base: Recipe, source: str, prov: dict[Path_, str]
+) -> dict[str, Any]:
+    """A stage with every section filled: its own keys merged over the recipe's."""
+    if not isinstance(stage, dict):
+        raise RecipeError(
+            f"{source}: stages.{index}: expected a mapping (name, fraction and the recipe "
+            f"sections the stage changes), got {stage!r}"
+        )
+    label = f"stages.{stage.get('name', index)}"
+    allowed = {"name": None, "fraction": None} | dict.fromkeys(STAGE_SECTIONS)
+    for key in stage:
+        if key not in allowed:
+            raise RecipeError(
+                f"{source}: {label}.{key}: not a stage key{did_you_mean(str(key), allowed)}; a "
+                f"stage sets {', '.join(STAGE_SECTIONS)} (besides name and fraction); the other "
+                "keys belong to the whole run"
+            )
+    for section, model in (("train", StageTrain), ("latents", StageLatents)):
+        keys = stage.get(section)
+        for key in keys if isinstance(keys, dict) else ():
+            if key not in model.model_fields:
+                raise RecipeError(
+                    f"{source}: {label}.{section}.{key}: not a per-stage key"
+                    f"{did_you_mean(str(key), model.model_fields)}; a stage sets {section}."
+                    f"{{{', '.join(model.model_fields)}}} (a stage's length is its fraction of "
+                    "train.steps; the other keys belong to the whole run)"
+                )
+    overlay = {key: stage[key] for key in STAGE_SECTIONS if key in stage}
+    merged = _merge(copy.deepcopy(top), copy.deepcopy(overlay), dict(prov), source)
+    if isinstance(merged.get("objectives"), dict):
+        merged["objectives"] = {k: v for k, v in merged["objectives"].items() if v is not None}
+    own = _validate(merged, source, {}, label=tuple(label.split("."))).to_dict()
+    return {
+        "name": stage.get("name"),
+        "fraction": stage.get("fraction"),
+        "method": own["method"],
+        "latents": {key: own["latents"][key] for key in StageLatents.model_fields},
+        "corruption": own["corruption"],
+        "crystal": own["crystal"],
+        "objectives": own["objectives"]
+        | {k: None for k in base.objectives if k not in own["objectives"]},
+        "train": {key: own["train"][key] for key in StageTrain.model_fields},
+    }
+
+
+def _validate(
+    tree: dict[str, Any], source: str, provenance: dict[Path_, str], label: Path_ = ()
+) -> Recipe:
     for loc in COMPONENT_SECTIONS:  # a section without a name keeps the default component
         section = _get(tree, loc)
         if isinstance(section, dict) and "name" not in section:
@@ -168,26 +245,43 @@ def validate_recipe(
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, Recipe, source, provenance)) from None
+        raise RecipeError(
+            format_validation_error(exc, Recipe, source, provenance, prefix=label)
+        ) from None
+
+    def resolve(spec: ComponentSpec, registry: Registry, loc: Path_) -> ComponentSpec:
+        return _resolve_component(spec, registry, loc, source, provenance, label)
+
     for loc, registry in COMPONENT_SECTIONS.items():
         parent = recipe
         for part in loc[:-1]:
             parent = getattr(parent, part)
-        spec = getattr(parent, loc[-1])
-        setattr(parent, loc[-1], _resolve_component(spec, registry, loc, source, provenance))
-    recipe.objectives = {
-        key: _resolve_component(spec, OBJECTIVES, ("objectives", key), source, provenance)
-        for key, spec in recipe.objectives.items()
-    }
+        setattr(parent, loc[-1], resolve(getattr(parent, loc[-1]), registry, loc))
+    objectives = {}
+    for key, spec in recipe.objectives.items():
+        spec = resolve(spec, OBJECTIVES, ("objectives", key))
+        if isinstance(spec.weight, ComponentSpec):
+            spec.weight = resolve(spec.weight, WEIGHTS, ("objectives", key, "weight"))
+        objectives[key] = spec
+    recipe.objectives = objectives
+    if isinstance(recipe.crystal.ce_weight, ComponentSpec):
+        recipe.crystal.ce_weight = resolve(
+            recipe.crystal.ce_weight, WEIGHTS, ("crystal", "ce_weight")
+        )
     return recipe
 
 
 def _resolve_component(
-    spec: ComponentSpec, registry: Registry, loc: Path_, source: str, prov: dict[Path_, str]
+    spec: ComponentSpec,
+    registry: Registry,
+    loc: Path_,
+    source: str,
+    prov: dict[Path_, str],
+    label: Path_ = (),
 ) -> ComponentSpec:
     named = (*loc, "name")
     where = _source_of(named if named in prov else loc, prov, source)  # objectives: name = key
-    key = ".".join(loc)
+    key = ".".join((*label, *loc))
     try:
         obj = registry.get(spec.name)
     except UsageError as exc:
@@ -196,7 +290,9 @@ def _resolve_component(
     try:
         params = model.model_validate(spec.params)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, model, source, prov, prefix=loc)) from None
+        raise RecipeError(
+            format_validation_error(exc, model, source, prov, prefix=(*label, *loc))
+        ) from None
     if registry in BUILT_AT_LOAD:
         try:
             obj(**params.model_dump())
@@ -215,7 +311,7 @@ def format_validation_error(
 ) -> str:
     err = exc.errors(include_url=False)[0]
     loc = (*prefix, *(str(p) for p in err["loc"]))
-    key = ".".join(loc) or "<root>"
+    key = ".".join(loc)
     where = _source_of(loc, prov, source)
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
@@ -228,7 +324,7 @@ def format_validation_error(
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     got = "" if "got" in message or not err["loc"] else f", got {err['input']!r}"
-    return f"{where}: {key}: {message}{got}{more}"
+    return f"{where}: {key + ': ' if key else ''}{message}{got}{more}"
 
 
 def _source_of(loc: Path_, prov: dict[Path_, str], default: str) -> str:
@@ -267,12 +363,18 @@ def recipe_json_schema() -> dict[str, Any]:
         owner = schema if len(loc) == 1 else defs[Recipe.model_fields[loc[0]].annotation.__name__]
         prop = owner["properties"][loc[-1]]
         owner["properties"][loc[-1]] = alternatives(registry, prop.get("description", ""))
+    weight = {
+        "description": "a number >= 0, or a weight schedule (WEIGHTS)",
+        "anyOf": [{"type": "number", "minimum": 0}, *alternatives(WEIGHTS, "")["anyOf"]],
+    }
     objective = alternatives(OBJECTIVES, "")
-    weight = ObjectiveSpec.model_json_schema()["properties"]["weight"]
+    gradient = ObjectiveSpec.model_json_schema()["properties"]["gradient"]
     for alternative in objective["anyOf"]:
         alternative["properties"]["weight"] = weight
+        alternative["properties"]["gradient"] = gradient
         alternative["required"] = [r for r in alternative["required"] if r != "name"]
     schema["properties"]["objectives"]["additionalProperties"] = objective
+    defs["CrystalConfig"]["properties"]["ce_weight"] = weight
     schema["required"] = [key for key in schema.get("required", []) if key != "name"]
     schema["properties"]["inherit"] = {
         "description": "base recipe(s), relative to this file",

@@ -97,10 +97,15 @@ def _child(node: Any, segment: str, override: Override, depth: int, create: bool
 
 
 def _index(node: list, segment: str, override: Override, depth: int) -> int:
+    """A list position: a number, or the ``name`` of a mapping in the list (``stages.crystal``)."""
     where = ".".join(override.path[:depth]) or "<root>"
     if not segment.isdigit():
+        names = [item.get("name") for item in node if isinstance(item, dict)]
+        if segment in names:
+            return names.index(segment)
+        hint = f" or one of the names {', '.join(map(str, names))}" if any(names) else ""
         raise RecipeError(
-            f"override {override.key!r}: {where} is a list; use an index, not {segment!r}"
+            f"override {override.key!r}: {where} is a list; use an index{hint}, not {segment!r}"
         )
     index = int(segment)
     if index >= len(node):

@@ -3,13 +3,35 @@ and in the JSON Schema editors use for autocompletion)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _weight_shape(value: Any) -> Any:
+    """Before validation: a number, or a mapping naming a weight schedule (one clear error
+    instead of one per alternative of the union)."""
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise ValueError(
+                "a weight schedule needs a name, e.g. {name: linear, start: 0, end: 1} "
+                "(`crystalkit list weights`)"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | ComponentSpec):
+        raise ValueError(f"expected a number >= 0 or a weight schedule mapping, got {value!r}")
+    return value
+
+
+def _check_weight(weight: float | ComponentSpec) -> float | ComponentSpec:
+    if isinstance(weight, float) and not weight >= 0:
+        raise ValueError(f"must be >= 0 (a number, or a weight schedule), got {weight}")
+    return weight
 
 
 class ComponentSpec(BaseModel):
@@ -29,7 +51,19 @@ class ObjectiveSpec(ComponentSpec):
     (so one objective can appear twice, e.g. attention at two layer sets)."""
 
     name: str | None = Field(None, description="registered objective (defaults to the key)")
-    weight: float = Field(1.0, ge=0, description="weight of this term in the total loss")
+    weight: float | ComponentSpec = Field(
+        1.0,
+        description="weight of this term in the total loss: a number, or a weight schedule "
+        "over the stage (WEIGHTS), e.g. {name: gate, until: 0.5}",
+    )
+    gradient: bool = Field(
+        True,
+        description="false: the term is computed, logged and counted in the loss value but gives "
+        "no gradient (how the released code's attention term behaves)",
+    )
+
+    _weight_shape = field_validator("weight", mode="before")(_weight_shape)
+    _weight = field_validator("weight")(_check_weight)
 
 
 class LatentsConfig(_Strict):
@@ -66,7 +100,18 @@ class CrystalConfig(_Strict):
     ce: Literal["intact", "corrupted", "both"] = Field(
         "both", description="which path's answer tokens get cross-entropy (both: their mean)"
     )
-    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+    ce_weight: float | ComponentSpec = Field(
+        1.0,
+        description="weight of the cross-entropy term: a number or a weight schedule (WEIGHTS)",
+    )
+    detach_corrupted_image: bool = Field(
+        False,
+        description="stop the gradient at the corrupted image's features: no loss reaches the "
+        "vision encoder through the corrupted image (the latents' route is untouched)",
+    )
+
+    _weight_shape = field_validator("ce_weight", mode="before")(_weight_shape)
+    _weight = field_validator("ce_weight")(_check_weight)
 
 
 class TrainConfig(_Strict):
@@ -116,6 +161,15 @@ class EvalConfig(_Strict):
     max_samples: int | None = Field(None, ge=1, description="cap on evaluated samples per split")
     batch_size: int = Field(128, ge=1, description="samples per evaluation batch")
     max_new_tokens: int = Field(4, ge=1, description="greedy decoding budget for the answer")
+    controls: list[Literal["corrupted", "copied", "no_copy", "zero", "mean", "shuffle", "swap"]] = (
+        Field(
+            default_factory=list,
+            description="extra evaluations of final_split, in results.json under controls: the "
+            "corrupted image with its own latents (corrupted), with the intact image's latents "
+            "copied in (copied), with latents that never saw the image (no_copy); the latent "
+            "probes zero, mean, shuffle, swap",
+        )
+    )
 
 
 class PromptConfig(_Strict):
@@ -158,6 +212,87 @@ class LoraConfig(_Strict):
     )
 
 
+class WarmStartConfig(_Strict):
+    """Start from the weights of another run instead of a fresh initialisation."""
+
+    source: str | None = Field(
+        None,
+        description="a finished run directory or a `crystalkit export` folder (relative to the "
+        "working directory, like output_dir); its latest weights, LoRA merged, and its "
+        "tokenizer start this run. null = fresh initialisation",
+    )
+
+
+class StageLatents(_Strict):
+    family: Literal["token", "recurrent"] | None = Field(None, description="latents.family")
+    schedule: ComponentSpec | None = Field(None, description="latents.schedule (SCHEDULES)")
+
+
+class StageTrain(_Strict):
+    """The optimisation keys a stage may set; the others (steps, batch size, precision, ...)
+    belong to the whole run."""
+
+    lr: float | None = Field(None, gt=0, description="peak learning rate of this stage")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] | None = Field(None, description="AdamW betas")
+    lr_schedule: Literal["cosine", "linear", "constant"] | None = Field(
+        None, description="decay after warmup, within the stage"
+    )
+    warmup_ratio: float | None = Field(
+        None, ge=0, le=1, description="share of the stage's steps with linear warmup"
+    )
+    grad_clip: float | None = Field(None, gt=0, description="max global grad norm")
+
+
+#: the recipe sections a stage may set, in the order they are shown
+STAGE_SECTIONS = ("method", "latents", "corruption", "crystal", "objectives", "train")
+
+
+class Stage(_Strict):
+    """One stage of a staged run: a partial recipe applied to the same model for a share of
+    ``train.steps``. A section left out (``null``) is the recipe's own; the loader merges a
+    stage's sections over the recipe's key by key (an objective set to ``null`` is dropped)."""
+
+    name: str = Field(description="stage name (metrics, checkpoints and overrides use it)")
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of train.steps; the fractions sum to 1 (one stage may leave it "
+        "out and take the rest)",
+    )
+    method: Literal["finetune", "crystal"] | None = Field(None, description="method")
+    latents: StageLatents | None = Field(None, description="latents.family and latents.schedule")
+    corruption: ComponentSpec | None = Field(None, description="corruption (CORRUPTIONS)")
+    crystal: CrystalConfig | None = Field(None, description="crystal section")
+    objectives: dict[str, ObjectiveSpec | None] | None = Field(
+        None, description="objectives section; an objective set to null is dropped"
+    )
+    train: StageTrain | None = Field(
+        None, description="lr, weight_decay, betas, lr_schedule, warmup_ratio, grad_clip"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, name: str) -> str:
+        if not name or not name.replace("_", "a").replace("-", "a").isalnum() or name.isdigit():
+            raise ValueError(
+                "must be a word of letters, digits, '_' or '-' (not a number), e.g. finetune"
+            )
+        return name
+
+
+def stage_steps(fractions: list[float], steps: int) -> list[int]:
+    """Steps of each stage: boundaries at the rounded cumulative fractions of ``steps``, so the
+    stages always add up to ``steps`` exactly."""
+    bounds, total = [0], 0.0
+    for fraction in fractions:
+        total += fraction
+        bounds.append(round(min(total, 1.0) * steps))
+    bounds[-1] = steps
+    return [b - a for a, b in itertools.pairwise(bounds)]
+
+
 class Recipe(_Strict):
     """A complete, runnable experiment."""
 
@@ -194,6 +329,14 @@ class Recipe(_Strict):
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    warm_start: WarmStartConfig = Field(
+        default_factory=WarmStartConfig, description="start from another run's weights"
+    )
+    stages: list[Stage] = Field(
+        default_factory=list,
+        description="ordered stages, each a partial recipe for a share of train.steps (empty: "
+        "one stage, the recipe itself)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -201,6 +344,42 @@ class Recipe(_Strict):
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise ValueError("must be a plain folder name (no slashes)")
         return name
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> Recipe:
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stages: stage names must be unique, {repeated[0]!r} repeats")
+        open_ = [i for i, stage in enumerate(self.stages) if stage.fraction is None]
+        given = sum(stage.fraction or 0.0 for stage in self.stages)
+        if len(open_) > 1:
+            raise ValueError(
+                f"stages.{self.stages[open_[1]].name}.fraction: only one stage may leave its "
+                "fraction out (it takes the rest of train.steps)"
+            )
+        if open_:
+            if given >= 1 - 1e-9:
+                raise ValueError(
+                    f"stages.{self.stages[open_[0]].name}.fraction: the other stages already "
+                    f"take {given:g} of train.steps; nothing is left for this one"
+                )
+            self.stages[open_[0]].fraction = round(1.0 - given, 12)
+        elif self.stages and abs(given - 1.0) > 1e-6:
+            raise ValueError(f"stages: the fractions must add up to 1, got {given:g}")
+        for stage, steps in zip(
+            self.stages, stage_steps(self.stage_fractions, self.train.steps), strict=True
+        ):
+            if steps < 1 and len(self.stages) > 1:
+                raise ValueError(
+                    f"stages.{stage.name}.fraction: {stage.fraction:g} of train.steps="
+                    f"{self.train.steps} is less than one step"
+                )
+        return self
+
+    @property
+    def stage_fractions(self) -> list[float]:
+        return [stage.fraction or 0.0 for stage in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe as plain YAML-able data."""

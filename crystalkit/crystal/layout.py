@@ -28,7 +28,8 @@ class Layout:
     """``input_ids``, ``segments`` and ``labels`` (the target token at its own column) are
     ``[B, T]``; ``regions`` maps each present segment to its columns. ``recurrent`` marks latent
     blocks whose slots are filled with hidden states. ``pixel_values`` are the intact images and
-    ``corrupted_pixels`` their corrupted versions (present when the corrupted path is)."""
+    ``corrupted_pixels`` their corrupted versions (present when the corrupted path is);
+    ``detach_corrupted_image`` stops the gradient at the corrupted image's features."""
 
     input_ids: torch.Tensor
     segments: torch.Tensor
@@ -37,6 +38,7 @@ class Layout:
     recurrent: bool
     pixel_values: torch.Tensor
     corrupted_pixels: torch.Tensor | None = None
+    detach_corrupted_image: bool = False
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from crystalkit.config.schema import EvalConfig
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS
-from crystalkit.evaluation.generation import generate_answers
+from crystalkit.evaluation.generation import View, generate_answers
 from crystalkit.evaluation.probes import LatentProbe
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
@@ -82,11 +82,14 @@ def evaluate(
     cfg: EvalConfig,
     corrupted: bool = False,
     latent_probe: LatentProbe | None = None,
+    view: View = "intact",
 ) -> EvalResult:
     """Greedy-decode an answer for every sample, after ``method``'s final latent block, and score
     the extracted choice. ``corrupted``: show the model the recipe's corrupted images instead
     (seeded per batch), to measure how much evidence the corruption leaves. ``latent_probe``:
-    replace the latent block's content first (:mod:`crystalkit.evaluation.probes`)."""
+    replace the latent block's content first (:mod:`crystalkit.evaluation.probes`). ``view``
+    ``copied`` / ``no_copy``: answer on the corrupted images (the same ones ``corrupted`` shows)
+    from the intact images' latent block, or from one that saw no image."""
     was_training = backbone.training
     backbone.eval()
     tokenizer = backbone.tokenizer
@@ -95,10 +98,18 @@ def evaluate(
     predictions: list[dict[str, Any]] = []
     for start in range(0, total, cfg.batch_size):
         samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
-        seed = derived_seed(method.recipe.seed, -1 - start) if corrupted else None
-        layout = method.prompt_layout(samples, corrupt_seed=seed).to(device)
+        seed = derived_seed(method.recipe.seed, -1 - start)
+        if view == "intact":
+            layout = method.prompt_layout(samples, corrupt_seed=seed if corrupted else None)
+        else:
+            layout = method.control_layout(samples, seed, blank=view == "no_copy")
         answers = generate_answers(
-            backbone, layout, cfg.max_new_tokens, [tokenizer.eos_token_id], latent_probe
+            backbone,
+            layout.to(device),
+            cfg.max_new_tokens,
+            [tokenizer.eos_token_id],
+            latent_probe,
+            view,
         )
         for sample, row in zip(samples, answers.tokens.tolist(), strict=True):
             raw = tokenizer.decode(row, skip_special_tokens=True)

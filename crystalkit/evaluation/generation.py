@@ -4,19 +4,25 @@ crystalkit decodes itself instead of calling ``generate``: the prompt goes throu
 computation training runs (:func:`~crystalkit.crystal.paths.run_intact`: the same layout, the same
 latent block, the recurrent loop for recurrent latents), and a loop this small is easier to keep
 identical than a generation config.
+
+The corrupted path can be decoded too, from a prompt layout that holds both images
+(:meth:`~crystalkit.crystal.method.Method.control_layout`): ``copied`` answers from the corrupted
+image with the intact path's latent block injected (the corrupted path of training, as the
+two-pass strategy computes it), ``no_copy`` from the corrupted image with a latent block that saw
+no image (the ``no_copy`` control's path).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from crystalkit.crystal.layout import Layout
-from crystalkit.crystal.packing import INTACT_PATH, Segment
-from crystalkit.crystal.paths import layout_inputs, run_intact
+from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment
+from crystalkit.crystal.paths import BLANK_PATH, layout_inputs, run_intact
 from crystalkit.crystal.runner import block_kv, run_sequence
 from crystalkit.models.backbone import Backbone
 from crystalkit.models.masks import additive, causal_allowed
@@ -31,6 +37,10 @@ class Generation:
     first_logits: torch.Tensor
 
 
+#: which path answers: the intact one, or the corrupted one reading copied / image-free latents
+View = Literal["intact", "copied", "no_copy"]
+
+
 @torch.inference_mode()
 def generate_answers(
     backbone: Backbone,
@@ -38,26 +48,32 @@ def generate_answers(
     max_new_tokens: int,
     stop_ids: Iterable[int],
     latent_probe: Callable[..., Any] | None = None,
+    view: View = "intact",
 ) -> Generation:
     """Greedy answers for a prompt layout (``with_answer=False``: rows end at the answer cue).
     ``latent_probe(backbone, layout, kv) -> kv`` replaces the latent block's per-layer keys and
-    values before the answer cue reads them (:mod:`crystalkit.evaluation.probes`)."""
+    values before the answer cue reads them (:mod:`crystalkit.evaluation.probes`). ``view``
+    ``copied`` / ``no_copy`` decode the corrupted path of a two-image prompt layout."""
     inputs = layout_inputs(backbone, layout)
-    intact, run, _ = run_intact(backbone, layout, inputs, keep_cache=True)
-    block = intact.regions[Segment.LATENT]
+    if view == "intact":
+        path, run, _ = run_intact(backbone, layout, inputs, keep_cache=True)
+        block, cue = path.regions[Segment.LATENT], path.regions[Segment.ANSWER_INTACT]
+        cols = layout.select(INTACT_PATH)[1]
+    else:
+        path, run, cols = _corrupted_path(backbone, layout, inputs, view)
+        read = Segment.LATENT if view == "copied" else Segment.LATENT_BLANK
+        block, cue = path.regions[read], path.regions[Segment.ANSWER_CORRUPTED]
     if latent_probe is not None and len(block):
         kv = block_kv(run.cache, block)
-        _, cols = layout.select(INTACT_PATH)
         run = run_sequence(
             backbone,
             inputs.columns(cols),
             inject=(block, latent_probe(backbone, layout, kv)),
             keep_cache=True,
         )
-    cue = intact.regions[Segment.ANSWER_INTACT]
     logits = run.logits(range(cue.stop - 1, cue.stop))[:, -1]
     first_logits = logits.float()
-    mask = (intact.segments != Segment.PAD).long()
+    mask = (path.segments != Segment.PAD).long()
     next_pos = run.positions[..., -1:] + 1
     cache = run.cache
     stop = torch.tensor(sorted(set(stop_ids)), device=mask.device)
@@ -84,3 +100,27 @@ def generate_answers(
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
     return Generation(torch.stack(generated, dim=1), first_logits)
+
+
+def _corrupted_path(
+    backbone: Backbone, layout: Layout, inputs: Any, view: View
+) -> tuple[Layout, Any, torch.Tensor]:
+    """The corrupted path ``A B D F`` with the intact run's D injected (``copied``), or
+    ``A B D' F`` (``no_copy``), run with a kept cache; returns (path layout, run, columns)."""
+    if view == "no_copy":
+        if not layout.has(Segment.LATENT_BLANK):
+            raise ValueError("no_copy needs a prompt layout with a blank latent block")
+        path, cols = layout.select(BLANK_PATH)
+        run = run_sequence(
+            backbone, inputs.columns(cols), slots=path.slot_ranges(), keep_cache=True
+        )
+        return path, run, cols
+    if not layout.has(Segment.CORRUPTED):
+        raise ValueError("copied needs a prompt layout with the corrupted image")
+    intact, intact_run, _ = run_intact(backbone, layout, inputs, keep_cache=True)
+    path, cols = layout.select(CORRUPTED_PATH)
+    block = path.regions[Segment.LATENT]
+    kv = block_kv(intact_run.cache, intact.regions[Segment.LATENT])
+    inject = (block, kv) if len(block) else None
+    run = run_sequence(backbone, inputs.columns(cols), inject=inject, keep_cache=True)
+    return path, run, cols

@@ -56,19 +56,39 @@ def run_image_size(dataset: object, backbone: Backbone) -> int:
 
 
 def evaluate_run_dir(
-    run_dir: Path, split: str, max_samples: int | None = None, corrupted: bool = False
+    run_dir: Path,
+    split: str,
+    max_samples: int | None = None,
+    corrupted: bool = False,
+    latents: str = "own",
 ) -> EvalResult:
     """Evaluate ``split``; writes ``eval_SPLIT.json`` and ``predictions_SPLIT.jsonl`` (with
     ``corrupted``: ``eval_SPLIT_corrupted.json`` ..., images corrupted by the recipe's
-    corruption)."""
+    corruption; ``latents`` ``copied`` / ``no_copy`` then answers from the intact images' latent
+    block, or from one that saw no image: ``eval_SPLIT_corrupted_copied.json`` ...)."""
+    from crystalkit.errors import UsageError
+
+    if latents not in ("own", "copied", "no_copy"):
+        raise UsageError(f"--latents: expected own, copied or no_copy, got {latents!r}")
+    if latents != "own" and not corrupted:
+        raise UsageError(
+            "--latents copied/no_copy answers from the corrupted images: add --corrupted"
+        )
     recipe, dataset, backbone, method, step = load_run(run_dir)
+    if latents != "own" and method.final_k == 0:
+        raise UsageError(f"{run_dir}: the run has no latent block (K = 0): --latents {latents}")
     cfg = (
         recipe.eval
         if max_samples is None
         else recipe.eval.model_copy(update={"max_samples": max_samples})
     )
-    result = evaluate(backbone, dataset.split(split), method, cfg, corrupted=corrupted)
-    result.save(run_dir, f"{split}_corrupted" if corrupted else split, step)
+    data = dataset.split(split)
+    if latents == "own":
+        result = evaluate(backbone, data, method, cfg, corrupted=corrupted)
+    else:
+        result = evaluate(backbone, data, method, cfg, view=latents)
+    name = split + ("_corrupted" if corrupted else "") + ("" if latents == "own" else f"_{latents}")
+    result.save(run_dir, name, step)
     return result
 
 
@@ -91,7 +111,8 @@ def probe_run_dir(
 ) -> dict:
     """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``."""
     from crystalkit.errors import UsageError
-    from crystalkit.evaluation.probes import BUILTIN, PROBES, dataset_mean_kv, mean_probe
+    from crystalkit.evaluation.controls import control_accuracy
+    from crystalkit.evaluation.probes import PROBES
     from crystalkit.io import atomic_write_json
 
     unknown = [p for p in probes if p not in PROBES]
@@ -111,18 +132,7 @@ def probe_run_dir(
     base = evaluate(backbone, data, method, cfg)
     results = {"none": base.accuracy}
     for name in probes:
-        probe = BUILTIN.get(name)
-        if name == "mean":
-            total = min(cfg.max_samples or len(data), len(data))
-            device = next(backbone.parameters()).device
-            layouts = [
-                method.prompt_layout(
-                    [data[i] for i in range(s, min(s + cfg.batch_size, total))]
-                ).to(device)
-                for s in range(0, total, cfg.batch_size)
-            ]
-            probe = mean_probe(dataset_mean_kv(backbone.eval(), layouts))
-        results[name] = evaluate(backbone, data, method, cfg, latent_probe=probe).accuracy
+        results[name] = control_accuracy(backbone, data, method, cfg, name)
     summary = {
         "step": step,
         "split": split,

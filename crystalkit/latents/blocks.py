@@ -13,6 +13,7 @@ at all. New rows start as copies of an existing token's row (Coconut), never ran
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import torch
@@ -65,3 +66,30 @@ def train_only_rows(matrices: list[nn.Parameter], rows: list[int]) -> None:
         keep[rows] = True
         # the mask follows the gradient: the backbone moves to its device after this is set up
         matrix.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
+
+
+@torch.no_grad()
+def reset_token_rows(backbone: Backbone, ids: list[int], source: str) -> None:
+    """Set the embedding (and output) rows of ``ids`` to ``source``'s current rows: how a stage
+    that first uses latent tokens starts them, as a fresh run on the previous stage's weights
+    would. Under LoRA the rows live in peft's trainable-token table, so they are written there."""
+    if not ids:
+        return
+    row = backbone.tokenizer.convert_tokens_to_ids(source)
+    peft_layers = sys.modules.get("peft.tuners.trainable_tokens.layer")  # loaded iff LoRA is on
+    tables = [
+        m
+        for m in backbone.modules()
+        if peft_layers is not None and isinstance(m, peft_layers.TrainableTokensLayer)
+    ]
+    for layer in tables:
+        if layer.tied_adapter is not None:
+            continue  # shares its table with the layer it is tied to
+        base = layer.get_base_layer().weight
+        for adapter, indices in layer.token_indices.items():
+            delta = layer.trainable_tokens_delta[adapter]
+            for token in ids:
+                delta[indices.index(token)] = base[row]
+    if not tables:
+        for matrix in backbone.token_matrices():
+            matrix[ids] = matrix[row].clone()

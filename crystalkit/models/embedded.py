@@ -8,7 +8,10 @@ adapters, so everything tested on it runs unchanged on those.
 
 Two choices matter for learning from scratch (measured): a convolutional encoder (a from-scratch
 ViT stays at chance for minutes) and Xavier-initialised LM projections (with the LM's default
-``N(0, 0.02)`` init, attention to the image tokens barely learns).
+``N(0, 0.02)`` init, attention to the image tokens barely learns). The encoder normalises each
+image on its own (``encoder_norm: groupnorm1``): with batch norm, the intact and corrupted images
+of a CrystaL step would share batch statistics, and its running statistics would mix sharp and
+blurred images.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ class EmbeddedConfig(BaseModel):
     encoder_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"channels": [32, 64, 128, 256]},
         description="extra keyword arguments for timm.create_model",
+    )
+    encoder_norm: str | None = Field(
+        "groupnorm1",
+        description="timm norm_layer of the encoder; a per-sample norm (groupnorm1, "
+        "layernorm2d) keeps the intact and corrupted images of a step independent, batchnorm "
+        "couples them through batch statistics; null = the encoder's own",
     )
     feature_stride: int = Field(8, description="encoder stride of the feature map used as tokens")
     lm_type: str = Field("qwen2", description="transformers model_type of the language model")
@@ -191,10 +200,17 @@ class EmbeddedBackbone(Backbone):
 
 def _timm_features(config: EmbeddedConfig) -> nn.Module:
     kwargs = dict(config.encoder_kwargs)
+    if config.encoder_norm is not None:
+        kwargs.setdefault("norm_layer", config.encoder_norm)
     if isinstance(kwargs.get("channels"), list):
         kwargs["channels"] = tuple(kwargs["channels"])
     try:
         probe = timm.create_model(config.encoder, pretrained=False, features_only=True, **kwargs)
+    except KeyError as exc:  # timm's norm-layer lookup
+        raise UsageError(
+            f"backbone.encoder_norm: timm has no norm layer {exc}; e.g. groupnorm1, layernorm2d, "
+            "batchnorm"
+        ) from None
     except (RuntimeError, TypeError) as exc:  # unknown model name or bad kwargs
         raise UsageError(f"backbone.encoder: timm cannot build {config.encoder!r}: {exc}") from None
     reductions = probe.feature_info.reduction()

@@ -55,9 +55,11 @@ def save_checkpoint(
     model: torch.nn.Module,
     trainer_state: dict[str, Any] | None,
     keep: int,
+    meta: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Write a complete checkpoint for ``step``, point ``latest`` at it, prune old ones.
-    ``trainer_state`` ``None``: weights only (an export)."""
+    ``trainer_state`` ``None``: weights only (an export). ``meta``: more fields for
+    ``meta.json`` (the stage the step belongs to)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -68,7 +70,7 @@ def save_checkpoint(
             buffer = io.BytesIO()
             torch.save(trainer_state, buffer)
             atomic_write_bytes(tmp / STATE, buffer.getvalue())
-        atomic_write_json(tmp / META, {"step": step})
+        atomic_write_json(tmp / META, {"step": step, **(meta or {})})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -129,18 +131,21 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def base_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the frozen parameters' names, shapes and a strided sample of their values:
-    cheap even for a 7B model, and different for another seed, init or pretrained checkpoint."""
+def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of tensors' names, shapes, dtypes and a strided sample of their values: cheap
+    even for a 7B model, and different for another seed, init or training run."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            continue
-        flat = param.detach().reshape(-1)
+    for name, tensor in tensors.items():
+        flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of a partly frozen model's frozen parameters (its base)."""
+    return state_fingerprint({n: p for n, p in model.named_parameters() if not p.requires_grad})
 
 
 def _partial(model: torch.nn.Module) -> bool:

@@ -188,10 +188,10 @@ class ShardLoss:
         self.units: dict[str, Units] = {
             k: "answer_tokens" for k in ("ce", "ce_intact", "ce_corrupted")
         }
-        self.weights: dict[str, float] = {}
-        for key, weight, objective in method.objectives:
+        self.trains: dict[str, bool] = {}
+        for key, _, objective, trains in method.objectives:
             self.units[key] = objective_units(objective)
-            self.weights[key] = weight
+            self.trains[key] = trains
 
     def __call__(
         self,
@@ -199,18 +199,21 @@ class ShardLoss:
         terms: dict[str, torch.Tensor],
         counts: torch.Tensor,
         global_counts: torch.Tensor,
+        weights: dict[str, float],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, terms)`` scaled by ``counts / global_counts`` of each term's unit: the CE part
-        by the answer-token share, each objective by its own (an exact identity when all shares
-        are 1, so one process on one batch computes what it always did)."""
+        by the answer-token share, each objective (weighted by ``weights``, this step's) by its
+        own (an exact identity when all shares are 1, so one process on one batch computes what it
+        always did)."""
         share = {
             unit: float(counts[i] / global_counts[i]) if global_counts[i] > 0 else 0.0
             for i, unit in enumerate(UNITS)
         }
         base = share["answer_tokens"]
         loss = base * total
-        for key, weight in self.weights.items():
-            loss = loss + weight * terms[key] * (share[self.units[key]] - base)
+        for key, trains in self.trains.items():
+            value = terms[key] if trains else terms[key].detach()
+            loss = loss + weights[key] * value * (share[self.units[key]] - base)
         scaled = {key: value.detach() * share[self.units[key]] for key, value in terms.items()}
         return loss, scaled
 

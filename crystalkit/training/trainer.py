@@ -30,9 +30,12 @@ from rich.progress import (
 from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import Recipe
-from crystalkit.errors import UsageError
+from crystalkit.crystal.method import Method
+from crystalkit.errors import CheckpointError, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
+from crystalkit.evaluation.controls import run_controls
 from crystalkit.io import atomic_write_json, atomic_write_text
+from crystalkit.latents.blocks import reset_token_rows
 from crystalkit.training.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -49,7 +52,9 @@ from crystalkit.training.distributed import (
 )
 from crystalkit.training.metrics import MetricsLog
 from crystalkit.training.optim import build_optimizer
-from crystalkit.training.sampler import StepSampler
+from crystalkit.training.sampler import StepSampler, derived_seed
+from crystalkit.training.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
+from crystalkit.training.warm_start import SNAPSHOT_DIR, read_record, write_snapshot
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
@@ -96,6 +101,7 @@ def _clear_outputs(run_dir: Path) -> None:
     predictions) can be mistaken for this run's."""
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / SNAPSHOT_DIR, ignore_errors=True)
     for pattern in ("metrics.jsonl", RESULTS_FILE, "eval_*.json", "predictions_*.jsonl"):
         for stale in run_dir.glob(pattern):
             stale.unlink()
@@ -208,87 +214,97 @@ def _train(
     world.barrier()  # every rank has read the run dir before rank 0 changes it
     torch.manual_seed(recipe.seed)
     dataset = build_dataset(recipe)
-    # latent tokens, then LoRA: all before the optimizer sees the parameters
-    backbone, method, _ = build_model(recipe, dataset, assets=run_dir if checkpoint else None)
+    if checkpoint is None and world.main:
+        if resume:
+            console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
+        _clear_outputs(run_dir)
+        if recipe.warm_start.source is not None:
+            record = write_snapshot(recipe, dataset, run_dir)
+            console.print(
+                f"warm start from {record['source']} (step {record['step']}"
+                + (", LoRA merged" if record["lora_merged"] else "")
+                + ")"
+            )
+    world.barrier()  # the warm-start snapshot is complete before any rank reads it
+    warm = recipe.warm_start.source is not None
+    # latent tokens of every stage, then LoRA: all before the optimizer sees the parameters
+    model = build_model(recipe, dataset, assets=run_dir if checkpoint or warm else None)
+    backbone = model.backbone
     if cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     backbone.to(device)
     if checkpoint is not None:
         load_weights(backbone, checkpoint)
     parallel.prepare(backbone, device)
+    plan = plan_stages(recipe)
+    _check_stages(recipe, plan, model.introduced)
     frozen_rows = backbone.token_matrices() if recipe.latents.train_new_rows_only else []
-    optimizer, scheduler = build_optimizer(backbone, cfg, no_decay=frozen_rows)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    start = 0
+    start, state = 0, None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        parallel.load_optimizer(backbone, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
         start = checkpoint.step
         if world.main:
             metrics.truncate_after(start)
             console.print(f"resuming {run_dir} from step {start}")
     elif world.main:
-        if resume:
-            console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
-        _clear_outputs(run_dir)
         atomic_write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
         backbone.save_assets(run_dir)
 
     train_split = dataset.split("train")
     sampler = StepSampler(len(train_split), cfg.batch_size, recipe.seed)
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-
-    def save(step: int) -> None:
-        weights, optimizer_state = parallel.checkpoint_state(backbone, optimizer)
-        if world.main:
-            state = {
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-            }
-            save_checkpoint(run_dir, step, weights, state, cfg.keep_checkpoints)
-
     evaluating = world.main or parallel.collective_forward  # a sharded model evaluates together
 
-    def run_eval(step: int, split_name: str) -> EvalResult:
+    def run_eval(step: int, split_name: str, stage: Stage, method: Method) -> EvalResult:
         result = evaluate(backbone, dataset.split(split_name), method, recipe.eval)
         if world.main:
-            metrics.append({"step": step, "split": split_name, **result.summary()})
+            record = {"step": step, "stage": stage.name, "split": split_name}
+            metrics.append(record | result.summary())
         return result
 
-    shard_loss = ShardLoss(method)
     micro_batches = world.micro_batches(cfg.batch_size, cfg.grad_accum_steps)
     backbone.train()
     window_start, window_samples = time.perf_counter(), 0
     train_start = time.perf_counter()
+    stage: Stage | None = None
     with _progress(console, disable=not world.main) as progress:
         task = progress.add_task(
             recipe.name, total=cfg.steps, completed=start, loss=float("nan"), rate=0, terms=""
         )
         for step in range(start, end):
+            if stage is None or step >= stage.stop:
+                stage = stage_at(plan, step)
+                method = model.stage_methods[stage.index]
+                shard_loss = ShardLoss(method)
+                # a stage starts a fresh optimizer; mid-stage, a resumed run restores its state
+                resumed = state if step == start and step > stage.start else None
+                opt = _StageOptimizer(backbone, stage, parallel, frozen_rows, resumed)
+                if step == stage.start:
+                    init_from = stage.recipe.latents.init_from or backbone.tokenizer.eos_token
+                    reset_token_rows(backbone, list(model.introduced[stage.index]), init_from)
+                if len(plan) > 1:
+                    progress.update(task, description=f"{recipe.name} [{stage.name}]")
+                    if world.main and step == stage.start:
+                        progress.console.print(_stage_line(stage, method, len(plan)))
+            local = stage.local(step)
             torch.manual_seed(world.step_seed(recipe.seed, step))
             samples = [train_split[i] for i in sampler.indices(step)]
-            layout = method.layout(samples, step)  # the global batch: corrupted as one process
+            # the global batch: corrupted as one process would
+            layout = method.layout(samples, local, corrupt_seed=derived_seed(recipe.seed, step))
+            weights = method.weights_at(local)
             global_counts = unit_counts(layout)
-            optimizer.zero_grad(set_to_none=True)
+            opt.optimizer.zero_grad(set_to_none=True)
             shares = []  # this rank's shares of [loss, *terms], one per micro-batch
             for rows in micro_batches:
                 micro = layout.rows(rows)
                 with _autocast(device, cfg.precision):
-                    total, terms = method.loss(backbone, micro.to(device))
-                loss, terms = shard_loss(total, terms, unit_counts(micro), global_counts)
-                parallel.backward(scaler.scale(loss))
+                    total, terms = method.loss(backbone, micro.to(device), weights)
+                loss, terms = shard_loss(total, terms, unit_counts(micro), global_counts, weights)
+                parallel.backward(opt.scaler.scale(loss))
                 shares.append(torch.stack([loss.detach(), *terms.values()]).float())
             parallel.sync(backbone)
-            scaler.unscale_(optimizer)
-            grad_norm = parallel.clip(backbone, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            grad_norm = opt.step()
             window_samples += len(samples)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
@@ -298,10 +314,12 @@ def _train(
                 values = dict(zip(terms, term_values, strict=True))
                 record = {
                     "step": done,
+                    "stage": stage.name,
                     "loss": loss_value,
                     **{f"loss/{k}": v for k, v in values.items()},
-                    "k": method.k_at(step),
-                    "lr": scheduler.get_last_lr()[0],
+                    **{f"weight/{k}": v for k, v in weights.items()},
+                    "k": method.k_at(local),
+                    "lr": opt.scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "samples_per_s": rate,
                 }
@@ -313,7 +331,7 @@ def _train(
             progress.update(task, completed=done)
             periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
             if periodic and evaluating:
-                result = run_eval(done, recipe.eval.split)
+                result = run_eval(done, recipe.eval.split, stage, method)
                 if world.main:
                     progress.console.print(
                         f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
@@ -321,31 +339,128 @@ def _train(
                     )
                 window_start, window_samples = time.perf_counter(), 0  # rate: training only
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-                save(done)
+                weights_state, optimizer_state = parallel.checkpoint_state(backbone, opt.optimizer)
+                if world.main:
+                    save_checkpoint(
+                        run_dir,
+                        done,
+                        weights_state,
+                        opt.state(optimizer_state),
+                        cfg.keep_checkpoints,
+                        meta={"stage": stage.name},
+                    )
                 window_start, window_samples = time.perf_counter(), 0
 
     train_time = time.perf_counter() - train_start
     world.barrier()  # rank 0's last checkpoint is complete before any rank returns
     if end < cfg.steps:
         return TrainResult(run_dir, end, None)
-    final = run_eval(end, recipe.eval.final_split) if evaluating else None
+    last = plan[-1]
+    final = run_eval(end, recipe.eval.final_split, last, model.method) if evaluating else None
     if world.main:
         final.save(run_dir, recipe.eval.final_split, end)
-        _write_results(run_dir, recipe, final, end, train_time if start == 0 else None)
+        controls = run_controls(
+            backbone,
+            dataset.split(recipe.eval.final_split),
+            model.method,
+            recipe.eval,
+            recipe.eval.controls,
+        )
+        _write_results(
+            run_dir, recipe, final, end, train_time if start == 0 else None, plan, controls
+        )
     world.barrier()
     return TrainResult(run_dir, end, final if world.main else None)
 
 
-def _write_results(
-    run_dir: Path, recipe: Recipe, final: EvalResult, steps: int, train_time: float | None
-) -> None:
-    atomic_write_json(
-        run_dir / RESULTS_FILE,
-        {
-            "name": recipe.name,
-            "steps": steps,
-            "split": recipe.eval.final_split,
-            **final.summary(),
-            "train_seconds": train_time,
-        },
+class _StageOptimizer:
+    """AdamW, its LR schedule and the fp16 loss scaler of one stage (each stage starts fresh),
+    restored from a checkpoint's trainer state when a run resumes inside the stage."""
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        stage: Stage,
+        parallel: Replicas,
+        frozen_rows: list[torch.nn.Parameter],
+        state: dict[str, Any] | None,
+    ):
+        cfg = stage.recipe.train
+        self.parallel, self.backbone, self.stage = parallel, backbone, stage
+        self.grad_clip = cfg.grad_clip
+        self.optimizer, self.scheduler = build_optimizer(backbone, cfg, no_decay=frozen_rows)
+        self.scaler = torch.amp.GradScaler(
+            next(backbone.parameters()).device.type, enabled=cfg.precision == "fp16"
+        )
+        if state is not None:
+            saved = state.get("stage", SINGLE_STAGE)
+            if saved != stage.name:
+                raise CheckpointError(
+                    f"checkpoint of stage {saved!r} cannot resume stage {stage.name!r} (the "
+                    "recipe's stages changed since it was written)"
+                )
+            parallel.load_optimizer(backbone, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+
+    def step(self) -> float:
+        """Unscale, clip, step AdamW and the schedule; returns the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self.parallel.clip(self.backbone, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm
+
+    def state(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+
+def _stage_line(stage: Stage, method: Method, stages: int) -> str:
+    what = stage.recipe.method + (f", K {method.final_k}" if method.final_k else "")
+    return (
+        f"stage {stage.index + 1}/{stages} {stage.name}: steps {stage.start}-{stage.stop} "
+        f"({what}, lr {stage.recipe.train.lr:g})"
     )
+
+
+def _check_stages(recipe: Recipe, plan: list[Stage], introduced: tuple) -> None:
+    """Refuse what the stages would silently get wrong."""
+    if recipe.train.fsdp and any(introduced):
+        stage = next(s for s in plan if introduced[s.index])
+        raise UsageError(
+            f"stages.{stage.name}: introduces latent tokens mid-run, whose rows train.fsdp "
+            "cannot initialise on sharded weights; give the first stage the largest latent "
+            "block (e.g. latents.schedule.k in every stage) or train without fsdp"
+        )
+
+
+def _write_results(
+    run_dir: Path,
+    recipe: Recipe,
+    final: EvalResult,
+    steps: int,
+    train_time: float | None,
+    plan: list[Stage],
+    controls: dict[str, float],
+) -> None:
+    results: dict[str, Any] = {
+        "name": recipe.name,
+        "steps": steps,
+        "split": recipe.eval.final_split,
+        **final.summary(),
+        "train_seconds": train_time,
+        "stages": [{"name": s.name, "start": s.start, "steps": s.steps} for s in plan],
+    }
+    if controls:
+        results["controls"] = controls
+    if recipe.warm_start.source is not None:
+        record = read_record(run_dir / SNAPSHOT_DIR)
+        results["warm_start"] = {k: record.get(k) for k in ("source", "step", "fingerprint")}
+    atomic_write_json(run_dir / RESULTS_FILE, results)

@@ -1,0 +1,64 @@
+"""Control evaluations: what the latent block does for the answer (``eval.controls``).
+
+Each control re-evaluates the split under one intervention and reports its accuracy:
+
+* ``corrupted`` — the corrupted images, with the latent block they compute themselves;
+* ``copied`` — the corrupted images, with the latent block the intact images compute (the
+  corrupted path of training: the method's claim is that this recovers the intact answer);
+* ``no_copy`` — the corrupted images, with a latent block that saw no image;
+* ``zero`` / ``mean`` / ``shuffle`` / ``swap`` — the intact images with the latent block replaced
+  (:mod:`crystalkit.evaluation.probes`).
+
+All corrupted views use the same corrupted images (seeded per batch from the run's seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch.utils.data import Dataset
+
+from crystalkit.config.schema import EvalConfig
+from crystalkit.crystal.method import Method
+from crystalkit.evaluation.accuracy import evaluate
+from crystalkit.evaluation.probes import BUILTIN, PROBES, dataset_mean_kv, mean_probe
+from crystalkit.models.backbone import Backbone
+
+VIEWS = ("corrupted", "copied", "no_copy")
+CONTROLS = (*VIEWS, *PROBES)
+
+
+def control_accuracy(
+    backbone: Backbone, data: Dataset, method: Method, cfg: EvalConfig, name: str
+) -> float:
+    """Accuracy on ``data`` under control ``name`` (one of :data:`CONTROLS`)."""
+    if name == "corrupted":
+        return evaluate(backbone, data, method, cfg, corrupted=True).accuracy
+    if name in VIEWS:
+        return evaluate(backbone, data, method, cfg, view=name).accuracy
+    if name == "mean":
+        total = min(cfg.max_samples or len(data), len(data))
+        device = next(backbone.parameters()).device
+        layouts = [
+            method.prompt_layout([data[i] for i in range(s, min(s + cfg.batch_size, total))]).to(
+                device
+            )
+            for s in range(0, total, cfg.batch_size)
+        ]
+        probe = mean_probe(dataset_mean_kv(backbone.eval(), layouts))
+    else:
+        probe = BUILTIN[name]
+    return evaluate(backbone, data, method, cfg, latent_probe=probe).accuracy
+
+
+def run_controls(
+    backbone: Backbone, data: Dataset, method: Method, cfg: EvalConfig, names: Sequence[str]
+) -> dict[str, float]:
+    """``{control: accuracy}``; controls that need a latent block are skipped without one
+    (K = 0), since they would repeat the plain evaluation."""
+    needs_latents = set(PROBES) | {"copied", "no_copy"}
+    return {
+        name: control_accuracy(backbone, data, method, cfg, name)
+        for name in names
+        if method.final_k > 0 or name not in needs_latents
+    }
