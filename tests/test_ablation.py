@@ -347,3 +347,12 @@ def test_a_failed_source_fails_its_seeds_cells_only(tmp_path: Path):
     assert len(outcome.failed) == 2 and not outcome.done
     (cell,) = grid.cells()
     assert "warm-start source of seed 0 failed" in read_status(cell_dir(grid, cell))["error"]
+
+
+def test_grids_vary_a_stages_keys_by_its_name():
+    from crystalkit.ablation.grid import Grid
+
+    recipes = ROOT / "recipes"
+    spec = GridFile(base="crystal_default.yaml", grid={"stages.crystal.train.lr": [1e-3, 5e-4]})
+    grid = Grid(recipes / "grid.yaml", spec)
+    assert [grid.recipe(cell).stages[-1].train.lr for cell in grid.cells()] == [1e-3, 5e-4]

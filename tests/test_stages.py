@@ -186,3 +186,30 @@ def test_a_staged_run_resumes_exactly(tiny_recipe, interrupt):
         ]
 
     assert logged(full) == logged(resumed)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resetting_token_rows_writes_where_the_model_reads_them(tiny_recipe, lora):
+    """Full weights: the matrices themselves; LoRA: peft's trainable-token table, which is what
+    the forward reads for those rows."""
+    from crystalkit.build import build_dataset, build_model
+    from crystalkit.latents.blocks import reset_token_rows
+
+    extra = ["lora.enabled=true", "lora.r=4"] if lora else []
+    recipe = tiny_recipe(*STAGED, *extra)
+    model = build_model(recipe, build_dataset(recipe))
+    backbone, (_, crystal) = model.backbone, model.stage_methods
+    rows = list(model.introduced[1])
+    assert rows and set(rows) <= set(crystal.block.new_token_ids)
+    eos = backbone.tokenizer.eos_token
+    ids = torch.tensor([rows + [backbone.tokenizer.eos_token_id]])
+    with torch.no_grad():
+        for param in backbone.parameters():  # drift everything that trains
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+        drifted = backbone.embed(ids)[0]
+    assert not torch.allclose(drifted[:-1], drifted[-1].expand(len(rows), -1))
+    reset_token_rows(backbone, rows, eos)
+    with torch.no_grad():
+        reset = backbone.embed(ids)[0]
+    torch.testing.assert_close(reset[:-1], reset[-1].expand(len(rows), -1), rtol=0, atol=0)

@@ -89,6 +89,12 @@ def _write_status(directory: Path, **fields: Any) -> None:
     atomic_write_json(directory / STATUS_FILE, status)
 
 
+def _mark_failed(directory: Path, error: str) -> None:
+    """Record a failure the cell's own process could not (it was killed, or never started)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_status(directory, state="failed", finished=_now(), error=error)
+
+
 def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict[str, Any]:
     """Train one cell (in its own process), resuming its last checkpoint; returns its results.
     Output goes to the cell's ``train.log``; the outcome to its ``status.json``."""
@@ -178,14 +184,7 @@ def run_local(grid: Grid, jobs: int, console: Console, poll: float = 0.5) -> Gri
     finished, failed = _run_processes(grid, sources_todo, jobs, console, poll)
     lost = {cell.seed for cell in failed}
     for cell in [c for c in todo if c.seed in lost]:
-        directory = cell_dir(grid, cell)
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_status(
-            directory,
-            state="failed",
-            finished=_now(),
-            error=f"the warm-start source of seed {cell.seed} failed",
-        )
+        _mark_failed(cell_dir(grid, cell), f"the warm-start source of seed {cell.seed} failed")
         failed.append(cell)
         console.print(f"[red]failed[/]  {cell.id}  {cell.label()}: its warm-start source failed")
     ran, broke = _run_processes(grid, [c for c in todo if c.seed not in lost], jobs, console, poll)
@@ -225,12 +224,7 @@ def _run_processes(
                     )
                 else:
                     if read_status(directory)["state"] == "running":  # killed: no chance to say so
-                        _write_status(
-                            directory,
-                            state="failed",
-                            finished=_now(),
-                            error=f"process exited with code {process.exitcode}",
-                        )
+                        _mark_failed(directory, f"process exited with code {process.exitcode}")
                     failed.append(cell)
                     error = read_status(directory).get("error")
                     console.print(
@@ -241,9 +235,7 @@ def _run_processes(
         for process, cell, _ in running.values():
             process.terminate()
             process.join()
-            _write_status(
-                cell_dir(grid, cell), state="failed", finished=_now(), error="interrupted"
-            )
+            _mark_failed(cell_dir(grid, cell), "interrupted")
         raise
     return finished, failed
 

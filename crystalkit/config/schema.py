@@ -4,9 +4,17 @@ and in the JSON Schema editors use for autocompletion)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -34,6 +42,12 @@ def _check_weight(weight: float | ComponentSpec) -> float | ComponentSpec:
     return weight
 
 
+#: a loss term's weight: a number >= 0, or a weight schedule (WEIGHTS) resolved by the loader
+Weight = Annotated[
+    "float | ComponentSpec", BeforeValidator(_weight_shape), AfterValidator(_check_weight)
+]
+
+
 class ComponentSpec(BaseModel):
     """A registered component: ``name`` plus that component's own parameters."""
 
@@ -51,7 +65,7 @@ class ObjectiveSpec(ComponentSpec):
     (so one objective can appear twice, e.g. attention at two layer sets)."""
 
     name: str | None = Field(None, description="registered objective (defaults to the key)")
-    weight: float | ComponentSpec = Field(
+    weight: Weight = Field(
         1.0,
         description="weight of this term in the total loss: a number, or a weight schedule "
         "over the stage (WEIGHTS), e.g. {name: gate, until: 0.5}",
@@ -61,9 +75,6 @@ class ObjectiveSpec(ComponentSpec):
         description="false: the term is computed, logged and counted in the loss value but gives "
         "no gradient (how the released code's attention term behaves)",
     )
-
-    _weight_shape = field_validator("weight", mode="before")(_weight_shape)
-    _weight = field_validator("weight")(_check_weight)
 
 
 class LatentsConfig(_Strict):
@@ -100,7 +111,7 @@ class CrystalConfig(_Strict):
     ce: Literal["intact", "corrupted", "both"] = Field(
         "both", description="which path's answer tokens get cross-entropy (both: their mean)"
     )
-    ce_weight: float | ComponentSpec = Field(
+    ce_weight: Weight = Field(
         1.0,
         description="weight of the cross-entropy term: a number or a weight schedule (WEIGHTS)",
     )
@@ -109,9 +120,6 @@ class CrystalConfig(_Strict):
         description="stop the gradient at the corrupted image's features: no loss reaches the "
         "vision encoder through the corrupted image (the latents' route is untouched)",
     )
-
-    _weight_shape = field_validator("ce_weight", mode="before")(_weight_shape)
-    _weight = field_validator("ce_weight")(_check_weight)
 
 
 class TrainConfig(_Strict):

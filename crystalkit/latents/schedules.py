@@ -12,7 +12,8 @@ import math
 from crystalkit.registries import SCHEDULES
 
 
-def _check_step(step: int, total_steps: int) -> None:
+def check_step(step: int, total_steps: int) -> None:
+    """Schedules (latent K, loss weights) are defined on steps ``0 .. total_steps``."""
     if total_steps < 1 or not 0 <= step <= total_steps:
         raise ValueError(f"step must be in [0, total_steps], got step={step}, total={total_steps}")
 
@@ -27,7 +28,7 @@ class Fixed:
         self.k = k
 
     def __call__(self, step: int, total_steps: int) -> int:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         return self.k
 
 
@@ -43,7 +44,7 @@ class Linear:
         self.start, self.end, self.ramp = start, end, ramp
 
     def __call__(self, step: int, total_steps: int) -> int:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         progress = min(1.0, step / (self.ramp * total_steps))
         return self.start + math.floor(progress * (self.end - self.start) + 1e-9)
 
@@ -64,7 +65,7 @@ class Stepwise:
         self.stages, self.every = list(stages), every
 
     def __call__(self, step: int, total_steps: int) -> int:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         if self.every is not None:
             index = step // self.every
         else:

@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import math
 
+from crystalkit.latents.schedules import check_step
 from crystalkit.registries import WEIGHTS
-
-
-def _check_step(step: int, total_steps: int) -> None:
-    if total_steps < 1 or not 0 <= step <= total_steps:
-        raise ValueError(f"step must be in [0, total_steps], got step={step}, total={total_steps}")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -45,7 +41,7 @@ class Constant:
         self.value = value
 
     def __call__(self, step: int, total_steps: int) -> float:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         return self.value
 
 
@@ -66,7 +62,7 @@ class Linear:
         self.start, self.end, self.begin, self.until = start, end, begin, until
 
     def __call__(self, step: int, total_steps: int) -> float:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         progress = (step / total_steps - self.begin) / (self.until - self.begin)
         progress = min(1.0, max(0.0, progress))
         return self.start + progress * (self.end - self.start)
@@ -93,7 +89,7 @@ class Gate:
         self.value, self.until, self.until_step, self.after = value, until, until_step, after
 
     def __call__(self, step: int, total_steps: int) -> float:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         gate = self.until_step if self.until_step is not None else self.until * total_steps
         return self.value if step < gate else self.after
 
@@ -109,6 +105,6 @@ class Cosine:
         self.start, self.end = start, end
 
     def __call__(self, step: int, total_steps: int) -> float:
-        _check_step(step, total_steps)
+        check_step(step, total_steps)
         mix = 0.5 * (1 + math.cos(math.pi * step / total_steps))
         return self.end + (self.start - self.end) * mix

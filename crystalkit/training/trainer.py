@@ -1,8 +1,12 @@
-"""The training loop: a plain function that the CLI (and, later, grid runners) call.
+"""The training loop: a plain function that the CLI and the grid runners call.
+
+A run is a sequence of stages (:mod:`crystalkit.training.stages`; one for a recipe without
+``stages:``), each with its own method, schedules and a fresh optimizer, optionally started from
+another run's weights (:mod:`crystalkit.training.warm_start`).
 
 Determinism on CPU: model init from ``seed``; each step re-seeds torch from ``(seed, step)`` and
 draws its batch from :class:`StepSampler`, so a resumed run replays the exact batches and random
-ops an uninterrupted run would have, and ends with the same weights.
+ops an uninterrupted run would have, and ends with the same weights, whatever stage it stopped in.
 """
 
 from __future__ import annotations

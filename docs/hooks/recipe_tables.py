@@ -9,11 +9,15 @@ A page writes a marker on its own line and the hook replaces it with a Markdown 
     <!-- keys: train -->                  the ``train:`` section (TrainConfig)
     <!-- keys: eval -->                   the ``eval:`` section (EvalConfig)
     <!-- keys: lora -->                   the ``lora:`` section (LoraConfig)
+    <!-- keys: warm_start -->             the ``warm_start:`` section (WarmStartConfig)
+    <!-- keys: stage -->                  one entry of ``stages:`` (Stage)
+    <!-- keys: stage_train -->            a stage's ``train:`` (StageTrain)
     <!-- keys: backbone:embedded -->      a registered component's parameters,
     <!-- keys: dataset:synthetic_shapes -->   via config_model(REGISTRY.get(name))
 
 Component targets are ``KIND:NAME`` where KIND is a registry kind in singular or plural
-(``backbone`` / ``backbones``, ``dataset``, ``corruption``, ``objective``, ``schedule``).
+(``backbone`` / ``backbones``, ``dataset``, ``corruption``, ``objective``, ``schedule``,
+``weight``).
 An unknown target, an unknown component or a malformed marker fails the build with a message
 naming the page, the line and the marker. The ``top`` table links its sections to ``#backbone``,
 ``#dataset``, ``#train`` and ``#eval`` on the same page; mkdocs.yml's anchor validation makes a
@@ -54,7 +58,10 @@ def _section_models() -> dict[str, type[BaseModel]]:
         LoraConfig,
         PromptConfig,
         Recipe,
+        Stage,
+        StageTrain,
         TrainConfig,
+        WarmStartConfig,
     )
 
     return {
@@ -65,6 +72,9 @@ def _section_models() -> dict[str, type[BaseModel]]:
         "train": TrainConfig,
         "eval": EvalConfig,
         "lora": LoraConfig,
+        "warm_start": WarmStartConfig,
+        "stage": Stage,
+        "stage_train": StageTrain,
     }
 
 
