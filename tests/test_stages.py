@@ -202,7 +202,7 @@ def test_resetting_token_rows_writes_where_the_model_reads_them(tiny_recipe, lor
     rows = list(model.introduced[1])
     assert rows and set(rows) <= set(crystal.block.new_token_ids)
     eos = backbone.tokenizer.eos_token
-    ids = torch.tensor([rows + [backbone.tokenizer.eos_token_id]])
+    ids = torch.tensor([[*rows, backbone.tokenizer.eos_token_id]])
     with torch.no_grad():
         for param in backbone.parameters():  # drift everything that trains
             if param.requires_grad:
