@@ -78,6 +78,21 @@ def test_a_lora_source_is_merged_first(tiny_recipe):
     )
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter-export", "merged-export"])
+def test_a_warm_start_from_an_export_folder_is_the_exported_model(tiny_recipe, tmp_path, merge):
+    from crystalkit.export import export_run
+
+    source = _source(tiny_recipe, "lora.enabled=true", "lora.r=4", "latents.schedule.k=2")
+    _, dataset, lora, _ = load_model(source)
+    samples = [dataset.split("test")[i] for i in range(4)]
+    expected = _answer_logits(lora.backbone, lora.method, samples)
+    exported = export_run(source, tmp_path / "export", merge=merge)
+    _, _, warm = _warm(tiny_recipe, exported, "latents.schedule.k=2")
+    torch.testing.assert_close(
+        _answer_logits(warm.backbone, warm.method, samples), expected, rtol=1e-5, atol=1e-5
+    )
+
+
 def test_a_warm_started_run_resumes_and_evaluates_after_its_source_is_deleted(tiny_recipe):
     source = _source(tiny_recipe)
     recipe = tiny_recipe(

@@ -22,6 +22,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -274,7 +275,12 @@ def _train(
     stage: Stage | None = None
     with _progress(console, disable=not world.main) as progress:
         task = progress.add_task(
-            recipe.name, total=cfg.steps, completed=start, loss=float("nan"), rate=0, terms=""
+            escape(recipe.name),
+            total=cfg.steps,
+            completed=start,
+            loss=float("nan"),
+            rate=0,
+            terms="",
         )
         for step in range(start, end):
             if stage is None or step >= stage.stop:
@@ -288,7 +294,7 @@ def _train(
                     init_from = stage.recipe.latents.init_from or backbone.tokenizer.eos_token
                     reset_token_rows(backbone, list(model.introduced[stage.index]), init_from)
                 if len(plan) > 1:
-                    progress.update(task, description=f"{recipe.name} [{stage.name}]")
+                    progress.update(task, description=escape(f"{recipe.name} [{stage.name}]"))
                     if world.main and step == stage.start:
                         progress.console.print(_stage_line(stage, method, len(plan)))
             local = stage.local(step)
