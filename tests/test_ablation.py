@@ -102,6 +102,10 @@ def test_zip_varies_keys_together_and_cells_add_overrides():
             "warm_start.base: recipe 'none.yaml' not found",
         ),
         ("base: r.yaml\nvariants: {x: [lr]}\n", "expected KEY=VALUE"),
+        (
+            "base: r.yaml\nvariants: {x: []}\ncompare: {variant: y}\n",
+            "compare: variant='y' is not one of the grid's values (x)",
+        ),
         ("base: r.yaml\nseeds: []\n", "seeds: List should have at least 1 item"),
         ("base: missing.yaml\n", "base: recipe 'missing.yaml' not found"),
         ("base: r.yaml\noverrides: [train.lr]\n", "expected KEY=VALUE"),
@@ -356,3 +360,42 @@ def test_grids_vary_a_stages_keys_by_its_name():
     spec = GridFile(base="crystal_default.yaml", grid={"stages.crystal.train.lr": [1e-3, 5e-4]})
     grid = Grid(recipes / "grid.yaml", spec)
     assert [grid.recipe(cell).stages[-1].train.lr for cell in grid.cells()] == [1e-3, 5e-4]
+
+
+def test_paired_differences_pair_rows_at_the_same_values_of_the_other_keys(tmp_path: Path):
+    """With lr x variant, each variant row is compared with the reference variant at its own lr,
+    seed by seed (fake finished cells: only results.json and status.json are read)."""
+    from crystalkit.ablation.report import aggregate, seed_statistics
+
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    spec = {
+        "base": "r.yaml",
+        "grid": {"train.lr": [0.1, 0.2]},
+        "variants": {"ref": [], "new": ["train.steps=2"]},
+        "seeds": [0, 1],
+        "compare": {"variant": "ref"},
+        "output_dir": "out",
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    grid = load_grid(path)
+    accuracy = {
+        (0.1, "ref"): [0.5, 0.6],
+        (0.1, "new"): [0.7, 0.5],
+        (0.2, "ref"): [0.2, 0.2],
+        (0.2, "new"): [0.3, 0.4],
+    }
+    for cell in grid.cells():
+        directory = cell_dir(grid, cell)
+        directory.mkdir(parents=True)
+        value = accuracy[(cell.values["train.lr"], cell.values["variant"])][cell.seed]
+        (directory / "results.json").write_text(json.dumps({"accuracy": value}))
+        (directory / STATUS_FILE).write_text(json.dumps({"state": "done"}))
+    rows, _ = aggregate(grid)
+    extras = seed_statistics(grid, rows)
+    by_values = {
+        (r.values["train.lr"], r.values["variant"]): extras.cells[i] for i, r in enumerate(rows)
+    }
+    assert by_values[(0.1, "new")][-1] == "+20.0 -10.0"
+    assert by_values[(0.2, "new")][-1] == "+10.0 +20.0"
+    assert by_values[(0.1, "ref")][-3] == "(reference)"

@@ -138,6 +138,14 @@ class GridFile(_Strict):
                     f"{field} names keys the grid does not vary: {', '.join(unknown)}"
                     + (" (the variants' axis is 'variant')" if self.variants else "")
                 )
+        values = {VARIANT: list(self.variants), **self.grid}
+        values |= {k: v for group in self.zip for k, v in group.items()}
+        for key, value in (self.compare or {}).items():
+            if value not in values[key]:
+                raise ValueError(
+                    f"compare: {key}={value!r} is not one of the grid's values "
+                    f"({', '.join(map(str, values[key]))})"
+                )
         return self
 
 

@@ -26,7 +26,6 @@ from rich.table import Table
 from crystalkit.ablation.grid import Grid, compact
 from crystalkit.ablation.runner import RESULTS_FILE, cell_dir, cell_state
 from crystalkit.ablation.stats import paired_differences, summary
-from crystalkit.errors import UsageError
 from crystalkit.io import atomic_write_bytes, atomic_write_text
 
 
@@ -108,17 +107,11 @@ class Extras:
     cells: dict[int, list[str]]
 
 
-def _reference(grid: Grid, rows: list[Row]) -> Row | None:
-    compare = grid.spec.compare
-    if not compare:
-        return None
-    matches = [r for r in rows if all(r.values.get(k) == v for k, v in compare.items())]
-    if len(matches) != 1:
-        raise UsageError(
-            f"{grid.path}: compare: {compact(compare)} matches {len(matches)} rows; it must "
-            "match exactly one"
-        )
-    return matches[0]
+def _reference(grid: Grid, rows: list[Row], row: Row) -> Row | None:
+    """The row ``row`` is compared with: its own values with the ``compare`` keys set (so with
+    other varied keys, every row pairs with the reference at the same values of those)."""
+    target = row.values | (grid.spec.compare or {})
+    return next((r for r in rows if r.values == target), None)
 
 
 def _interval(low_high: tuple[float, float] | None, scale: float) -> str:
@@ -128,11 +121,10 @@ def _interval(low_high: tuple[float, float] | None, scale: float) -> str:
 def seed_statistics(grid: Grid, rows: list[Row]) -> Extras:
     """Prediction interval, collapsed seeds and paired differences of the ranking metric."""
     metric, scale = grid.spec.metric.name, _scale(grid.spec.metric.name)
-    reference = _reference(grid, rows)
     headers = ["95% PI"]
     if grid.spec.collapse_below is not None:
         headers.append(f"collapsed (< {grid.spec.collapse_below * scale:g})")
-    if reference is not None:
+    if grid.spec.compare:
         headers += ["Δ paired", "Δ 95% CI", "Δ per seed"]
     cells = {}
     for i, row in enumerate(rows):
@@ -141,9 +133,14 @@ def seed_statistics(grid: Grid, rows: list[Row]) -> Extras:
         if grid.spec.collapse_below is not None:
             low = sum(v < grid.spec.collapse_below for v in values.values())
             out.append(f"{low}/{len(values)}" if values else "—")
-        if reference is not None:
-            diffs = paired_differences(values, reference.by_seed.get(metric, {}))
-            if diffs and row is not reference:
+        if grid.spec.compare:
+            reference = _reference(grid, rows, row)
+            diffs = {}
+            if reference is not None and reference is not row:
+                diffs = paired_differences(values, reference.by_seed.get(metric, {}))
+            if reference is row:
+                out += ["(reference)", "", ""]
+            elif diffs:
                 stats = summary(list(diffs.values()))
                 sd = "" if stats.sd is None else f" ± {stats.sd * scale:.1f}"
                 out += [
@@ -152,7 +149,7 @@ def seed_statistics(grid: Grid, rows: list[Row]) -> Extras:
                     " ".join(f"{d * scale:+.1f}" for d in diffs.values()),
                 ]
             else:
-                out += ["—", "—", "—"] if row is not reference else ["(reference)", "", ""]
+                out += ["—", "—", "—"]
         cells[i] = out
     return Extras(headers, cells)
 
