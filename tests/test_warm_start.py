@@ -19,7 +19,7 @@ from crystalkit.crystal.paths import Needs
 from crystalkit.evaluation.runs import evaluate_run_dir, load_model
 from crystalkit.training import checkpoint as ckpt
 from crystalkit.training.trainer import train
-from crystalkit.training.warm_start import SNAPSHOT_DIR, read_record, write_snapshot
+from crystalkit.training.warm_start import SNAPSHOT_DIR, load_source, read_record, write_snapshot
 
 CRYSTAL = ["method=crystal", "latents.schedule.k=3", "objectives={kl: {fraction: 1.0}}"]
 SHORT = ["train.steps=3", "train.lr=1e-2", "eval.max_samples=8"]
@@ -34,7 +34,7 @@ def _warm(tiny_recipe, source: Path, *overrides: str):
     recipe = tiny_recipe(*SHORT, "name=warm", f"warm_start.source={source}", *overrides)
     dataset = build_dataset(recipe)
     run_dir = Path(recipe.output_dir) / recipe.name
-    write_snapshot(recipe, dataset, run_dir)
+    write_snapshot(load_source(recipe, dataset), run_dir)
     return recipe, run_dir, build_model(recipe, dataset, assets=run_dir)
 
 
@@ -167,10 +167,15 @@ def test_sources_that_do_not_fit_are_one_line_errors(tiny_recipe, tmp_path):
             "vocabulary has no token for '1', which this recipe's dataset uses",
         ),
     ]
+    existing = invoke(*base)  # a finished run that the failed attempts must not touch
+    assert existing.exit_code == 0, existing.output
+    results = tmp_path / "new" / "direct_finetune" / "results.json"
+    kept = results.read_text()
     for override, expected in cases:
         extra = ["backbone.hidden_size=48"] if "hidden_size" in expected else []
         line = assert_one_error_line(invoke(*base, override, *extra, "--overwrite"))
         assert line.startswith("error: warm_start.source: ") and expected in line, line
+        assert results.read_text() == kept  # bad input loses nothing
 
 
 @pytest.mark.slow

@@ -59,7 +59,12 @@ from crystalkit.training.metrics import MetricsLog
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.sampler import StepSampler, derived_seed
 from crystalkit.training.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
-from crystalkit.training.warm_start import SNAPSHOT_DIR, read_record, write_snapshot
+from crystalkit.training.warm_start import (
+    SNAPSHOT_DIR,
+    load_source,
+    read_record,
+    write_snapshot,
+)
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
@@ -219,19 +224,21 @@ def _train(
     world.barrier()  # every rank has read the run dir before rank 0 changes it
     torch.manual_seed(recipe.seed)
     dataset = build_dataset(recipe)
+    warm = recipe.warm_start.source is not None
     if checkpoint is None and world.main:
+        source = load_source(recipe, dataset) if warm else None  # a bad source clears nothing
         if resume:
             console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
         _clear_outputs(run_dir)
-        if recipe.warm_start.source is not None:
-            record = write_snapshot(recipe, dataset, run_dir)
+        if source is not None:
+            write_snapshot(source, run_dir)
+            record = source.record
             console.print(
                 f"warm start from {record['source']} (step {record['step']}"
                 + (", LoRA merged" if record["lora_merged"] else "")
                 + ")"
             )
     world.barrier()  # the warm-start snapshot is complete before any rank reads it
-    warm = recipe.warm_start.source is not None
     # latent tokens of every stage, then LoRA: all before the optimizer sees the parameters
     model = build_model(recipe, dataset, assets=run_dir if checkpoint or warm else None)
     backbone = model.backbone

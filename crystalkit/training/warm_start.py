@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,17 @@ def read_record(directory: Path) -> dict[str, Any]:
         return {}
 
 
-def write_snapshot(recipe: Recipe, dataset: Any, run_dir: Path) -> dict[str, Any]:
-    """Copy the source's merged weights and assets into ``RUN_DIR/warm_start/`` (replacing an
-    earlier snapshot) after checking it fits ``recipe``; returns the record."""
+@dataclass
+class Source:
+    """A loaded warm-start source that fits the recipe: its backbone (LoRA merged) and record."""
+
+    backbone: Backbone
+    record: dict[str, Any]
+
+
+def load_source(recipe: Recipe, dataset: Any) -> Source:
+    """Load ``warm_start.source`` and check that it fits ``recipe`` (one-line errors); nothing is
+    written, so a bad source costs nothing."""
     source_recipe, backbone, step, merged = _load_source(Path(recipe.warm_start.source))
     source = Path(recipe.warm_start.source).resolve()
     _check_architecture(source, source_recipe, recipe)
@@ -86,20 +95,25 @@ def write_snapshot(recipe: Recipe, dataset: Any, run_dir: Path) -> dict[str, Any
         "fingerprint": state_fingerprint(backbone.state_dict()),
         "backbone": source_recipe.backbone.model_dump(mode="json"),
     }
+    return Source(backbone, record)
+
+
+def write_snapshot(source: Source, run_dir: Path) -> None:
+    """Copy the source's merged weights and assets into ``RUN_DIR/warm_start/`` (replacing an
+    earlier snapshot), atomically."""
     target = run_dir / SNAPSHOT_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{SNAPSHOT_DIR}."))
     try:
-        save_model(backbone, str(staging / WEIGHTS_FILE))
-        backbone.save_assets(staging)
-        atomic_write_json(staging / SOURCE_FILE, record)
+        save_model(source.backbone, str(staging / WEIGHTS_FILE))
+        source.backbone.save_assets(staging)
+        atomic_write_json(staging / SOURCE_FILE, source.record)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return record
 
 
 def _load_source(path: Path) -> tuple[Recipe, Backbone, int, bool]:
