@@ -232,6 +232,57 @@ def inspect_run(
         )
 
 
+@app.command("analyze")
+@user_errors
+def analyze_runs(
+    run_dirs: Annotated[
+        list[Path] | None, typer.Argument(help="run directories made by `crystalkit train`")
+    ] = None,
+    split: Annotated[str, typer.Option(help="dataset split to analyse")] = "test",
+    max_samples: Annotated[
+        int | None, typer.Option(help="analyse at most this many (default: eval.max_samples)")
+    ] = None,
+    bench: Annotated[
+        str | None, typer.Option(help="analyse on a benchmark file instead (as eval --bench)")
+    ] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="analyse every finished cell of a grid, seeds grouped")
+    ] = None,
+) -> None:
+    """Do the latents read the image, does the answer read them, do they rescue the corrupted
+    path? Writes RUN_DIR/analysis_SPLIT.{json,png}; several runs or a grid: side by side."""
+    from crystalkit.analysis.report import analyze_run, comparison_table, grouped, load_cached
+
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    if grid is not None:
+        if run_dirs:
+            raise UsageError("analyze: pass run directories or --grid, not both")
+        from crystalkit.ablation.grid import load_grid
+        from crystalkit.ablation.runner import cell_dir, cell_state
+
+        loaded = load_grid(grid)
+        for cell in loaded.cells():
+            directory = cell_dir(loaded, cell)
+            if cell_state(directory) != "done":
+                continue
+            report = None if bench else load_cached(directory, split)  # reuse earlier analyses
+            if report is None or max_samples not in (None, report.get("num_samples")):
+                report = analyze_run(directory, split, max_samples, bench)
+            rows.append((cell.label(), cell.seed, report["headline"]))
+        if not rows:
+            raise UsageError(f"{grid}: no finished cells to analyse")
+    else:
+        if not run_dirs:
+            raise UsageError("analyze: pass one or more run directories, or --grid FILE")
+        for run_dir in run_dirs:
+            report = analyze_run(run_dir, split, max_samples, bench)
+            err.print(f"{run_dir}: analysis_{report['split']}.json and .png", highlight=False)
+            for note in report["notes"]:
+                err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+            rows.append((str(run_dir), 0, report["headline"]))
+    out.print(comparison_table(grouped(rows)))
+
+
 @app.command()
 @user_errors
 def generate(

@@ -368,3 +368,23 @@ def test_any_valid_config_generates_well_formed_samples(
                 painted = (patch == torch.tensor(COLOURS[obj["colour"]], dtype=torch.uint8)).all(-1)
                 assert painted.any() and (painted | (patch == 128).all(-1)).all()
             assert (s.image.permute(1, 2, 0)[outside] == 128).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 199))
+def test_a_counterfactual_changes_the_answer_and_nothing_else(index):
+    """Same question, options and noise; only the changed object's pixels differ."""
+    split = SyntheticShapes(SyntheticShapes.Config(test_size=200)).split("test")
+    original, changed = split[index], split.counterfactual(index)
+    assert changed.question == original.question and changed.options == original.options
+    assert changed.answer != original.answer
+    before = {tuple(o["box"]): o for o in original.meta["objects"]}
+    after = {tuple(o["box"]): o for o in changed.meta["objects"]}
+    touched = list(before.keys() ^ after.keys())
+    touched += [box for box in before.keys() & after.keys() if before[box] != after[box]]
+    assert touched
+    outside = torch.ones(original.image.shape[1:], dtype=torch.bool)
+    for x0, y0, x1, y1 in touched:
+        outside[y0:y1, x0:x1] = False
+    assert torch.equal(original.image[:, outside], changed.image[:, outside])
+    assert not torch.equal(original.image, changed.image)

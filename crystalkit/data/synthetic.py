@@ -20,7 +20,8 @@ on ``(seed, s, i)``: it is regenerated on demand, identical across processes and
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -135,17 +136,45 @@ class SyntheticShapesSplit(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> Sample:
+        task, scene, objects, options, rng = self._scene(index)
+        return self._sample(index, task, scene, objects, options, rng)
+
+    def counterfactual(self, index: int) -> Sample:
+        """Sample ``index`` re-rendered with only its answer changed: the same question, options,
+        objects and noise, except that the target moves to another quadrant (position), one
+        object of the asked colour is added or removed (count), or the referent takes another
+        option's colour or shape (colour, shape). The change is seeded by the sample."""
+        task, scene, objects, options, rng = self._scene(index)
+        edit = np.random.default_rng([self.config.seed, self._split_code, index, 1])
+        objects, scene = _EDITS[task](self, objects, scene, options, edit)
+        return self._sample(index, task, scene, objects, options, rng)
+
+    def _scene(
+        self, index: int
+    ) -> tuple[str, _Scene, list[SceneObject], list[str], np.random.Generator]:
+        """Everything of sample ``index`` but its pixels, and the generator left where rendering
+        the noise starts."""
         if not 0 <= index < self.length:
             raise IndexError(f"{self.name} split index {index} out of range [0, {self.length})")
         rng = np.random.default_rng([self.config.seed, self._split_code, index])
         task = self.config.tasks[rng.integers(len(self.config.tasks))]
         scene = _SCENES[task](self.config, rng)
         objects = self._place(scene.drawn, rng)
+        order = rng.permutation(NUM_OPTIONS) if self.config.shuffle_options else range(NUM_OPTIONS)
+        return task, scene, objects, [scene.options[k] for k in order], rng
+
+    def _sample(
+        self,
+        index: int,
+        task: str,
+        scene: _Scene,
+        objects: list[SceneObject],
+        options: list[str],
+        rng: np.random.Generator,
+    ) -> Sample:
         answer = scene.answer
         if answer is None:
             answer = quadrant(objects[scene.targets[0]].box, self.config.image_size)
-        order = rng.permutation(NUM_OPTIONS) if self.config.shuffle_options else range(NUM_OPTIONS)
-        options = [scene.options[k] for k in order]
         boxes = np.array([objects[t].box for t in scene.targets])
         box = (*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist())
         return Sample(
@@ -162,6 +191,30 @@ class SyntheticShapesSplit(torch.utils.data.Dataset):
                 "targets": scene.targets,
             },
         )
+
+    def _free_cells(self, objects: list[SceneObject]) -> list[tuple[int, int]]:
+        """Grid cells (row, col) no object occupies."""
+        taken = {self._cell_of(o) for o in objects}
+        return [
+            (r, c) for r in range(self._cells) for c in range(self._cells) if (r, c) not in taken
+        ]
+
+    def _cell_of(self, obj: SceneObject) -> tuple[int, int]:
+        x0, y0 = obj.box[:2]
+        return int(np.searchsorted(self._edges, y0, "right") - 1), int(
+            np.searchsorted(self._edges, x0, "right") - 1
+        )
+
+    def _put(
+        self, obj: SceneObject, cell: tuple[int, int], rng: np.random.Generator
+    ) -> SceneObject:
+        """``obj`` at a random offset inside grid ``cell``."""
+        side = obj.box[2] - obj.box[0]
+        row, col = cell
+        x_lo, y_lo = self._edges[col] + _MARGIN, self._edges[row] + _MARGIN
+        x = x_lo + rng.integers(0, self._edges[col + 1] - _MARGIN - side - x_lo + 1)
+        y = y_lo + rng.integers(0, self._edges[row + 1] - _MARGIN - side - y_lo + 1)
+        return SceneObject(obj.shape, obj.colour, (int(x), int(y), int(x + side), int(y + side)))
 
     def _place(self, drawn: list[tuple[str, str]], rng: np.random.Generator) -> list[SceneObject]:
         """Give each (shape, colour) its own random grid cell and a random size and offset."""
@@ -291,6 +344,69 @@ def _count_scene(config: SyntheticShapes.Config, rng: np.random.Generator) -> _S
     drawn += [(_pick(SHAPES, rng), _pick(_COLOUR_NAMES, rng, colour)) for _ in range(n)]
     return _Scene(drawn, list(range(k)), _TEMPLATES["count"].format(colour=colour), COUNTS, k - 1)
 
+
+def _move_target(
+    split: SyntheticShapesSplit,
+    objects: list[SceneObject],
+    scene: _Scene,
+    options: list[str],
+    rng: np.random.Generator,
+) -> tuple[list[SceneObject], _Scene]:
+    """Position: the target to a free cell of another quadrant."""
+    target = scene.targets[0]
+    size = split.config.image_size
+    here = quadrant(objects[target].box, size)
+    half = split._cells // 2
+    cells = [(r, c) for r, c in split._free_cells(objects) if 2 * (r >= half) + (c >= half) != here]
+    moved = split._put(objects[target], cells[rng.integers(len(cells))], rng)
+    return [moved if i == target else o for i, o in enumerate(objects)], scene
+
+
+def _recount(
+    split: SyntheticShapesSplit,
+    objects: list[SceneObject],
+    scene: _Scene,
+    options: list[str],
+    rng: np.random.Generator,
+) -> tuple[list[SceneObject], _Scene]:
+    """Count: one more object of the asked colour (one fewer when there are already four)."""
+    k = len(scene.targets)
+    if k < NUM_OPTIONS:
+        colour = objects[scene.targets[0]].colour
+        free = split._free_cells(objects)
+        template = SceneObject(_pick(SHAPES, rng), colour, objects[scene.targets[0]].box)
+        added = split._put(template, free[rng.integers(len(free))], rng)
+        objects = [*objects[:k], added, *objects[k:]]
+        return objects, replace(scene, targets=list(range(k + 1)), answer=k)
+    objects = objects[: k - 1] + objects[k:]
+    return objects, replace(scene, targets=list(range(k - 1)), answer=k - 2)
+
+
+def _reattribute(field: str) -> Callable[..., tuple[list[SceneObject], _Scene]]:
+    """Colour / shape: the referent takes another option's ``field``."""
+
+    def edit(
+        split: SyntheticShapesSplit,
+        objects: list[SceneObject],
+        scene: _Scene,
+        options: list[str],
+        rng: np.random.Generator,
+    ) -> tuple[list[SceneObject], _Scene]:
+        referent = objects[0]
+        others = [o for o in scene.options if o != getattr(referent, field)]
+        value = others[rng.integers(len(others))]
+        changed = replace(referent, **{field: value})
+        return [changed, *objects[1:]], replace(scene, answer=scene.options.index(value))
+
+    return edit
+
+
+_EDITS = {
+    "colour": _reattribute("colour"),
+    "shape": _reattribute("shape"),
+    "position": _move_target,
+    "count": _recount,
+}
 
 _SCENES = {
     "colour": _colour_scene,

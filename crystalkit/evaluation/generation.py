@@ -41,19 +41,29 @@ class Generation:
 View = Literal["intact", "copied", "no_copy"]
 
 
-@torch.inference_mode()
-def generate_answers(
+@dataclass
+class Prompt:
+    """A prompt layout run up to its answer cue: the KV cache, the validity mask of the cached
+    columns ``[B, P]``, the position of the next token (``[B, 1]`` or ``[3, B, 1]``) and the
+    logits after the cue ``[B, V]`` (the first answer token's distribution)."""
+
+    cache: Any
+    mask: torch.Tensor
+    next_positions: torch.Tensor
+    logits: torch.Tensor
+
+
+def run_prompt(
     backbone: Backbone,
     layout: Layout,
-    max_new_tokens: int,
-    stop_ids: Iterable[int],
     latent_probe: Callable[..., Any] | None = None,
     view: View = "intact",
-) -> Generation:
-    """Greedy answers for a prompt layout (``with_answer=False``: rows end at the answer cue).
-    ``latent_probe(backbone, layout, kv) -> kv`` replaces the latent block's per-layer keys and
-    values before the answer cue reads them (:mod:`crystalkit.evaluation.probes`). ``view``
-    ``copied`` / ``no_copy`` decode the corrupted path of a two-image prompt layout."""
+) -> Prompt:
+    """Run a prompt layout (``with_answer=False``: rows end at the answer cue) through the path
+    ``view`` names. ``latent_probe(backbone, layout, kv) -> kv`` replaces the latent block's
+    per-layer keys and values before the answer cue reads them
+    (:mod:`crystalkit.evaluation.probes`); ``copied`` / ``no_copy`` run the corrupted path of a
+    two-image prompt layout."""
     inputs = layout_inputs(backbone, layout)
     if view == "intact":
         path, run, _ = run_intact(backbone, layout, inputs, keep_cache=True)
@@ -72,33 +82,57 @@ def generate_answers(
             keep_cache=True,
         )
     logits = run.logits(range(cue.stop - 1, cue.stop))[:, -1]
-    first_logits = logits.float()
     mask = (path.segments != Segment.PAD).long()
-    next_pos = run.positions[..., -1:] + 1
-    cache = run.cache
-    stop = torch.tensor(sorted(set(stop_ids)), device=mask.device)
+    return Prompt(run.cache, mask, run.positions[..., -1:] + 1, logits)
+
+
+def feed(
+    backbone: Backbone, prompt: Prompt, tokens: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
+    """Feed ``tokens`` ``[B, L]`` (``valid`` marks real ones) after the cached prompt: their
+    logits ``[B, L, V]`` and the extended cache."""
+    past = prompt.mask.shape[1]
+    mask = torch.cat([prompt.mask, valid.long()], dim=1)
+    embeds = backbone.embed(tokens)
+    offsets = torch.arange(tokens.shape[1], device=tokens.device)
+    out = backbone(
+        embeds,
+        additive(causal_allowed(mask, past_length=past), embeds.dtype),
+        prompt.next_positions + offsets,
+        past_key_values=prompt.cache,
+        use_cache=True,
+    )
+    return out.logits, out.past_key_values
+
+
+@torch.inference_mode()
+def generate_answers(
+    backbone: Backbone,
+    layout: Layout,
+    max_new_tokens: int,
+    stop_ids: Iterable[int],
+    latent_probe: Callable[..., Any] | None = None,
+    view: View = "intact",
+) -> Generation:
+    """Greedy answers for a prompt layout, through :func:`run_prompt` (same arguments)."""
+    prompt = run_prompt(backbone, layout, latent_probe, view)
+    logits = prompt.logits
+    first_logits = logits.float()
+    stop = torch.tensor(sorted(set(stop_ids)), device=logits.device)
     pad_id = backbone.tokenizer.pad_token_id
     generated: list[torch.Tensor] = []
-    finished = torch.zeros(len(layout), dtype=torch.bool, device=mask.device)
-    for step in range(max_new_tokens):
+    finished = torch.zeros(len(layout), dtype=torch.bool, device=logits.device)
+    for index in range(max_new_tokens):
         token = logits.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         generated.append(token)
         finished |= torch.isin(token, stop)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if index == max_new_tokens - 1 or bool(finished.all()):
             break
-        past = mask.shape[1]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_embeds = backbone.embed(token[:, None])
-        out = backbone(
-            step_embeds,
-            additive(causal_allowed(mask, past_length=past), step_embeds.dtype),
-            next_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = next_pos + 1
+        one = torch.ones_like(token[:, None])
+        step_logits, cache = feed(backbone, prompt, token[:, None], one)
+        logits = step_logits[:, -1]
+        prompt = Prompt(cache, torch.cat([prompt.mask, one], 1), prompt.next_positions + 1, logits)
     return Generation(torch.stack(generated, dim=1), first_logits)
 
 

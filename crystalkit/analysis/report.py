@@ -1,0 +1,191 @@
+"""``crystalkit analyze``: one run's analysis written to ``analysis_SPLIT.json`` / ``.png``, and
+several runs or a grid's cells side by side (seeds of a grid point grouped: mean and 95 % CI)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from crystalkit.ablation.stats import summary
+from crystalkit.analysis.sections import INTERVENTIONS, PROBES, analyze
+from crystalkit.errors import UsageError
+from crystalkit.io import atomic_write_bytes, atomic_write_json
+
+#: the numbers a comparison table shows, as (key, label, higher means)
+HEADLINE = (
+    ("accuracy_intact", "acc intact", "the answer"),
+    ("rescue", "rescue", "intact latents win back what the corruption cost"),
+    ("kl_own", "KL own", "corrupted answer far from intact with its own latents"),
+    ("kl_copied", "KL copied", "... with the intact latents copied in"),
+    ("x_to_z", "X→Z", "latents move when only the answer's evidence changes"),
+    ("x_to_z_image", "X→Z img", "the image tokens' own move (scale)"),
+    ("z_to_y_swap_kl", "Z→Y swap KL", "the answer moves with another image's latents"),
+    ("follows_donor", "follows donor", "the answer follows the donor image under swap"),
+    ("collapse", "cos inst", "latents alike across instances (after removing the mean)"),
+    ("rank", "eff rank", "latent states span many directions"),
+    ("probe_answer", "probe ans", "the answer is linearly readable from the latents (- majority)"),
+)
+
+
+def analyze_run(
+    run_dir: Path, split: str = "test", max_samples: int | None = None, bench: str | None = None
+) -> dict[str, Any]:
+    """Analyse a run; writes ``analysis_SPLIT.json`` and ``analysis_SPLIT.png`` (``analysis_bench_
+    NAME.*`` with a benchmark file) and returns the report."""
+    from crystalkit.evaluation.runs import load_run, run_image_size
+
+    recipe, dataset, backbone, method, step = load_run(run_dir)
+    notes = []
+    if bench is not None:
+        from crystalkit.evaluation.harness import load_samples, resolve_bench
+
+        spec, root = resolve_bench(bench)
+        samples, _ = load_samples(spec, root, dataset, run_image_size(dataset, backbone))
+        samples = samples[:max_samples] if max_samples else samples
+        counterfactual, name = None, f"bench_{spec.name}"
+        notes.append("benchmark file: no re-rendered scenes and no scene attributes to probe")
+    else:
+        data = dataset.split(split)
+        total = min(max_samples or recipe.eval.max_samples or len(data), len(data))
+        samples = [data[i] for i in range(total)]
+        rerender = getattr(data, "counterfactual", None)
+        counterfactual = None if rerender is None else (lambda sample: rerender(sample.index))
+        name = split
+        if counterfactual is None:
+            notes.append(f"{recipe.dataset.name}: no re-rendered scenes (answer_changed skipped)")
+    if not samples:
+        raise UsageError(f"{run_dir}: nothing to analyse in {name}")
+    if method.final_k == 0:
+        notes.append("no latent block (K = 0): only the rescue section applies")
+    report = analyze(backbone, method, samples, recipe.eval.batch_size, recipe.seed, counterfactual)
+    report = {"run": str(run_dir), "step": step, "split": name, "notes": notes, **report}
+    report["headline"] = headline(report)
+    atomic_write_json(run_dir / f"analysis_{name}.json", report)
+    atomic_write_bytes(run_dir / f"analysis_{name}.png", figure(report))
+    return report
+
+
+def _last(values: list[float] | None) -> float:
+    return values[-1] if values else math.nan
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """The comparison table's numbers (NaN where a section does not apply)."""
+    rescue = report["rescue"]
+    x_to_z = report.get("x_to_z", {})
+    moved = x_to_z.get("answer_changed") or x_to_z.get("other_image") or {}
+    probes = report.get("probing", {}).get("answer", {}).get("latents") or []
+    gains = [p["accuracy"] - p["majority"] for p in probes if p is not None]
+    swap = report.get("z_to_y", {}).get("swap", {})
+    return {
+        "accuracy_intact": rescue["accuracy"]["intact"],
+        "rescue": rescue.get("rescue", math.nan),
+        "kl_own": rescue["kl_to_intact"].get("own", math.nan),
+        "kl_copied": rescue["kl_to_intact"].get("copied", math.nan),
+        "x_to_z": _last(moved.get("latent_change")),
+        "x_to_z_image": _last(moved.get("image_change")),
+        "z_to_y_swap_kl": swap.get("kl", math.nan),
+        "follows_donor": swap.get("follows_donor", math.nan),
+        "collapse": _last(report.get("collapse", {}).get("cosine_across_instances")),
+        "rank": _last(report.get("collapse", {}).get("effective_rank")),
+        "probe_answer": max(gains) if gains else math.nan,
+    }
+
+
+def figure(report: dict[str, Any]) -> bytes:
+    """Four panels: rescue, X -> Z per layer, Z -> Y per probe, collapse per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), layout="constrained")
+    rescue = report["rescue"]["accuracy"]
+    axes[0].bar(list(rescue), [100 * v for v in rescue.values()], color="#4c72b0")
+    axes[0].set_title("answer on the corrupted image")
+    axes[0].set_ylabel("accuracy (%)")
+    for name in INTERVENTIONS:
+        moved = report.get("x_to_z", {}).get(name)
+        if moved:
+            line = axes[1].plot(moved["latent_change"], marker="o", label=name)[0]
+            axes[1].plot(moved["image_change"], linestyle="--", color=line.get_color())
+    axes[1].set_title("X → Z: latent change (- - image tokens)")
+    axes[1].set_xlabel("layer")
+    axes[1].set_ylabel("change / instance spread")
+    z_to_y = report.get("z_to_y", {})
+    shown = [p for p in PROBES if p in z_to_y]
+    axes[2].bar(shown, [z_to_y[p]["flip_rate"] for p in shown], color="#dd8452")
+    axes[2].set_title("Z → Y: answer flips under a probe")
+    collapse = report.get("collapse", {})
+    for key, label in (
+        ("cosine_across_instances", "across instances"),
+        ("cosine_across_indexes", "across indexes"),
+    ):
+        if collapse.get(key):
+            axes[3].plot(collapse[key], marker="o", label=label)
+    axes[3].set_title("collapse: centred cosine")
+    axes[3].set_xlabel("layer")
+    for ax in axes[1], axes[3]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def grouped(reports: Sequence[tuple[str, int, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Headlines of (label, seed, headline) rows grouped by label: mean and 95 % CI over seeds."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for label, _, numbers in reports:
+        rows.setdefault(label, []).append(numbers)
+    out = []
+    for label, runs in rows.items():
+        row: dict[str, Any] = {"label": label, "seeds": len(runs)}
+        for key, _, _ in HEADLINE:
+            values = [r[key] for r in runs if not math.isnan(r[key])]
+            if values:
+                stats = summary(values)
+                row[key] = {"mean": stats.mean, "ci": list(stats.ci) if stats.ci else None}
+        out.append(row)
+    return out
+
+
+def comparison_table(rows: Sequence[dict[str, Any]]) -> Any:
+    """One row per headline measure, one column per run or grid point (``mean [CI]`` over seeds):
+    measures are many and runs few, so this shape fits a terminal."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="latent analysis (see docs: Analysis)", show_edge=False)
+    table.add_column("measure")
+    for row in rows:
+        seeds = row["seeds"]
+        label = escape(row["label"]) + (f"\n({seeds} seeds)" if seeds > 1 else "")
+        table.add_column(label, justify="right", overflow="fold")
+    table.add_column("higher means", style="dim")
+    for key, label, meaning in HEADLINE:
+        cells = []
+        for row in rows:
+            value = row.get(key)
+            if value is None:
+                cells.append("—")
+            elif value["ci"] is None:
+                cells.append(f"{value['mean']:.3g}")
+            else:
+                low, high = value["ci"]
+                cells.append(f"{value['mean']:.3g} [{low:.3g}, {high:.3g}]")
+        table.add_row(escape(label), *cells, escape(meaning))
+    return table
+
+
+def load_cached(run_dir: Path, split: str) -> dict[str, Any] | None:
+    """A run's saved analysis for ``split``, if any (grids reuse it instead of recomputing)."""
+    try:
+        return json.loads((run_dir / f"analysis_{split}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

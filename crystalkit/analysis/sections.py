@@ -1,0 +1,317 @@
+"""The analysis of one run: a causal-mediation reading of input X -> latents Z -> answer Y.
+
+1. **Rescue** — on the corrupted image, the answer with its own latents, the intact image's
+   latents copied in (what training's corrupted path reads) and image-free ``no_copy`` latents:
+   accuracy, option-distribution KL to the intact answer, and the share of the loss won back.
+2. **X -> Z** — how far the latent states move when the image changes (corrupted, another
+   sample's image, a blank image, the same scene re-rendered with only the answer changed),
+   relative to how far apart two instances' states are; the image tokens' own move for scale.
+3. **Z -> Y** — how far the answer distribution moves when the latents are replaced (the probes
+   zero, mean, shuffle, swap): KL, flip rate, accuracy drop; for ``swap``, how often the answer
+   follows the donor image.
+4. **Collapse** — centred cosine of latent states across instances (same index) and across
+   indexes (same instance), and their effective rank.
+5. **Probing** — linear probes from states to the answer and to image attributes the question
+   does not name, with majority and random-label floors.
+
+Everything is computed from option log-likelihoods (:mod:`crystalkit.evaluation.options`) and
+per-layer keys/values (:mod:`crystalkit.analysis.states`) of the run's own forward; bootstrap
+intervals resample the evaluated samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from crystalkit.analysis.measures import (
+    bootstrap_ci,
+    centred_cosine,
+    effective_rank,
+    flip_rate,
+    instance_spread,
+    kl_divergence,
+    mean_pairwise_cosine,
+    option_distribution,
+    relative_change,
+    rescue,
+)
+from crystalkit.analysis.probing import probe
+from crystalkit.analysis.states import States, prompt_states
+from crystalkit.crystal.method import Method
+from crystalkit.data.sample import LETTERS, Sample
+from crystalkit.evaluation.options import option_logprobs
+from crystalkit.evaluation.probes import BUILTIN, dataset_mean_kv, mean_probe
+from crystalkit.models.backbone import Backbone
+from crystalkit.training.sampler import derived_seed
+
+#: latent-block views of the answer on the corrupted image, then the intact reference
+VIEWS = ("intact", "own", "copied", "no_copy")
+PROBES = ("zero", "mean", "shuffle", "swap")
+INTERVENTIONS = ("corrupted", "other_image", "blank_image", "answer_changed")
+
+
+@dataclass
+class Collected:
+    """Per-sample outputs gathered batch by batch."""
+
+    answers: list[int] = field(default_factory=list)
+    options: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    states: dict[str, list[States]] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+
+    def add(self, key: str, value: torch.Tensor, into: str = "options") -> None:
+        getattr(self, into).setdefault(key, []).append(value)
+
+    def logp(self, key: str) -> torch.Tensor:
+        return option_distribution(torch.cat(self.options[key]))
+
+    def latents(self, key: str) -> torch.Tensor:
+        return torch.cat([s.latents for s in self.states[key]], dim=1)  # [L, N, K, D]
+
+    def image(self, key: str) -> torch.Tensor:
+        return torch.cat([s.image for s in self.states[key]], dim=1)  # [L, N, D]
+
+
+def _blank(layout: Any, backbone: Backbone) -> Any:
+    grey = torch.full((len(layout), 3, 8, 8), 0.5)
+    return replace(layout, pixel_values=backbone.preprocess_images(grey).to(layout.pixel_values))
+
+
+def collect(
+    backbone: Backbone,
+    method: Method,
+    samples: Sequence[Sample],
+    batch_size: int,
+    seed: int,
+    counterfactual: Callable[[Sample], Sample] | None,
+) -> Collected:
+    """Run every view, probe and intervention on ``samples`` (in batches)."""
+    device = next(backbone.parameters()).device
+    backbone.eval()
+    batches = [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    prompts = [method.prompt_layout(batch).to(device) for batch in batches]
+    has_latents = method.final_k > 0
+    mean = mean_probe(dataset_mean_kv(backbone, prompts)) if has_latents else None
+    out = Collected()
+    for start, batch, prompt in zip(
+        range(0, len(samples), batch_size), batches, prompts, strict=True
+    ):
+        corrupt_seed = derived_seed(seed, -1 - start)  # what eval --corrupted shows
+        out.samples.extend(batch)
+        out.answers.extend(LETTERS.index(s.answer) for s in batch)
+
+        def scores(
+            layout: Any, probe_fn: Any = None, view: str = "intact", batch: list = batch
+        ) -> torch.Tensor:
+            return option_logprobs(backbone, method, layout, batch, probe_fn, view).cpu()
+
+        corrupted = method.prompt_layout(batch, corrupt_seed=corrupt_seed).to(device)
+        other = replace(prompt, pixel_values=prompt.pixel_values.roll(1, dims=0))
+        out.add("intact", scores(prompt))
+        out.add("own", scores(corrupted))
+        out.add("donor", scores(other))
+        if has_latents:
+            for view, blank in (("copied", False), ("no_copy", True)):
+                layout = method.control_layout(batch, corrupt_seed, blank=blank).to(device)
+                out.add(view, scores(layout, view=view))
+            for name in PROBES:
+                out.add(name, scores(prompt, mean if name == "mean" else BUILTIN[name]))
+            layouts = {
+                "base": prompt,
+                "corrupted": corrupted,
+                "other_image": other,
+                "blank_image": _blank(prompt, backbone),
+            }
+            if counterfactual is not None:
+                changed = [counterfactual(s) for s in batch]
+                layouts["answer_changed"] = method.prompt_layout(changed).to(device)
+            for key, layout in layouts.items():
+                out.add(key, _cpu(prompt_states(backbone, layout)), into="states")
+    return out
+
+
+def _cpu(states: States) -> States:
+    return States(
+        *(t.cpu() for t in (states.latents, states.image, states.question, states.tokens))
+    )
+
+
+def _ci(statistic: Callable[[torch.Tensor], float], rows: int, seed: int) -> list[float]:
+    return list(bootstrap_ci(statistic, rows, draws=500, seed=seed))
+
+
+def rescue_section(data: Collected, seed: int) -> dict[str, Any]:
+    answers = torch.tensor(data.answers)
+    intact = data.logp("intact")
+    views = {v: data.logp(v) for v in VIEWS if v in data.options}
+    correct = {v: (p.argmax(-1) == answers).double() for v, p in views.items()}
+    kl = {v: kl_divergence(intact, p).double() for v, p in views.items() if v != "intact"}
+    section: dict[str, Any] = {
+        "accuracy": {v: float(c.mean()) for v, c in correct.items()},
+        "accuracy_ci": {
+            v: _ci(lambda i, c=c: float(c[i].mean()), len(c), seed) for v, c in correct.items()
+        },
+        "kl_to_intact": {v: float(k.mean()) for v, k in kl.items()},
+        "kl_to_intact_ci": {
+            v: _ci(lambda i, k=k: float(k[i].mean()), len(k), seed) for v, k in kl.items()
+        },
+    }
+    if "copied" in views:
+
+        def won_back(i: torch.Tensor) -> float:
+            acc = {v: float(correct[v][i].mean()) for v in ("own", "copied", "intact")}
+            return rescue(acc["own"], acc["copied"], acc["intact"])
+
+        def kl_won_back(i: torch.Tensor) -> float:
+            own, copied = float(kl["own"][i].mean()), float(kl["copied"][i].mean())
+            return (own - copied) / own if own > 1e-12 else math.nan
+
+        rows = len(answers)
+        section["rescue"] = won_back(torch.arange(rows))
+        section["rescue_ci"] = _ci(won_back, rows, seed)
+        section["kl_rescue"] = kl_won_back(torch.arange(rows))
+        section["kl_rescue_ci"] = _ci(kl_won_back, rows, seed)
+    return section
+
+
+def mediation_section(data: Collected, seed: int) -> dict[str, Any]:
+    """Z -> Y: each probe's effect on the answer distribution."""
+    answers = torch.tensor(data.answers)
+    intact = data.logp("intact")
+    base_correct = (intact.argmax(-1) == answers).double()
+    section: dict[str, Any] = {}
+    for name in PROBES:
+        if name not in data.options:
+            continue
+        moved = data.logp(name)
+        kl = kl_divergence(intact, moved).double()
+        flips = flip_rate(intact, moved).double()
+        drop = base_correct - (moved.argmax(-1) == answers).double()
+        section[name] = {
+            "kl": float(kl.mean()),
+            "kl_ci": _ci(lambda i, k=kl: float(k[i].mean()), len(kl), seed),
+            "flip_rate": float(flips.mean()),
+            "flip_rate_ci": _ci(lambda i, f=flips: float(f[i].mean()), len(flips), seed),
+            "accuracy_drop": float(drop.mean()),
+            "accuracy_drop_ci": _ci(lambda i, d=drop: float(d[i].mean()), len(drop), seed),
+        }
+    if "swap" in section:
+        donor = data.logp("donor").argmax(-1)
+        follows = (data.logp("swap").argmax(-1) == donor).double()
+        agree = (intact.argmax(-1) == donor).double()  # how often the two answers coincide anyway
+        section["swap"]["follows_donor"] = float(follows.mean())
+        section["swap"]["follows_donor_ci"] = _ci(
+            lambda i: float(follows[i].mean()), len(follows), seed
+        )
+        section["swap"]["agrees_with_donor_anyway"] = float(agree.mean())
+    return section
+
+
+def intervention_section(data: Collected) -> dict[str, Any]:
+    """X -> Z: per intervention, per layer (averaged over the latent indexes) relative change
+    and centred cosine of the latent states; the image tokens' relative change for scale."""
+    base = data.latents("base")  # [L, N, K, D]
+    tokens = torch.cat([s.tokens for s in data.states["base"]], dim=1).mean(1)  # [L, D]
+    spread = instance_spread(base.transpose(0, 1))  # [L, K]
+    image = data.image("base")  # [L, N, D]
+    image_spread = instance_spread(image.transpose(0, 1))  # [L]
+    section: dict[str, Any] = {}
+    for name in INTERVENTIONS:
+        if name not in data.states:
+            continue
+        moved = data.latents(name)
+        change = relative_change(base, moved, spread[:, None])  # [L, N, K]
+        cosine = centred_cosine(base, moved, tokens[:, None, None])
+        image_change = relative_change(image, data.image(name), image_spread[:, None])
+        section[name] = {
+            "latent_change": change.mean((1, 2)).tolist(),
+            "latent_cosine": cosine.mean((1, 2)).tolist(),
+            "image_change": image_change.mean(1).tolist(),
+        }
+    return section
+
+
+def collapse_section(data: Collected) -> dict[str, Any]:
+    base = data.latents("base")  # [L, N, K, D]
+    tokens = torch.cat([s.tokens for s in data.states["base"]], dim=1).mean(1)  # [L, D]
+    across_instances, across_indexes, rank = [], [], []
+    for layer in range(base.shape[0]):
+        states, mean = base[layer], tokens[layer]
+        across_instances.append(float(mean_pairwise_cosine(states, mean).mean()))
+        across_indexes.append(float(mean_pairwise_cosine(states.transpose(0, 1), mean).mean()))
+        rank.append(effective_rank(states.flatten(0, 1)))
+    return {
+        "cosine_across_instances": across_instances,
+        "cosine_across_indexes": across_indexes,
+        "effective_rank": rank,
+        "dimensions": int(base.shape[-1]),
+    }
+
+
+def _labels(samples: Sequence[Sample]) -> dict[str, list]:
+    """Probe targets: the answer, and (with scene metadata) image attributes the question does
+    not name: how many objects there are, and the first distractor's colour and shape."""
+    labels: dict[str, list] = {"answer": [s.answer_text for s in samples]}
+    if not all(s.meta.get("objects") for s in samples):
+        return labels  # benchmark files: no scene to read attributes from
+    labels["objects"] = [len(s.meta["objects"]) for s in samples]
+    first = [_first_distractor(s) for s in samples]
+    if all(first):
+        labels["distractor_colour"] = [d["colour"] for d in first]
+        labels["distractor_shape"] = [d["shape"] for d in first]
+    return labels
+
+
+def _first_distractor(sample: Sample) -> dict | None:
+    objects, targets = sample.meta["objects"], sample.meta["targets"]
+    return objects[len(targets)] if len(objects) > len(targets) else None
+
+
+def probing_section(data: Collected, seed: int) -> dict[str, Any]:
+    """Probes per target, feature set and layer. Hundreds of small fits: BLAS threads only make
+    them wait for each other (40x slower on a busy 2-core machine), so they run on one."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _probes(data, seed)
+
+
+def _probes(data: Collected, seed: int) -> dict[str, Any]:
+    states = data.states["base"]
+    features = {
+        "latents": torch.cat([s.latents for s in states], dim=1).mean(2),  # [L, N, D]
+        "image": torch.cat([s.image for s in states], dim=1),
+        "question": torch.cat([s.question for s in states], dim=1),
+    }
+    section: dict[str, Any] = {}
+    for target, labels in _labels(data.samples).items():
+        section[target] = {}
+        for name, values in features.items():
+            results = [probe(values[layer], labels, seed=seed) for layer in range(len(values))]
+            section[target][name] = [r.summary() if r is not None else None for r in results]
+    return section
+
+
+def analyze(
+    backbone: Backbone,
+    method: Method,
+    samples: Sequence[Sample],
+    batch_size: int,
+    seed: int,
+    counterfactual: Callable[[Sample], Sample] | None,
+) -> dict[str, Any]:
+    """Every section on ``samples``; sections that need a latent block are absent without one,
+    and the re-rendered intervention without ``counterfactual``."""
+    data = collect(backbone, method, samples, batch_size, seed, counterfactual)
+    report: dict[str, Any] = {"num_samples": len(samples), "rescue": rescue_section(data, seed)}
+    if method.final_k > 0:
+        report["z_to_y"] = mediation_section(data, seed)
+        report["x_to_z"] = intervention_section(data)
+        report["collapse"] = collapse_section(data)
+        report["probing"] = probing_section(data, seed)
+    return report

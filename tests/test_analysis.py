@@ -1,0 +1,278 @@
+"""``crystalkit analyze``: each section on premises whose answer is known, then the whole analysis
+on tiny models (an image-blind one, an untouched one, a tiny Qwen2.5-VL) and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from cli_process import assert_one_error_line, invoke
+from hf_models import build as build_hf
+
+from crystalkit.analysis.report import comparison_table, grouped, headline
+from crystalkit.analysis.sections import (
+    Collected,
+    analyze,
+    collapse_section,
+    intervention_section,
+    mediation_section,
+    probing_section,
+    rescue_section,
+)
+from crystalkit.analysis.states import States
+from crystalkit.build import build_backbone, build_dataset
+from crystalkit.crystal.method import Method
+from crystalkit.data.sample import LETTERS, Sample
+
+N, L, K, D = 64, 3, 4, 16
+
+
+def _sure(letters: list[int], options: int = 4) -> torch.Tensor:
+    """Option log-likelihoods that put (almost) all mass on ``letters``."""
+    logp = torch.full((len(letters), options), -8.0)
+    logp[torch.arange(len(letters)), torch.tensor(letters)] = 0.0
+    return logp
+
+
+def _options(data: Collected, **views: list[int]) -> None:
+    for name, letters in views.items():
+        data.add(name, _sure(letters))
+
+
+def _answers(n: int = N) -> list[int]:
+    return [i % 4 for i in range(n)]
+
+
+def _wrong(answers: list[int]) -> list[int]:
+    return [(a + 1) % 4 for a in answers]
+
+
+def test_rescue_is_one_when_the_copied_latents_restore_the_intact_answer():
+    data = Collected(answers=_answers())
+    right, wrong = _answers(), _wrong(_answers())
+    _options(data, intact=right, own=wrong, copied=right, no_copy=wrong)
+    section = rescue_section(data, seed=0)
+    assert section["accuracy"] == {"intact": 1.0, "own": 0.0, "copied": 1.0, "no_copy": 0.0}
+    assert section["rescue"] == pytest.approx(1.0) and section["kl_rescue"] == pytest.approx(1.0)
+    assert section["kl_to_intact"]["copied"] == pytest.approx(0.0, abs=1e-6)
+    assert section["kl_to_intact"]["own"] > 1.0
+
+
+def test_rescue_is_zero_when_copying_changes_nothing_and_undefined_when_nothing_is_lost():
+    data = Collected(answers=_answers())
+    right, wrong = _answers(), _wrong(_answers())
+    _options(data, intact=right, own=wrong, copied=wrong, no_copy=wrong)
+    section = rescue_section(data, seed=0)
+    assert section["rescue"] == pytest.approx(0.0) and section["kl_rescue"] == pytest.approx(0.0)
+    lossless = Collected(answers=_answers())
+    _options(lossless, intact=right, own=right, copied=right, no_copy=right)
+    assert math.isnan(rescue_section(lossless, seed=0)["rescue"])
+
+
+def test_an_answer_that_ignores_its_latents_shows_no_mediation():
+    data = Collected(answers=_answers())
+    right = _answers()
+    _options(data, intact=right, donor=_wrong(right), zero=right, mean=right, shuffle=right)
+    _options(data, swap=right)
+    section = mediation_section(data, seed=0)
+    for name in ("zero", "mean", "shuffle", "swap"):
+        assert section[name]["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert section[name]["flip_rate"] == 0.0 and section[name]["accuracy_drop"] == 0.0
+    assert section["swap"]["follows_donor"] == 0.0
+
+
+def test_an_answer_that_reads_only_its_latents_follows_the_donor_under_swap():
+    data = Collected(answers=_answers())
+    right, donor = _answers(), _wrong(_answers())
+    _options(data, intact=right, donor=donor, zero=donor, mean=donor, shuffle=donor, swap=donor)
+    section = mediation_section(data, seed=0)
+    assert section["swap"]["follows_donor"] == 1.0 and section["swap"]["flip_rate"] == 1.0
+    assert section["swap"]["accuracy_drop"] == 1.0
+    low, high = section["swap"]["kl_ci"]
+    assert low <= section["swap"]["kl"] <= high
+
+
+def _states(latents: torch.Tensor, image: torch.Tensor) -> States:
+    tokens = torch.zeros(latents.shape[0], latents.shape[1], latents.shape[-1])
+    return States(latents, image, torch.randn_like(image), tokens)
+
+
+def test_latents_that_do_not_move_with_the_image_show_no_x_to_z():
+    torch.manual_seed(0)
+    latents, image = torch.randn(L, N, K, D), torch.randn(L, N, D)
+    data = Collected()
+    data.add("base", _states(latents, image), into="states")
+    data.add("corrupted", _states(latents.clone(), image + torch.randn_like(image)), "states")
+    data.add("other_image", _states(latents.roll(1, 1), image.roll(1, 1)), "states")
+    section = intervention_section(data)
+    assert section["corrupted"]["latent_change"] == pytest.approx([0.0] * L, abs=1e-6)
+    assert section["corrupted"]["latent_cosine"] == pytest.approx([1.0] * L, abs=1e-5)
+    assert min(section["corrupted"]["image_change"]) > 0.5
+    # another instance's states are as far as two instances are apart: change ~ 1
+    assert section["other_image"]["latent_change"] == pytest.approx([1.0] * L, abs=0.15)
+    assert section["other_image"]["image_change"] == pytest.approx([1.0] * L, abs=0.15)
+
+
+def test_collapse_tells_identical_latents_from_independent_ones():
+    torch.manual_seed(0)
+    shared = torch.randn(L, 1, K, D)
+    collapsed, spread = Collected(), Collected()
+    collapsed.add("base", _states(shared.expand(L, N, K, D), torch.randn(L, N, D)), "states")
+    spread.add("base", _states(torch.randn(L, N, K, D), torch.randn(L, N, D)), "states")
+    one, many = collapse_section(collapsed), collapse_section(spread)
+    assert one["cosine_across_instances"] == pytest.approx([1.0] * L, abs=1e-5)
+    assert max(abs(c) for c in many["cosine_across_instances"]) < 0.1
+    assert max(one["effective_rank"]) < K + 0.5  # N identical instances: at most K directions
+    assert min(many["effective_rank"]) > D / 2
+
+
+def test_probes_read_an_answer_written_into_the_latents_and_not_into_the_question():
+    torch.manual_seed(0)
+    answers = _answers(96)
+    latents = torch.randn(L, 96, K, D)
+    latents[..., :4] += 3 * torch.eye(4)[answers][None, :, None]  # a one-hot code per answer
+    samples = [_sample(a) for a in answers]
+    data = Collected(answers=answers, samples=samples)
+    data.add("base", _states(latents, torch.randn(L, 96, D)), into="states")
+    section = probing_section(data, seed=0)
+    for layer in section["answer"]["latents"]:
+        assert layer["accuracy"] > 0.9 and layer["control"] < 0.5
+        assert layer["majority"] == pytest.approx(0.25)
+    assert max(layer["accuracy"] for layer in section["answer"]["question"]) < 0.6
+    assert set(section) == {"answer"}  # no scene metadata: no attribute probes
+
+
+def _sample(answer: int) -> Sample:
+    options = ["top left", "top right", "bottom left", "bottom right"]
+    return Sample(
+        index=0,
+        image=torch.zeros(3, 8, 8, dtype=torch.uint8),
+        question="where?",
+        options=options,
+        answer=LETTERS[answer],
+        category="position",
+    )
+
+
+def _embedded(tiny_recipe, *overrides: str):
+    torch.manual_seed(0)
+    recipe = tiny_recipe("latents.schedule.k=3", *overrides)
+    dataset = build_dataset(recipe)
+    backbone = build_backbone(recipe, dataset)
+    test = dataset.split("test")
+    samples = [test[i] for i in range(16)]
+    return backbone, Method(recipe, backbone), samples, test
+
+
+def _report(backbone, method, samples, test) -> dict:
+    return analyze(backbone, method, samples, 8, 0, lambda s: test.counterfactual(s.index))
+
+
+def test_an_image_blind_model_shows_no_x_to_z_and_nothing_to_rescue(tiny_recipe):
+    backbone, method, samples, test = _embedded(tiny_recipe)
+    with torch.no_grad():
+        backbone.projector[-1].weight.zero_()  # image features no longer depend on the image
+    report = _report(backbone, method, samples, test)
+    for name, moved in report["x_to_z"].items():
+        assert max(moved["latent_change"]) < 1e-4, name
+    for view in ("own", "copied"):  # no_copy latents never saw the image tokens: they differ
+        assert report["rescue"]["kl_to_intact"][view] < 1e-6, view
+
+
+def test_latents_of_an_untrained_model_read_the_image_after_the_first_layer(tiny_recipe):
+    backbone, method, samples, test = _embedded(tiny_recipe)
+    report = _report(backbone, method, samples, test)
+    assert set(report["x_to_z"]) == {"corrupted", "other_image", "blank_image", "answer_changed"}
+    for name, moved in report["x_to_z"].items():
+        # layer 0: a latent token's keys/values are its embedding's, whatever the image
+        assert moved["latent_change"][0] == pytest.approx(0.0, abs=1e-5), name
+        assert max(moved["latent_change"][1:]) > 1e-3, name
+    assert report["collapse"]["dimensions"] == 2 * _kv_width(backbone)
+    head = headline(report)
+    assert set(head) >= {"rescue", "x_to_z", "collapse", "probe_answer"}
+    assert 0.0 <= head["accuracy_intact"] <= 1.0
+
+
+def _kv_width(backbone) -> int:
+    config = backbone.language_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads * head_dim
+
+
+def test_without_a_latent_block_only_the_rescue_section_is_reported(tiny_recipe):
+    backbone, _, samples, test = _embedded(tiny_recipe)
+    method = Method(tiny_recipe("latents.schedule.k=0"), backbone)
+    report = _report(backbone, method, samples, test)
+    assert set(report) == {"num_samples", "rescue"}
+    assert set(report["rescue"]["accuracy"]) == {"intact", "own"}
+
+
+def test_analysis_runs_on_a_tiny_qwen2_5_vl():
+    _, backbone, method, _ = build_hf("qwen2_5_vl")
+    from crystalkit.build import build_dataset as dataset_of
+
+    test = dataset_of(method.recipe).split("test")
+    samples = [test[i] for i in range(8)]
+    report = analyze(backbone, method, samples, 4, 0, lambda s: test.counterfactual(s.index))
+    assert len(report["collapse"]["effective_rank"]) == backbone.num_layers
+    assert report["collapse"]["dimensions"] == 2 * _kv_width(backbone)
+    assert report["x_to_z"]["other_image"]["latent_change"][0] == pytest.approx(0.0, abs=1e-4)
+    assert max(report["x_to_z"]["other_image"]["latent_change"]) > 1e-3
+
+
+def test_analyze_command_writes_the_report_and_groups_a_grids_seeds(tiny_recipe, tmp_path):
+    from crystalkit.training.trainer import train
+
+    runs = [
+        train(tiny_recipe(f"name=s{seed}", f"seed={seed}", "train.steps=2", "latents.schedule.k=2"))
+        for seed in (0, 1)
+    ]
+    result = invoke("analyze", *(r.run_dir for r in runs), "--max-samples", "16")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((runs[0].run_dir / "analysis_test.json").read_text())
+    assert saved["num_samples"] == 16 and saved["step"] == 2
+    assert (runs[0].run_dir / "analysis_test.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rescue" in result.output and "X→Z" in result.output
+    rows = grouped(
+        [
+            ("a", s, json.loads((r.run_dir / "analysis_test.json").read_text())["headline"])
+            for s, r in enumerate(runs)
+        ]
+    )
+    assert rows[0]["seeds"] == 2 and rows[0]["accuracy_intact"]["ci"] is not None
+    assert comparison_table(rows).row_count == 11
+
+
+def test_analyze_command_names_a_missing_run(tmp_path):
+    result = invoke("analyze", tmp_path / "nowhere")
+    assert "nowhere" in assert_one_error_line(result)
+
+
+def test_analyze_grid_groups_seeds_and_reuses_saved_analyses(tmp_path):
+    import yaml
+    from conftest import ROOT, TINY
+
+    from crystalkit.ablation.grid import load_grid
+    from crystalkit.ablation.runner import cell_dir
+
+    spec = {
+        "base": str(ROOT / "recipes" / "direct_finetune.yaml"),
+        "overrides": [*TINY, "train.steps=2", "eval.max_samples=8", "latents.schedule.k=2"],
+        "variants": {"latent_block": []},
+        "seeds": [0, 1],
+        "output_dir": "out",
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert invoke("ablate", "--grid", path).exit_code == 0
+    result = invoke("analyze", "--grid", path)
+    assert result.exit_code == 0, result.output
+    assert "2 seeds" in result.output
+    saved = [cell_dir(load_grid(path), c) / "analysis_test.json" for c in load_grid(path).cells()]
+    stamps = [p.stat().st_mtime_ns for p in saved]
+    assert invoke("analyze", "--grid", path).exit_code == 0
+    assert [p.stat().st_mtime_ns for p in saved] == stamps  # read back, not recomputed
+    both = invoke("analyze", saved[0].parent, "--grid", path)
+    assert "not both" in assert_one_error_line(both)
