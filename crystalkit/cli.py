@@ -251,7 +251,13 @@ def analyze_runs(
 ) -> None:
     """Do the latents read the image, does the answer read them, do they rescue the corrupted
     path? Writes RUN_DIR/analysis_SPLIT.{json,png}; several runs or a grid: side by side."""
-    from crystalkit.analysis.report import analyze_run, comparison_table, grouped, load_cached
+    from crystalkit.analysis.report import (
+        analyze_run,
+        comparison_table,
+        grouped,
+        load_cached,
+        write_grouped,
+    )
 
     rows: list[tuple[str, int, dict[str, float]]] = []
     if grid is not None:
@@ -271,6 +277,9 @@ def analyze_runs(
             rows.append((cell.label(), cell.seed, report["headline"]))
         if not rows:
             raise UsageError(f"{grid}: no finished cells to analyse")
+        stem = loaded.output_dir / f"analysis_{'bench' if bench else split}"
+        write_grouped(grouped(rows), rows, stem)
+        err.print(f"{stem}.md and {stem.name}_seeds.csv", highlight=False)
     else:
         if not run_dirs:
             raise UsageError("analyze: pass one or more run directories, or --grid FILE")

@@ -270,6 +270,10 @@ def test_analyze_grid_groups_seeds_and_reuses_saved_analyses(tmp_path):
     result = invoke("analyze", "--grid", path)
     assert result.exit_code == 0, result.output
     assert "2 seeds" in result.output
+    table = (tmp_path / "out" / "analysis_test.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| variant=latent_block | 2 |")
+    per_seed = (tmp_path / "out" / "analysis_test_seeds.csv").read_text().splitlines()
+    assert len(per_seed) == 3 and per_seed[0].startswith("cell,seed,accuracy_intact")
     saved = [cell_dir(load_grid(path), c) / "analysis_test.json" for c in load_grid(path).cells()]
     stamps = [p.stat().st_mtime_ns for p in saved]
     assert invoke("analyze", "--grid", path).exit_code == 0

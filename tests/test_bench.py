@@ -208,6 +208,12 @@ def test_eval_bench_writes_per_sample_output(tsv_file, tiny_recipe):
     assert len(predictions) == 3
     assert {"question", "raw", "prediction", "correct"} <= predictions[0].keys()
     assert summary["accuracy"] == sum(p["correct"] for p in predictions) / 3
+
+    analysed = invoke("analyze", run_dir, "--bench", tsv_file)
+    assert analysed.exit_code == 0, analysed.output
+    report = json.loads((run_dir / "analysis_bench_bench.json").read_text())
+    assert report["num_samples"] == 3 and "answer_changed" not in report["x_to_z"]
+    assert "benchmark file" in report["notes"][0] and set(report["probing"]) <= {"answer"}
     line = assert_one_error_line(invoke("eval", run_dir, "--bench", "nope.tsv"))
     assert "neither 'synthetic' nor an existing" in line
     line = assert_one_error_line(invoke("eval", run_dir, "--bench", tsv_file, "--corrupted"))

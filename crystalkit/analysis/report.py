@@ -3,6 +3,7 @@ several runs or a grid's cells side by side (seeds of a grid point grouped: mean
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -13,7 +14,7 @@ from typing import Any
 from crystalkit.ablation.stats import summary
 from crystalkit.analysis.sections import INTERVENTIONS, PROBES, analyze
 from crystalkit.errors import UsageError
-from crystalkit.io import atomic_write_bytes, atomic_write_json
+from crystalkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 #: the numbers a comparison table shows, as (key, label, higher means)
 HEADLINE = (
@@ -181,6 +182,33 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Any:
                 cells.append(f"{value['mean']:.3g} [{low:.3g}, {high:.3g}]")
         table.add_row(escape(label), *cells, escape(meaning))
     return table
+
+
+def write_grouped(
+    rows: Sequence[dict[str, Any]], seeds: Sequence[tuple[str, int, dict[str, float]]], stem: Path
+) -> None:
+    """A grid's analysis next to its cells: ``STEM.md`` (one row per grid point: mean [95 % CI]
+    over its seeds) and ``STEM_seeds.csv`` (every cell's headline)."""
+    lines = ["| cell | seeds | " + " | ".join(label for _, label, _ in HEADLINE) + " |"]
+    lines.append("|---" * (len(HEADLINE) + 2) + "|")
+    for row in rows:
+        cells = []
+        for key, _, _ in HEADLINE:
+            value = row.get(key)
+            if value is None:
+                cells.append("—")
+            elif value["ci"] is None:
+                cells.append(f"{value['mean']:.3g}")
+            else:
+                cells.append(f"{value['mean']:.3g} [{value['ci'][0]:.3g}, {value['ci'][1]:.3g}]")
+        lines.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["cell", "seed", *(key for key, _, _ in HEADLINE)])
+    for label, seed, numbers in seeds:
+        writer.writerow([label, seed, *(f"{numbers[key]:.6g}" for key, _, _ in HEADLINE)])
+    atomic_write_text(stem.parent / f"{stem.name}_seeds.csv", buffer.getvalue())
 
 
 def load_cached(run_dir: Path, split: str) -> dict[str, Any] | None:
