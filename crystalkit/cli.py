@@ -255,6 +255,7 @@ def analyze_runs(
         analyze_run,
         comparison_table,
         grouped,
+        headline,
         load_cached,
         write_grouped,
     )
@@ -274,7 +275,7 @@ def analyze_runs(
             report = None if bench else load_cached(directory, split)  # reuse earlier analyses
             if report is None or max_samples not in (None, report.get("num_samples")):
                 report = analyze_run(directory, split, max_samples, bench)
-            rows.append((cell.label(), cell.seed, report["headline"]))
+            rows.append((cell.label(), cell.seed, headline(report)))
         if not rows:
             raise UsageError(f"{grid}: no finished cells to analyse")
         stem = loaded.output_dir / f"analysis_{'bench' if bench else split}"
@@ -288,7 +289,7 @@ def analyze_runs(
             err.print(f"{run_dir}: analysis_{report['split']}.json and .png", highlight=False)
             for note in report["notes"]:
                 err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-            rows.append((str(run_dir), 0, report["headline"]))
+            rows.append((str(run_dir), 0, headline(report)))
     out.print(comparison_table(grouped(rows)))
 
 

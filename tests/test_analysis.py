@@ -11,7 +11,7 @@ import torch
 from cli_process import assert_one_error_line, invoke
 from hf_models import build as build_hf
 
-from crystalkit.analysis.report import comparison_table, grouped, headline
+from crystalkit.analysis.report import HEADLINE, comparison_table, grouped, headline
 from crystalkit.analysis.sections import (
     Collected,
     analyze,
@@ -242,7 +242,7 @@ def test_analyze_command_writes_the_report_and_groups_a_grids_seeds(tiny_recipe,
         ]
     )
     assert rows[0]["seeds"] == 2 and rows[0]["accuracy_intact"]["ci"] is not None
-    assert comparison_table(rows).row_count == 11
+    assert comparison_table(rows).row_count == len(HEADLINE)
 
 
 def test_analyze_command_names_a_missing_run(tmp_path):

@@ -19,7 +19,8 @@ from crystalkit.io import atomic_write_bytes, atomic_write_json, atomic_write_te
 #: the numbers a comparison table shows, as (key, label, higher means)
 HEADLINE = (
     ("accuracy_intact", "acc intact", "the answer"),
-    ("rescue", "rescue", "intact latents win back what the corruption cost"),
+    ("rescue", "rescue", "intact latents win back the accuracy the corruption cost"),
+    ("kl_rescue", "KL rescue", "... the answer distribution the corruption moved"),
     ("kl_own", "KL own", "corrupted answer far from intact with its own latents"),
     ("kl_copied", "KL copied", "... with the intact latents copied in"),
     ("x_to_z", "X→Z", "latents move when only the answer's evidence changes"),
@@ -85,6 +86,7 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     return {
         "accuracy_intact": rescue["accuracy"]["intact"],
         "rescue": rescue.get("rescue", math.nan),
+        "kl_rescue": rescue.get("kl_rescue", math.nan),
         "kl_own": rescue["kl_to_intact"].get("own", math.nan),
         "kl_copied": rescue["kl_to_intact"].get("copied", math.nan),
         "x_to_z": _last(moved.get("latent_change")),
