@@ -136,11 +136,13 @@ def test_probes_read_an_answer_written_into_the_latents_and_not_into_the_questio
     samples = [_sample(a) for a in answers]
     data = Collected(answers=answers, samples=samples)
     data.add("base", _states(latents, torch.randn(L, 96, D)), into="states")
+    data.add("blank_image", _states(latents, torch.randn(L, 96, D)), into="states")
     section = probing_section(data, seed=0)
     for layer in section["answer"]["latents"]:
         assert layer["accuracy"] > 0.9 and layer["control"] < 0.5
         assert layer["majority"] == pytest.approx(0.25)
-    assert max(layer["accuracy"] for layer in section["answer"]["question"]) < 0.6
+    for floor in ("question", "question_blank"):
+        assert max(layer["accuracy"] for layer in section["answer"][floor]) < 0.6
     assert set(section) == {"answer"}  # no scene metadata: no attribute probes
 
 

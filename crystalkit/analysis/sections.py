@@ -12,7 +12,8 @@
 4. **Collapse** — centred cosine of latent states across instances (same index) and across
    indexes (same instance), and their effective rank.
 5. **Probing** — linear probes from states to the answer and to image attributes the question
-   does not name, with majority and random-label floors.
+   does not name, with majority and random-label floors, and the question's tokens after a blank
+   image as the floor of what is readable without the image.
 
 Everything is computed from option log-likelihoods (:mod:`crystalkit.evaluation.options`) and
 per-layer keys/values (:mod:`crystalkit.analysis.states`) of the run's own forward; bootstrap
@@ -282,11 +283,14 @@ def probing_section(data: Collected, seed: int) -> dict[str, Any]:
 
 
 def _probes(data: Collected, seed: int) -> dict[str, Any]:
-    states = data.states["base"]
+    states, blank = data.states["base"], data.states["blank_image"]
     features = {
         "latents": torch.cat([s.latents for s in states], dim=1).mean(2),  # [L, N, D]
         "image": torch.cat([s.image for s in states], dim=1),
+        # the question's text follows the image in the prompt, so its states can read the image;
+        # the same tokens after a blank image carry only what the question says: the floor
         "question": torch.cat([s.question for s in states], dim=1),
+        "question_blank": torch.cat([s.question for s in blank], dim=1),
     }
     section: dict[str, Any] = {}
     for target, labels in _labels(data.samples).items():
