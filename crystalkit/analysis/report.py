@@ -158,6 +158,16 @@ def grouped(reports: Sequence[tuple[str, int, dict[str, float]]]) -> list[dict[s
     return out
 
 
+def _cell(value: dict[str, Any] | None) -> str:
+    """A grouped value as ``mean [low, high]`` (``mean`` for one seed, ``—`` when absent)."""
+    if value is None:
+        return "—"
+    if value["ci"] is None:
+        return f"{value['mean']:.3g}"
+    low, high = value["ci"]
+    return f"{value['mean']:.3g} [{low:.3g}, {high:.3g}]"
+
+
 def comparison_table(rows: Sequence[dict[str, Any]]) -> Any:
     """One row per headline measure, one column per run or grid point (``mean [CI]`` over seeds):
     measures are many and runs few, so this shape fits a terminal."""
@@ -172,17 +182,7 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Any:
         table.add_column(label, justify="right", overflow="fold")
     table.add_column("higher means", style="dim")
     for key, label, meaning in HEADLINE:
-        cells = []
-        for row in rows:
-            value = row.get(key)
-            if value is None:
-                cells.append("—")
-            elif value["ci"] is None:
-                cells.append(f"{value['mean']:.3g}")
-            else:
-                low, high = value["ci"]
-                cells.append(f"{value['mean']:.3g} [{low:.3g}, {high:.3g}]")
-        table.add_row(escape(label), *cells, escape(meaning))
+        table.add_row(escape(label), *(_cell(row.get(key)) for row in rows), escape(meaning))
     return table
 
 
@@ -194,16 +194,8 @@ def write_grouped(
     lines = ["| cell | seeds | " + " | ".join(label for _, label, _ in HEADLINE) + " |"]
     lines.append("|---" * (len(HEADLINE) + 2) + "|")
     for row in rows:
-        cells = []
-        for key, _, _ in HEADLINE:
-            value = row.get(key)
-            if value is None:
-                cells.append("—")
-            elif value["ci"] is None:
-                cells.append(f"{value['mean']:.3g}")
-            else:
-                cells.append(f"{value['mean']:.3g} [{value['ci'][0]:.3g}, {value['ci'][1]:.3g}]")
-        lines.append(f"| {row['label']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        cells = " | ".join(_cell(row.get(key)) for key, _, _ in HEADLINE)
+        lines.append(f"| {row['label']} | {row['seeds']} | {cells} |")
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
