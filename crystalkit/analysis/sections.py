@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from joblib import Parallel, delayed, parallel_config
+from threadpoolctl import threadpool_limits
 
 from crystalkit.analysis.measures import (
     bootstrap_ci,
@@ -274,15 +276,9 @@ def _first_distractor(sample: Sample) -> dict | None:
 
 
 def probing_section(data: Collected, seed: int) -> dict[str, Any]:
-    """Probes per target, feature set and layer. Hundreds of small fits: BLAS threads only make
-    them wait for each other (40x slower on a busy 2-core machine), so they run on one."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        return _probes(data, seed)
-
-
-def _probes(data: Collected, seed: int) -> dict[str, Any]:
+    """Probes per target, feature set and layer: hundreds of small independent fits, spread over
+    ``torch.get_num_threads()`` worker processes with one BLAS thread each (BLAS threads inside
+    one small fit only wait for each other: 40x slower on a busy 2-core machine)."""
     states, blank = data.states["base"], data.states["blank_image"]
     features = {
         "latents": torch.cat([s.latents for s in states], dim=1).mean(2),  # [L, N, D]
@@ -292,12 +288,19 @@ def _probes(data: Collected, seed: int) -> dict[str, Any]:
         "question": torch.cat([s.question for s in states], dim=1),
         "question_blank": torch.cat([s.question for s in blank], dim=1),
     }
+    jobs = [
+        (target, name, layer, values[layer], labels)
+        for target, labels in _labels(data.samples).items()
+        for name, values in features.items()
+        for layer in range(len(values))
+    ]
+    workers = Parallel(n_jobs=max(1, torch.get_num_threads()))
+    with threadpool_limits(1), parallel_config("loky", inner_max_num_threads=1):  # 1 job: here
+        results = workers(delayed(probe)(x, labels, seed=seed) for *_, x, labels in jobs)
     section: dict[str, Any] = {}
-    for target, labels in _labels(data.samples).items():
-        section[target] = {}
-        for name, values in features.items():
-            results = [probe(values[layer], labels, seed=seed) for layer in range(len(values))]
-            section[target][name] = [r.summary() if r is not None else None for r in results]
+    for (target, name, *_), result in zip(jobs, results, strict=True):
+        layers = section.setdefault(target, {}).setdefault(name, [])
+        layers.append(result.summary() if result is not None else None)
     return section
 
 
