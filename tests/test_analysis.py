@@ -282,3 +282,12 @@ def test_analyze_grid_groups_seeds_and_reuses_saved_analyses(tmp_path):
     assert [p.stat().st_mtime_ns for p in saved] == stamps  # read back, not recomputed
     both = invoke("analyze", saved[0].parent, "--grid", path)
     assert "not both" in assert_one_error_line(both)
+
+
+def test_recurrent_latents_read_the_image_from_the_first_layer(tiny_recipe):
+    """A recurrent latent's input is the previous position's last hidden state, so unlike a latent
+    token its layer-0 keys and values already depend on the image."""
+    backbone, method, samples, test = _embedded(tiny_recipe, "latents.family=recurrent")
+    report = _report(backbone, method, samples, test)
+    assert report["x_to_z"]["other_image"]["latent_change"][0] > 1e-3
+    assert report["z_to_y"]["swap"]["kl"] > 0
