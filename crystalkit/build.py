@@ -9,6 +9,7 @@ import torch
 
 from crystalkit.config.components import config_model
 from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.config.sources import Sources
 from crystalkit.crystal.method import Method
 from crystalkit.data.prompt import template_text
 from crystalkit.latents.blocks import train_only_rows
@@ -48,8 +49,18 @@ class Model(NamedTuple):
     introduced: tuple[tuple[int, ...], ...] = ()
 
 
-def build_model(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Model:
+def build_model(
+    recipe: Recipe,
+    dataset: Any,
+    assets: Path | None = None,
+    training: bool = True,
+    sources: Sources | None = None,
+) -> Model:
     """The model of a run, built the same way for training, evaluation and export.
+
+    ``training=False`` (evaluation, generation, export) builds the corruption and the objectives
+    only when first used; ``sources`` (the run's recorded component sources) then name what to
+    install when one of them is missing.
 
     A LoRA run's checkpoints hold only what trains, so its frozen base must come out exactly
     as training began: initialisation is seeded from ``recipe.seed``, and saved ``assets`` are
@@ -72,7 +83,7 @@ def build_model(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Mod
     inherited = set(backbone.tokenizer.get_vocab()) if warm is not None else set()
     methods, introduced, seen = [], [], set(inherited)
     for stage in plan_stages(recipe):
-        method = Method(stage.recipe, backbone)
+        method = Method(stage.recipe, backbone, training=training, sources=sources)
         tokens = backbone.tokenizer.convert_ids_to_tokens(method.block.new_token_ids)
         fresh = [
             i for t, i in zip(tokens, method.block.new_token_ids, strict=True) if t not in seen

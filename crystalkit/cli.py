@@ -1,13 +1,24 @@
 """The ``crystalkit`` command line (Typer).
 
-Every command turns user mistakes (:class:`~crystalkit.errors.UsageError`) into one red line on
-stderr and exit code 2; anything else is a bug and keeps its traceback.
+Every command turns user mistakes (:class:`~crystalkit.errors.UsageError`) and errors of
+third-party component code (:class:`~crystalkit.errors.PluginError`) into one red line on stderr;
+anything else is a bug and keeps its traceback. Exit codes:
+
+* 0 — success;
+* 1 — a bug in crystalkit (with its traceback), or cells of ``crystalkit ablate`` that failed;
+* 2 — a user mistake (recipe, grid, data, checkpoint or argument): fix the input;
+* 3 — a plugin's code (a plugin package, a ``file.py:attr`` or ``module:attr`` component) raised
+  or broke its contract: the line names the component, where it comes from and the file:line.
+
+``crystalkit --debug COMMAND ...`` (or ``CRYSTALKIT_DEBUG=1``) shows the full traceback of any
+error instead of the one line.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crystalkit.errors import DataWarning, UsageError, did_you_mean
+from crystalkit.errors import DataWarning, PerformanceWarning, PluginError, UsageError, did_you_mean
 from crystalkit.registry import PluginWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,10 +51,36 @@ app.add_typer(ablate_app, name="ablate")
 out = Console()
 err = Console(stderr=True)
 
+DEBUG_ENV = "CRYSTALKIT_DEBUG"
+#: set by ``--debug`` for the command being run
+_debug = False
+
+
+def debugging() -> bool:
+    """Whether errors keep their traceback: ``--debug`` or ``CRYSTALKIT_DEBUG=1``."""
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _debug or env
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help=f"show the full traceback of any error (also: {DEBUG_ENV}=1)",
+        ),
+    ] = False,
+) -> None:
+    """Crystallized latent visual reasoning: train, evaluate and inspect recipes."""
+    global _debug
+    _debug = debug
+
 
 def user_errors(func: F) -> F:
-    """Report :class:`UsageError` as one line with exit code 2; show plugin and data warnings as
-    one line each, when they happen. Every warning is shown once: a warning raised on each
+    """Report :class:`UsageError` as one line with exit code 2 and :class:`PluginError` as one line
+    with exit code 3 (both re-raised unchanged when :func:`debugging`); show plugin and data
+    warnings as one line each, when they happen. Every warning is shown once: a warning raised on each
     forward must neither flood the terminal nor pile up in memory."""
 
     @functools.wraps(func)
@@ -55,7 +92,7 @@ def user_errors(func: F) -> F:
             if (category, str(message)) in shown:
                 return
             shown.add((category, str(message)))
-            if issubclass(category, PluginWarning | DataWarning):
+            if issubclass(category, PluginWarning | DataWarning | PerformanceWarning):
                 err.print(
                     f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
                 )
@@ -65,14 +102,17 @@ def user_errors(func: F) -> F:
         with warnings.catch_warnings():
             warnings.simplefilter("always", PluginWarning)
             warnings.simplefilter("always", DataWarning)
+            warnings.simplefilter("always", PerformanceWarning)
             warnings.showwarning = show
             try:
                 return func(*args, **kwargs)
-            except UsageError as exc:
+            except (UsageError, PluginError) as exc:
+                if debugging():
+                    raise
                 err.print(
                     f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
                 )
-                raise typer.Exit(2) from None
+                raise typer.Exit(3 if isinstance(exc, PluginError) else 2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -376,24 +416,69 @@ def list_components(
     kind: Annotated[
         str | None, typer.Argument(help="backbones, datasets, corruptions, ...")
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="one component (a name or import path): show its parameters"),
+    ] = None,
 ) -> None:
-    """List registered components (built-in and plugins) with a one-line description."""
-    from crystalkit.registries import ALL
+    """List registered components (built-in and plugins); with NAME, one component's parameters."""
+    from rich.text import Text
 
-    if kind is not None and kind not in ALL:
-        raise UsageError(f"unknown kind {kind!r}{did_you_mean(kind, ALL)}; valid: {', '.join(ALL)}")
+    from crystalkit.registries import ALL
+    from crystalkit.registry import source_text
+
+    if kind is not None:
+        kind = kind if kind in ALL else f"{kind}s" if f"{kind}s" in ALL else kind
+        if kind not in ALL:
+            raise UsageError(
+                f"unknown kind {kind!r}{did_you_mean(kind, ALL)}; valid: {', '.join(ALL)}"
+            )
+    if name is not None:
+        _print_component(ALL[kind], name)
+        return
     for registry in [ALL[kind]] if kind else ALL.values():
         table = Table(title=registry.kind, title_justify="left", show_edge=False)
-        table.add_column("name", style="bold cyan")
+        table.add_column("name", style="bold cyan", no_wrap=True)
         table.add_column("source")
         table.add_column("description")
         for entry in registry.entries():
-            table.add_row(entry.name, entry.source, entry.description)
+            table.add_row(entry.name, source_text(entry), Text(entry.description))
         if not len(table.rows):
             table.add_row(
                 "—", "", f"none registered (entry point group {registry.entry_point_group})"
             )
         out.print(table)
+
+
+def _print_component(registry: Any, name: str) -> None:
+    """One component: where it comes from, what it does, and its parameters."""
+    from rich.text import Text
+
+    from crystalkit.config.components import config_model
+    from crystalkit.config.params import param_rows
+    from crystalkit.registry import object_file, source_text
+
+    entry = registry.entry(name)
+    singular = registry.kind.removesuffix("s")
+    defined = getattr(entry.obj, "__module__", "?") + "." + getattr(entry.obj, "__qualname__", "")
+    where = object_file(entry.obj)
+    out.print(Text.assemble((f"{singular} {entry.name}", "bold cyan"), f"  ({source_text(entry)})"))
+    out.print(Text(f"defined by {defined}" + (f" in {where}" if where else ""), style="dim"))
+    if entry.description:
+        out.print(Text(entry.description))
+    rows = param_rows(config_model(entry.obj))
+    if not rows:
+        out.print(Text("no parameters", style="dim"))
+        return
+    table = Table(show_edge=False)
+    for column in ("key", "type", "default", "constraint", "description"):
+        table.add_column(column, style="bold" if column == "key" else None)
+    for row in rows:
+        table.add_row(
+            *(Text(cell) for cell in (row.key, row.type, row.default, row.constraint)),
+            Text(row.description),
+        )
+    out.print(table)
 
 
 @app.command("export")
@@ -483,6 +568,8 @@ def ablate(
 
     loaded = load_grid(grid)
     if dry_run:
+        from crystalkit.ablation.grid import join_overrides
+
         sources, cells = loaded.sources(), loaded.cells()
         title = f"{grid}: {len(cells)} cells" + (
             f" after {len(sources)} warm-start sources" if sources else ""
@@ -490,6 +577,10 @@ def ablate(
         table = Table(title=f"{title} -> {loaded.output_dir}")
         for column in ("cell", *loaded.varied_keys, "seed", "state"):
             table.add_column(escape(column))
+        # the overrides `cells:` rules add: the part of a cell's recipe no column above shows
+        shown = loaded.has_cell_overrides
+        if shown:
+            table.add_column("overrides", overflow="fold")
         for cell in [*sources, *cells]:
             loaded.recipe(cell)
             values = [
@@ -497,7 +588,8 @@ def ablate(
                 for k in loaded.varied_keys
             ]
             state = cell_state(cell_dir(loaded, cell))
-            table.add_row(cell.id, *(escape(v) for v in values), str(cell.seed), state)
+            extra = [join_overrides(loaded.extra_overrides(cell))] if shown else []
+            table.add_row(cell.id, *(escape(v) for v in [*values, str(cell.seed), state, *extra]))
         out.print(table)
         return
     if launcher == "local":

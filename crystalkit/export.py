@@ -26,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from crystalkit.build import Model, build_dataset, build_model
-from crystalkit.config.loader import dump_recipe, load_recipe
+from crystalkit.config.loader import TRAINING_ONLY, dump_recipe, load_recipe
 from crystalkit.config.schema import Recipe, WarmStartConfig
+from crystalkit.config.sources import SOURCES_FILE
 from crystalkit.errors import CheckpointError, UsageError
 from crystalkit.evaluation.runs import load_model
 from crystalkit.io import atomic_write_json, atomic_write_text, fsync_dir
@@ -81,6 +82,8 @@ def export_run(run_dir: Path, out: Path | None = None, merge: bool = False) -> P
                 save_file(buffers, str(folder / BUFFERS))
             summary["base"] = base_fingerprint(model.backbone)
         model.backbone.save_assets(folder)
+        if (run_dir / SOURCES_FILE).is_file():  # what to install if a plugin is missing later
+            shutil.copy2(run_dir / SOURCES_FILE, folder / SOURCES_FILE)
         atomic_write_json(folder / EXPORT_FILE, summary)
     return target
 
@@ -108,9 +111,9 @@ def load_adapter(directory: Path) -> Model:
         summary = None
     if not isinstance(summary, dict) or summary.get("merged") is not False:
         raise CheckpointError(f"{directory}: not an adapter export of crystalkit export")
-    recipe = load_recipe(directory / RECIPE_FILE)
+    recipe = load_recipe(directory / RECIPE_FILE, skip=TRAINING_ONLY)
     warm = directory if recipe.warm_start.source is not None else None  # its snapshot is here
-    built = build_model(without_lora(recipe), build_dataset(recipe), assets=warm)
+    built = build_model(without_lora(recipe), build_dataset(recipe), assets=warm, training=False)
     backbone, method = built.backbone, built.method
     try:
         peft = PeftModel.from_pretrained(peft_host(backbone), str(directory), is_trainable=True)

@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from crystalkit.errors import UsageError, did_you_mean
+from crystalkit.errors import UsageError, blame, did_you_mean, is_builtin, one_line
 
 T = TypeVar("T")
 
@@ -45,11 +46,32 @@ class Entry(Generic[T]):
     obj: T
     description: str
     source: str  # "builtin", "plugin:<dist>" or "path"
+    version: str = ""  # the plugin distribution's version
 
 
-def _first_doc_line(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|ref):`~?(?:[^`<]*<)?([^`>]+)>?`")
+
+
+def plain_text(text: str) -> str:
+    """reStructuredText inline markup as plain text: ``:class:`~a.B``` -> ``B``, double
+    backticks -> single ones (Markdown and terminals read that)."""
+    text = _ROLE.sub(lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", text)
+    return text.replace("``", "`")
+
+
+def summary(obj: Any) -> str:
+    """The first paragraph of ``obj``'s docstring on one line, inline markup made plain."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    first = doc.split("\n\n", 1)[0]
+    return plain_text(" ".join(line.strip() for line in first.splitlines()))
+
+
+def object_file(obj: Any) -> str | None:
+    """The source file defining ``obj`` (``None`` for objects without one)."""
+    try:
+        return inspect.getsourcefile(obj)
+    except TypeError:
+        return None
 
 
 def plugins_disabled() -> bool:
@@ -100,9 +122,11 @@ class Registry(Generic[T]):
                 "choose another name"
             )
         source = source or self._current_source
-        self._entries[name] = Entry(name, obj, description or _first_doc_line(obj), source)
+        version = self._current_version if source == self._current_source else ""
+        self._entries[name] = Entry(name, obj, description or summary(obj), source, version)
 
     _current_source = "builtin"
+    _current_version = ""
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -110,17 +134,30 @@ class Registry(Generic[T]):
         """Resolve a registered name, ``package.module:attr`` or ``path/to/file.py:attr``."""
         if ":" in name and name not in self._entries:
             return resolve_import_path(name, kind=self.kind)
-        self._ensure_loaded()
-        try:
-            return self._entries[name].obj
-        except KeyError:
-            raise UsageError(self.unknown_message(name)) from None
+        return self.entry(name).obj
 
     def unknown_message(self, name: str) -> str:
         valid = ", ".join(self.names()) or "none registered"
         return f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} {name!r}" + (
             f"{did_you_mean(name, self.names())}; valid: {valid}"
         )
+
+    def entry(self, name: str) -> Entry[T]:
+        """The entry of a registered name, or an ``Entry`` describing an import path."""
+        if ":" in name and name not in self._entries:
+            obj = resolve_import_path(name, kind=self.kind)
+            return Entry(name, obj, summary(obj), "path")
+        self._ensure_loaded()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UsageError(self.unknown_message(name)) from None
+
+    def describe_source(self, name: str) -> str:
+        """Where a component comes from, for messages: ``built-in``, ``plugin package DIST
+        VERSION``, ``file PATH`` or ``module NAME``."""
+        entry = self.entry(name)
+        return source_text(entry)
 
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
@@ -162,20 +199,46 @@ class Registry(Generic[T]):
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             dist = ep.dist.name if ep.dist is not None else "?"
             self._current_source = f"plugin:{dist}"
+            self._current_version = ep.dist.version if ep.dist is not None else ""
             try:
                 obj = ep.load()
                 if not inspect.ismodule(obj) and ep.name not in self._entries:
                     self.add(ep.name, obj)
             except Exception as exc:  # a broken plugin must not break unrelated commands
+                where = blame(exc, module=ep.module, fallback=False)
                 warnings.warn(
                     f"crystalkit: skipped plugin {ep.name!r} = {ep.value!r} from distribution "
                     f"{dist!r} (entry point group {self.entry_point_group!r}): "
-                    f"{type(exc).__name__}: {exc}. Set {DISABLE_PLUGINS_ENV}=1 to skip all plugins.",
+                    f"{type(exc).__name__}: {one_line(exc)}{f' at {where}' if where else ''}. "
+                    f"Set {DISABLE_PLUGINS_ENV}=1 to skip all plugins.",
                     PluginWarning,
                     stacklevel=2,
                 )
             finally:
-                self._current_source = "builtin"
+                self._current_source, self._current_version = "builtin", ""
+
+
+def source_text(entry: Entry[Any]) -> str:
+    """``built-in``, ``plugin package DIST VERSION``, ``file PATH`` or ``module NAME``."""
+    if entry.source == "builtin":
+        return "built-in"
+    if entry.source.startswith("plugin:"):
+        dist = entry.source.removeprefix("plugin:")
+        return f"plugin package {dist} {entry.version}".rstrip()
+    target = entry.name.rpartition(":")[0]
+    if target.endswith(".py"):
+        return f"file {Path(target).expanduser().resolve()}"
+    return f"module {target}"
+
+
+def component_source(entry: Entry[Any]) -> tuple[str, bool]:
+    """``(source_text(entry), built-in?)``, where only crystalkit's own code counts as built-in: a
+    component registered with the decorator by other code reads ``module NAME``."""
+    text, builtin = source_text(entry), is_builtin(entry.obj)
+    if text == "built-in" and not builtin:
+        module = getattr(entry.obj, "__module__", None) or type(entry.obj).__module__
+        text = f"module {module}"
+    return text, builtin
 
 
 def resolve_import_path(spec: str, kind: str = "component") -> Any:
@@ -199,13 +262,19 @@ def resolve_import_path(spec: str, kind: str = "component") -> Any:
                 module_spec.loader.exec_module(module)
             except Exception as exc:
                 del sys.modules[mod_name]
-                raise UsageError(f"{kind} {spec!r}: importing {str(path)!r} failed: {exc}") from exc
+                where = blame(exc, root=path)
+                raise UsageError(
+                    f"{kind} {spec!r}: importing {str(path)!r} failed: {one_line(exc)} "
+                    f"({type(exc).__name__} at {where or path})"
+                ) from exc
     else:
         try:
             module = importlib.import_module(target)
         except Exception as exc:  # the user's module may fail in any way while importing
+            where = blame(exc, module=target, fallback=False)
             raise UsageError(
-                f"{kind} {spec!r}: cannot import module {target!r}: {type(exc).__name__}: {exc}"
+                f"{kind} {spec!r}: cannot import module {target!r}: {type(exc).__name__}: "
+                f"{one_line(exc)}{f' at {where}' if where else ''}"
             ) from exc
     obj: Any = module
     for part in attr.split("."):

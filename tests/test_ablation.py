@@ -146,6 +146,7 @@ def test_grid_runs_resumes_only_unfinished_cells_and_reports(tmp_path: Path):
     path = _tiny_grid(tmp_path)
     dry = invoke("ablate", "--grid", path, "--dry-run")
     assert dry.exit_code == 0 and dry.stdout.count("pending") == 4
+    assert "overrides" not in dry.stdout  # no cells: rules, no column
 
     result = invoke("ablate", "--grid", path, "--jobs", "2")
     assert result.exit_code == 0, result.output
@@ -248,6 +249,8 @@ def test_report_of_an_unrun_grid_with_mapping_values(tmp_path: Path):
     assert all(r.seeds == 2 and r.finished == 0 for r in rows) and names == ["accuracy"]
     paths = write_report(grid, Console(file=io.StringIO()))
     assert '{"kl":{"fraction":1.0}}' in paths["md"].read_text()
+    assert "overrides" not in paths["md"].read_text()  # no cells: rules, no column
+    assert r"\{" in paths["tex"].read_text()  # the mapping's braces are printed, not grouping
 
 
 def test_variants_are_an_axis_of_named_override_lists():
@@ -399,3 +402,61 @@ def test_paired_differences_pair_rows_at_the_same_values_of_the_other_keys(tmp_p
     assert by_values[(0.1, "new")][-1] == "+20.0 -10.0"
     assert by_values[(0.2, "new")][-1] == "+10.0 +20.0"
     assert by_values[(0.1, "ref")][-3] == "(reference)"
+
+
+def test_cells_overrides_show_in_the_dry_run_and_the_reports(tmp_path: Path):
+    """Two grid points whose difference includes a ``cells:`` override: the dry run and every
+    report name it on the matching cell only (fake finished cells: only results.json and
+    status.json are read)."""
+    from rich.console import Console
+
+    from crystalkit.ablation.report import write_report
+
+    rules = [
+        {"match": {"train.lr": 0.003}, "overrides": ["train.steps=2"]},
+        {"match": {"train.lr": 0.001}, "overrides": []},
+    ]
+    path = _tiny_grid(tmp_path, cells=rules)
+    grid = load_grid(path)
+    cells = grid.cells()
+    expected = {0.001: "", 0.003: "train.steps=2"}
+    assert {c.values["train.lr"]: grid.extra_overrides(c) for c in cells} == {
+        0.001: (),
+        0.003: ("train.steps=2",),
+    }
+
+    dry = invoke("ablate", "--grid", path, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = dry.stdout.splitlines()
+    assert any("overrides" in line and "state" in line for line in lines), dry.stdout
+    for cell in cells:
+        (line,) = [line for line in lines if cell.id in line]
+        assert ("train.steps=2" in line) == (cell.values["train.lr"] == 0.003), line
+
+    for cell in cells:
+        directory = cell_dir(grid, cell)
+        directory.mkdir(parents=True)
+        accuracy = 0.5 + 0.1 * cell.seed + (0.2 if cell.values["train.lr"] == 0.003 else 0.0)
+        (directory / "results.json").write_text(json.dumps({"accuracy": accuracy}))
+        (directory / STATUS_FILE).write_text(json.dumps({"state": "done"}))
+    paths = write_report(grid, Console(file=io.StringIO()))
+
+    # CSV: the existing columns first, in their order, the overrides appended
+    with paths["csv"].open() as handle:
+        header = next(csv.reader(handle))
+        handle.seek(0)
+        rows = list(csv.DictReader(handle))
+    assert header == ["train.lr", "seeds", "finished", "accuracy_mean", "accuracy_std", "overrides"]
+    assert {r["train.lr"]: r["overrides"] for r in rows} == {str(k): v for k, v in expected.items()}
+    seeds = list(csv.DictReader(paths["seeds"].open()))
+    assert len(seeds) == 4
+    assert all(r["overrides"] == expected[float(r["train.lr"])] for r in seeds)
+
+    # Markdown and LaTeX: the column last, filled on the matching row only
+    markdown = paths["md"].read_text().splitlines()
+    assert markdown[0].startswith("| train.lr | seeds | accuracy (%) | 95% PI |")
+    assert markdown[0].endswith("| overrides |")
+    by_lr = {line.split(" | ")[0].removeprefix("| "): line for line in markdown[2:]}
+    assert by_lr["0.003"].endswith("| train.steps=2 |") and by_lr["0.001"].endswith("|  |")
+    tex = paths["tex"].read_text()
+    assert r"\begin{tabular}{lrrrl}" in tex and "train.steps=2" in tex

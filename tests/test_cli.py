@@ -26,7 +26,7 @@ def test_list_shows_every_kind_with_builtins():
         assert text in result.stdout
     for name in ("embedded", "synthetic_shapes", "none", "kl", "attention", "cosine", "fixed"):
         assert name in result.stdout
-    assert "builtin" in result.stdout
+    assert "built-in" in result.stdout
 
 
 def test_list_one_kind():
@@ -42,8 +42,54 @@ def test_list_unknown_kind_is_one_line_with_valid_kinds():
     line = assert_one_error_line(invoke("list", "nonsense"))
     assert "unknown kind 'nonsense'" in line
     assert "valid: backbones, datasets, corruptions, objectives, schedules" in line
-    line = assert_one_error_line(invoke("list", "corruption"))
+    line = assert_one_error_line(invoke("list", "corruptoins"))
     assert "(did you mean 'corruptions'?)" in line
+
+
+def test_list_one_component_shows_its_parameters_and_source(monkeypatch: pytest.MonkeyPatch):
+    """Every parameter row: key, type, default, constraint, description (from the docstring's
+    Args section for keyword arguments, from Field descriptions for pydantic configs)."""
+    from rich.console import Console
+
+    from crystalkit.config.components import config_model
+    from crystalkit.registries import ALL
+
+    monkeypatch.setattr("crystalkit.cli.out", Console(width=400))  # no wrapped cells
+
+    for kind, name in (("corruption", "blur"), ("objectives", "kl"), ("backbone", "embedded")):
+        result = invoke("list", kind, name)
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())  # rich wraps long cells
+        assert f"{kind.removesuffix('s')} {name} (built-in)" in text
+        registry = ALL[kind if kind.endswith("s") else f"{kind}s"]
+        for key, field in config_model(registry.get(name)).model_fields.items():
+            assert key in text
+            first_words = " ".join(field.description.replace("``", "`").split())
+            assert first_words in text, (kind, name, key)
+    assert "≥ 16" in " ".join(invoke("list", "backbone", "embedded").stdout.split())
+
+
+def test_list_descriptions_keep_brackets_and_drop_rst_markup():
+    text = " ".join(invoke("list", "objectives").stdout.split())
+    assert "sg[h_intact]" in text  # not swallowed as rich markup
+    assert "``" not in text
+    assert "averaged over answer rows and layers" in text  # the whole first paragraph
+
+
+def test_list_one_component_by_import_path_and_unknown_name(tmp_path: Path):
+    plugin = tmp_path / "darken.py"
+    plugin.write_text(
+        "class Darken:\n"
+        '    """Scale every pixel.\n\n    Args:\n        factor: the scale, in [0, 1].\n    """\n\n'
+        "    def __init__(self, factor: float = 0.5):\n        self.factor = factor\n"
+    )
+    result = invoke("list", "corruptions", f"{plugin}:Darken")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert f"(file {plugin})" in text
+    assert "factor │ float │ 0.5" in text and "the scale, in [0, 1]." in text
+    line = assert_one_error_line(invoke("list", "corruptions", "blurr"))
+    assert "unknown corruption 'blurr' (did you mean 'blur'?)" in line
 
 
 # -- recipe show / validate / schema ----------------------------------------------------------

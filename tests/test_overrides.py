@@ -296,3 +296,61 @@ def test_missing_and_null_parents_are_created_but_not_for_deletes():
     apply_override(tree, parse_override("eval.split=val"))
     apply_override(tree, parse_override("backbone.encoder_kwargs.depth=2"))
     assert tree == {"eval": {"split": "val"}, "backbone": {"encoder_kwargs": {"depth": 2}}}
+
+
+# -- mapping overrides merge like inherit -----------------------------------------------------
+
+RECIPE = "recipes/crystal_default.yaml"
+
+
+def _load(*overrides: str):
+    from conftest import ROOT
+
+    from crystalkit.config.loader import load_recipe
+
+    return load_recipe(ROOT / RECIPE, list(overrides))
+
+
+def test_a_mapping_override_keeps_the_keys_it_does_not_name():
+    base = _load()
+    recipe = _load("train={steps: 5}", "backbone={hidden_size: 64}")
+    assert recipe.train.steps == 5
+    assert recipe.train.model_dump(exclude={"steps"}) == base.train.model_dump(exclude={"steps"})
+    assert recipe.backbone.params["hidden_size"] == 64
+    assert recipe.backbone.params["feature_stride"] == base.backbone.params["feature_stride"]
+
+
+def test_a_mapping_override_adds_an_objective_beside_the_others():
+    base = _load()
+    recipe = _load("objectives={cosine: {weight: 0.5}}")
+    assert set(recipe.objectives) == {*base.objectives, "cosine"}
+    assert recipe.objectives["kl"] == base.objectives["kl"]
+
+
+def test_removing_first_replaces_a_section_whole():
+    recipe = _load("~objectives", "objectives={cosine: {weight: 0.5}}")
+    assert set(recipe.objectives) == {"cosine"}
+    assert _load("~objectives").objectives == {}
+
+
+def test_an_empty_mapping_over_a_section_is_refused_with_the_fix():
+    with pytest.raises(RecipeError) as info:
+        _load("objectives={}")
+    message = str(info.value)
+    assert "'~objectives'" in message and "merges nothing" in message and "\n" not in message
+
+
+def test_a_mapping_naming_another_component_starts_from_its_defaults():
+    recipe = _load("corruption={name: mask, fraction: 0.75}")
+    assert recipe.corruption.name == "mask"
+    assert recipe.corruption.params["fraction"] == 0.75  # blur's radius is not carried over
+
+
+def test_merging_keeps_provenance_of_the_untouched_keys(tmp_path):
+    from crystalkit.config.loader import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {lr: 0.5}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe, ["train={warmup_ratio: 2}"])
+    assert str(info.value).startswith("override 'train={warmup_ratio: 2}': train.warmup_ratio")

@@ -80,6 +80,7 @@ def recipe_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     backbone.write_text(TINY_BACKBONE)
     recipe = folder / "plugged.yaml"
     recipe.write_text(f"backbone: {{name: '{backbone}:TinyBackbone', width: 4}}\n")
+    (folder / "breach.yaml").write_text("inherit: plugged.yaml\ncorruption: {name: demo_gray}\n")
     return recipe
 
 
@@ -90,6 +91,10 @@ def runs(site: Path, recipe_file: Path) -> dict[str, subprocess.CompletedProcess
         "list": start("list", "corruptions", site=site),
         "disabled": start("list", "corruptions", site=site, disable=True),
         "recipe": start("recipe", "validate", str(recipe_file), site=site),
+        "one": start("list", "corruption", "demo_posterize", site=site),
+        "breach": start(
+            "recipe", "validate", str(recipe_file.parent / "breach.yaml"), site=site
+        ),
     }
     return {name: finish(process) for name, process in processes.items()}
 
@@ -99,14 +104,14 @@ def test_plugins_are_listed_with_description_and_distribution(runs):
     assert listed.returncode == 0, listed.stderr
     table = rows(listed.stdout)
     assert table["demo_invert"] == [
-        "plugin:crystalkit-demo-plugin",
+        "plugin package crystalkit-demo-plugin 0.1.0",
         "Demo plugin: invert every pixel (1 - x).",
     ]  # a module entry point that registers with the decorator
     assert table["demo_posterize"] == [
-        "plugin:crystalkit-demo-plugin",
+        "plugin package crystalkit-demo-plugin 0.1.0",
         "Demo plugin: quantise each channel to a few levels.",
     ]  # an object entry point, registered under the entry point's name
-    assert table["none"][0] == "builtin"
+    assert table["none"][0] == "built-in"
 
 
 def test_broken_plugin_is_one_warning_line_and_the_rest_still_works(runs):
@@ -148,3 +153,23 @@ def test_recipe_commands_are_unaffected_by_the_broken_plugin(runs, recipe_file: 
     assert "'demo_broken_dataset'" in warnings[0] and "crystalkit.datasets" in warnings[0]
     assert "'demo_broken'" in warnings[1] and "crystalkit.corruptions" in warnings[1]
     assert "error" not in result.stderr
+
+
+def test_one_plugin_component_shows_its_package_and_parameters(runs):
+    result = runs["one"]
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "corruption demo_posterize (plugin package crystalkit-demo-plugin 0.1.0)" in text
+    assert "levels │ int │ 4" in text
+    assert "grey levels per channel (2 = black and white)." in text
+
+
+def test_a_contract_breach_is_one_line_naming_the_plugin(runs):
+    result = runs["breach"]
+    assert result.returncode == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    line = lines[0]
+    assert "corruption.name" in line or "corruption" in line
+    assert "'demo_gray'" in line and "crystalkit-demo-plugin" in line
+    assert "[2, 1, " in line  # the shape it returned

@@ -121,3 +121,51 @@ def test_overwrite_removes_the_previous_runs_checkpoints(tiny_recipe):
     train(short, overwrite=True)
     assert ckpt.latest_checkpoint(run_dir).step == 2
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_000002"]
+
+
+def test_oversubscription_warning_needs_starved_threads_and_a_busy_machine():
+    from crystalkit.training.trainer import oversubscription_warning as warning
+
+    # 2 threads got a quarter of 2 cores' time over 10 s while load 3.1 ran on 2 cores
+    message = warning(5.0, 10.0, 2, 3.1, 2, 4.9)
+    assert message is not None
+    for part in ("load average 3.1", "2 cores", "2 torch threads", "25%", "4.9 samples/s"):
+        assert part in message
+    assert "train.num_threads=1" in message and "stop the other jobs" in message
+    assert warning(18.0, 10.0, 2, 3.1, 2, 50.0) is None  # busy machine, but the run got its CPU
+    assert warning(6.0, 10.0, 2, 1.9, 2, 50.0) is None  # starved look, but nothing else runs
+    assert warning(2.0, 10.0, 1, 6.0, 2, 5.0) is None  # one thread waits for nobody
+    assert warning(0.1, 0.2, 2, 6.0, 2, 5.0) is None  # too short a window to judge
+    # more threads than cores: the share is of the cores they could use
+    assert warning(12.0, 10.0, 8, 9.0, 2, 5.0) is None
+    assert warning(12.0, 10.0, 8, 9.0, 4, 5.0) is not None
+
+
+def test_oversubscription_is_warned_once_per_run(tiny_recipe, monkeypatch):
+    from crystalkit.errors import PerformanceWarning
+    from crystalkit.training import trainer
+
+    monkeypatch.setattr(trainer, "oversubscription_warning", lambda *args: "machine is busy")
+    with pytest.warns(PerformanceWarning, match="machine is busy") as caught:
+        train(tiny_recipe("name=busy", "train.steps=4", "train.log_every=1"))
+    assert len([w for w in caught if w.category is PerformanceWarning]) == 1
+
+
+def test_default_num_threads_is_the_available_cores(tiny_recipe, monkeypatch):
+    import os
+
+    from crystalkit.training.trainer import resolve_num_threads
+
+    applied: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", applied.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_num_threads(None) == 3
+    recipe = tiny_recipe("name=threads", "train.steps=1", "train.num_threads=null")
+    assert recipe.train.num_threads is None
+    train(recipe)
+    assert applied == [3]
+    train(recipe, overwrite=True, num_threads=1)  # the ablation runner's one thread per cell
+    assert applied == [3, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for several processes
+    assert resolve_num_threads(None) == 1 and resolve_num_threads(2) == 2

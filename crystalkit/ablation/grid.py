@@ -205,6 +205,17 @@ class Grid:
             for seed in self.spec.seeds
         ]
 
+    @property
+    def has_cell_overrides(self) -> bool:
+        """Whether ``cells:`` rules add overrides: the dry-run table and the report then show
+        each cell's in an ``overrides`` column (see :func:`join_overrides`)."""
+        return any(rule.overrides for rule in self.spec.cells)
+
+    def extra_overrides(self, cell: Cell) -> tuple[str, ...]:
+        """The overrides ``cells:`` rules add to ``cell`` (in rule order): the part of its recipe
+        that no varied-key column shows; empty for a warm-start source."""
+        return () if cell.base is not None else tuple(matched_overrides(self.spec, cell.values))
+
     def source_of(self, seed: int) -> Cell | None:
         return next((c for c in self.sources() if c.seed == seed), None)
 
@@ -219,7 +230,7 @@ class Grid:
         base = self.base if cell.base is None else (self.path.parent / cell.base).resolve()
         what = "warm-start source" if cell.base is not None else f"cell {cell.label()}"
         try:
-            return load_recipe(base, [*cell.overrides, *extra])
+            return load_recipe(base, [*cell.overrides, *extra], anchor=self.path.parent)
         except RecipeError as exc:
             raise RecipeError(f"{self.path}: {what} (seed {cell.seed}): {exc}") from None
 
@@ -228,9 +239,22 @@ def compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).strip('"')
 
 
+def join_overrides(overrides: tuple[str, ...] | list[str]) -> str:
+    """Overrides as one table cell: ``a=1; b=[1, 2]`` (values may hold commas); empty if none."""
+    return "; ".join(overrides)
+
+
 def override_text(key: str, value: Any) -> str:
     """``key=<value as JSON>`` (JSON is YAML, so the override parser reads the value back exactly)."""
     return f"{key}={json.dumps(value)}"
+
+
+def axis_overrides(key: str, value: Any) -> list[str]:
+    """A grid axis sets its key to the value: a mapping replaces the section whole (an override
+    alone would merge into it)."""
+    if isinstance(value, dict):
+        return [f"~{key}", override_text(key, value)]
+    return [override_text(key, value)]
 
 
 def cell_id(overrides: tuple[str, ...] | list[str]) -> str:
@@ -258,6 +282,11 @@ def _matches(values: dict[str, Any], partial: dict[str, Any]) -> bool:
     return all(key in values and values[key] == value for key, value in partial.items())
 
 
+def matched_overrides(spec: GridFile, values: dict[str, Any]) -> list[str]:
+    """The extra overrides of the ``cells:`` rules that match ``values``, in rule order."""
+    return [o for rule in spec.cells if _matches(values, rule.match) for o in rule.overrides]
+
+
 def expand(spec: GridFile, sources: dict[int, str] | None = None) -> list[Cell]:
     """Every cell of the grid, in file order (seeds innermost), exclusions removed. ``sources``:
     the warm-start source run directory of each seed."""
@@ -267,11 +296,11 @@ def expand(spec: GridFile, sources: dict[int, str] | None = None) -> list[Cell]:
         values = dict(assignment)
         if any(_matches(values, rule) for rule in spec.exclude):
             continue
-        extra = [o for rule in spec.cells if _matches(values, rule.match) for o in rule.overrides]
+        extra = matched_overrides(spec, values)
         varied = [
             o
             for k, v in assignment
-            for o in (spec.variants[v] if k == VARIANT else [override_text(k, v)])
+            for o in (spec.variants[v] if k == VARIANT else axis_overrides(k, v))
         ]
         for seed in spec.seeds:
             warm = [override_text("warm_start.source", sources[seed])] if sources else []

@@ -6,6 +6,10 @@ For the ranking metric the report also gives the 95 % prediction interval for on
 number of collapsed seeds (``collapse_below``) and, with ``compare``, the paired difference of every
 row to the compared row: same seed (and, with a warm start, the same starting checkpoint), mean ±
 sd, its 95 % confidence interval and each seed's value.
+
+When the grid's ``cells:`` rules add overrides, every table and CSV ends with an ``overrides``
+column: the overrides of the row's grid point (the same for all its seeds), empty where none
+matched, so rows that the varied keys alone do not describe can be told apart.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crystalkit.ablation.grid import Grid, compact
+from crystalkit.ablation.grid import Grid, compact, join_overrides
 from crystalkit.ablation.runner import RESULTS_FILE, cell_dir, cell_state
 from crystalkit.ablation.stats import paired_differences, summary
 from crystalkit.io import atomic_write_bytes, atomic_write_text
@@ -40,9 +44,11 @@ def _metric(results: dict[str, Any], name: str) -> float | None:
 
 @dataclass
 class Row:
-    """One grid point: its varied values and, per metric, the value of each finished seed."""
+    """One grid point: its varied values, the overrides ``cells:`` rules add to it, and per metric
+    the value of each finished seed."""
 
     values: dict[str, Any]
+    overrides: tuple[str, ...] = ()
     seeds: int = 0
     finished: int = 0
     by_seed: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -78,7 +84,7 @@ def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
     names: dict[str, None] = {grid.spec.metric.name: None}
     for cell in grid.cells():
         key = json.dumps(cell.assignment, sort_keys=True)  # values may be mappings or lists
-        row = rows.setdefault(key, Row(cell.values))
+        row = rows.setdefault(key, Row(cell.values, grid.extra_overrides(cell)))
         row.seeds += 1
         directory = cell_dir(grid, cell)
         if cell_state(directory) != "done":
@@ -165,22 +171,42 @@ def _scale(name: str) -> float:
     return 1.0 if name == "train_seconds" else 100.0
 
 
+#: the last column of every table and CSV of a grid with ``cells:`` overrides
+OVERRIDES = "overrides"
+
+
+def _overrides_header(grid: Grid) -> list[str]:
+    return [OVERRIDES] if grid.has_cell_overrides else []
+
+
+def _overrides_cell(grid: Grid, row: Row) -> list[str]:
+    return [join_overrides(row.overrides)] if grid.has_cell_overrides else []
+
+
 def _header(grid: Grid, names: list[str], extras: Extras | None = None) -> list[str]:
     shown = [n.removeprefix("per_category.") for n in names]
     metrics = [n if n == "train_seconds" else f"{n} (%)" for n in shown]
     metric_at = 1 + len(grid.varied_keys) + 1  # right after the ranking metric
     header = [*grid.varied_keys, "seeds", *metrics]
-    return header[:metric_at] + (extras.headers if extras else []) + header[metric_at:]
+    extra = extras.headers if extras else []
+    return header[:metric_at] + extra + header[metric_at:] + _overrides_header(grid)
 
 
 def _cells(grid: Grid, row: Row, names: list[str], extras: list[str] | None = None) -> list[str]:
     varied = [compact(row.values.get(k)) for k in grid.varied_keys]
     metrics = [_fmt(row, n, _scale(n)) for n in names]
-    return [*varied, f"{row.finished}/{row.seeds}", metrics[0], *(extras or []), *metrics[1:]]
+    return [
+        *varied,
+        f"{row.finished}/{row.seeds}",
+        metrics[0],
+        *(extras or []),
+        *metrics[1:],
+        *_overrides_cell(grid, row),
+    ]
 
 
 def to_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
-    """Tidy CSV: the varied keys, then mean and std columns per metric."""
+    """Tidy CSV: the varied keys, then mean and std columns per metric (then the overrides)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
@@ -189,6 +215,7 @@ def to_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
             "seeds",
             "finished",
             *(f"{n}_{s}" for n in names for s in ("mean", "std")),
+            *_overrides_header(grid),
         ]
     )
     for row in rows:
@@ -204,16 +231,17 @@ def to_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
                     for pair in zip(stats, stds, strict=True)
                     for v in pair
                 ),
+                *_overrides_cell(grid, row),
             ]
         )
     return out.getvalue()
 
 
 def to_seeds_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
-    """Long format: one line per finished cell (varied keys, seed, every metric)."""
+    """Long format: one line per finished cell (varied keys, seed, every metric, the overrides)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*grid.varied_keys, "seed", *names])
+    writer.writerow([*grid.varied_keys, "seed", *names, *_overrides_header(grid)])
     for row in rows:
         seeds = sorted({seed for values in row.by_seed.values() for seed in values})
         for seed in seeds:
@@ -222,6 +250,7 @@ def to_seeds_csv(grid: Grid, rows: list[Row], names: list[str]) -> str:
                     *(compact(row.values.get(k)) for k in grid.varied_keys),
                     seed,
                     *(_g(row.by_seed.get(n, {}).get(seed)) for n in names),
+                    *_overrides_cell(grid, row),
                 ]
             )
     return out.getvalue()
@@ -235,23 +264,40 @@ def to_markdown(grid: Grid, rows: list[Row], names: list[str], extras: Extras | 
     header = _header(grid, names, extras)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [
-        "| " + " | ".join(_cells(grid, row, names, extras and extras.cells[i])) + " |"
+        "| "
+        + " | ".join(
+            _markdown_escape(c) for c in _cells(grid, row, names, extras and extras.cells[i])
+        )
+        + " |"
         for i, row in enumerate(rows)
     ]
     return "\n".join(lines) + "\n"
 
 
+def _markdown_escape(text: str) -> str:
+    """A cell that holds ``|`` (an override's value may) must not end the cell."""
+    return text.replace("|", r"\|")
+
+
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "_": r"\_",
+    "%": r"\%",
+    "&": r"\&",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "^": r"\^{}",
+    "~": r"\~{}",
+    "±": r"$\pm$",
+}
+
+
 def _latex_escape(text: str) -> str:
-    for a, b in (
-        ("\\", r"\textbackslash{}"),
-        ("_", r"\_"),
-        ("%", r"\%"),
-        ("&", r"\&"),
-        ("#", r"\#"),
-        ("±", r"$\pm$"),
-    ):
-        text = text.replace(a, b)
-    return text
+    """Character by character, so one replacement's output is never escaped again (mappings and
+    overrides bring braces and dollars)."""
+    return "".join(_LATEX.get(c, c) for c in text)
 
 
 def to_latex(grid: Grid, rows: list[Row], names: list[str], extras: Extras | None = None) -> str:
@@ -259,7 +305,8 @@ def to_latex(grid: Grid, rows: list[Row], names: list[str], extras: Extras | Non
     lines = [
         r"\begin{tabular}{"
         + "l" * len(grid.varied_keys)
-        + "r" * (len(header) - len(grid.varied_keys))
+        + "r" * (len(header) - len(grid.varied_keys) - len(_overrides_header(grid)))
+        + "l" * len(_overrides_header(grid))
         + "}",
         r"\toprule",
         " & ".join(_latex_escape(h) for h in header) + r" \\",
@@ -314,8 +361,12 @@ def write_report(grid: Grid, console: Console) -> dict[str, Path]:
     table = Table(
         title=f"{grid.path} — ranked by {grid.spec.metric.name} ({grid.spec.metric.mode})"
     )
-    for i, name in enumerate(_header(grid, names, extras)):
-        table.add_column(escape(name), justify="left" if i < len(grid.varied_keys) else "right")
+    header = _header(grid, names, extras)
+    for i, name in enumerate(header):
+        if grid.has_cell_overrides and i == len(header) - 1:  # overrides: long, shown whole
+            table.add_column(escape(name), justify="left", overflow="fold")
+        else:
+            table.add_column(escape(name), justify="left" if i < len(grid.varied_keys) else "right")
     for i, row in enumerate(rows):
         table.add_row(*(escape(c) for c in _cells(grid, row, names, extras.cells[i])))
     console.print(table)

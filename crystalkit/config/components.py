@@ -2,7 +2,8 @@
 
 A component declares its parameters either as a nested pydantic ``Config`` class or simply as the
 typed keyword arguments of its constructor/function; both become a strict pydantic model, so a
-plugin author writes ordinary Python and still gets validated recipes and a JSON Schema.
+plugin author writes ordinary Python and still gets validated recipes and a JSON Schema. Keyword
+arguments are described by the docstring's ``Args:`` section (or by ``Annotated[..., Field(...)]``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import inspect
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from crystalkit.config.params import arg_docs
 from crystalkit.registry import Registry
 
 
@@ -25,6 +27,7 @@ def config_model(obj: Any) -> type[BaseModel]:
         return declared
     target = obj.__init__ if inspect.isclass(obj) else obj
     hints = typing.get_type_hints(target, include_extras=True)  # keep Annotated[..., Field(...)]
+    docs = arg_docs(obj)
     fields: dict[str, Any] = {}
     extra = "forbid"
     for i, (pname, param) in enumerate(inspect.signature(target).parameters.items()):
@@ -36,7 +39,8 @@ def config_model(obj: Any) -> type[BaseModel]:
         if param.kind is param.VAR_POSITIONAL or pname.startswith("_"):
             continue
         default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[pname] = (hints.get(pname, Any), default)
+        described = {"description": docs[pname]} if pname in docs else {}
+        fields[pname] = (hints.get(pname, Any), Field(default, **described))
     name = f"{getattr(obj, '__name__', 'Component')}Params"
     return create_model(name, __config__=ConfigDict(extra=extra), **fields)
 

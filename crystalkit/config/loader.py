@@ -7,7 +7,11 @@ from, its dotted key, the bad value and what was expected.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,16 @@ from crystalkit.config.schema import (
     StageLatents,
     StageTrain,
 )
-from crystalkit.errors import RecipeError, UsageError, did_you_mean
+from crystalkit.errors import (
+    PluginError,
+    RecipeError,
+    UsageError,
+    blame,
+    defined_at,
+    did_you_mean,
+    is_builtin,
+    plugin_error,
+)
 from crystalkit.io import read_yaml
 from crystalkit.registries import (
     BACKBONES,
@@ -34,7 +47,7 @@ from crystalkit.registries import (
     SCHEDULES,
     WEIGHTS,
 )
-from crystalkit.registry import Registry
+from crystalkit.registry import Registry, component_source
 
 Path_ = tuple[str, ...]
 
@@ -47,6 +60,54 @@ COMPONENT_SECTIONS: dict[Path_, Registry] = {
 }
 #: cheap components, built once while validating so their own checks fail at load time
 BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES, WEIGHTS)
+#: components whose contract (:mod:`crystalkit.testing`) is checked on tiny inputs at load time
+CONTRACTS = (CORRUPTIONS, OBJECTIVES)
+#: image side of the corruption check when the dataset declares no ``image_size``
+CHECK_IMAGE_SIDE = 16
+#: (kind, name, params, image side) -> (breach, whether it is the plugin's) of checked components
+_CHECKED: dict[tuple[str, str, str, int], tuple[str, bool] | None] = {}
+
+
+_FILE_NAME = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
+
+
+def anchor_name(name: str, base: Path) -> str:
+    """A ``path/to/file.py:attr`` name with a relative path made absolute against ``base`` (the
+    folder of the file that names it, as ``inherit`` resolves); any other name is unchanged."""
+    match = _FILE_NAME.match(name)
+    if match is None or Path(match["file"]).expanduser().is_absolute():
+        return name
+    path = os.path.normpath(base.absolute() / Path(match["file"]).expanduser())
+    return f"{path}:{match['attr']}"
+
+
+def anchor_names(tree: Any, base: Path) -> Any:
+    """``tree`` with every component ``name`` (and every ``objectives:`` key that names its
+    objective) anchored at ``base``; see :func:`anchor_name`."""
+    if isinstance(tree, list):
+        return [anchor_names(item, base) for item in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "name" and isinstance(value, str):
+            out[key] = anchor_name(value, base)
+        elif key == "objectives" and isinstance(value, dict):
+            out[key] = {
+                k: _named_objective(k, anchor_names(v, base), base) for k, v in value.items()
+            }
+        else:
+            out[key] = anchor_names(value, base)
+    return out
+
+
+def _named_objective(key: Any, spec: Any, base: Path) -> Any:
+    """An objective keyed by a relative ``file.py:attr`` gets that name, anchored."""
+    if isinstance(key, str) and isinstance(spec, dict) and spec.get("name") is None:
+        anchored = anchor_name(key, base)
+        if anchored != key:
+            return {**spec, "name": anchored}
+    return spec
 
 
 def _is_component(path: Path_) -> bool:
@@ -56,12 +117,12 @@ def _is_component(path: Path_) -> bool:
 def _switches_component(path: Path_, old: Any, new: Any) -> bool:
     """Whether ``new`` (a mapping set at ``path``) names a different component than ``old``: its
     parameters then start from the new component's defaults, not from the old one's values."""
-    return (
-        _is_component(path)
-        and isinstance(old, dict)
-        and "name" in new
-        and old.get("name", new["name"]) != new["name"]
-    )
+    if not (_is_component(path) and isinstance(old, dict) and "name" in new):
+        return False
+    current = old.get("name")
+    if current is None:  # the section keeps its default component (an objective: its key)
+        current = path[-1] if path[0] == "objectives" else _default_component(path)
+    return current != new["name"]
 
 
 def _merge(
@@ -102,6 +163,7 @@ def _load_tree(path: Path, prov: dict[Path_, str], chain: tuple[Path, ...] = ())
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    data = anchor_names(data, path.parent)
     parents = data.pop("inherit", None) or []
     if isinstance(parents, str):
         parents = [parents]
@@ -123,8 +185,20 @@ def _load_tree(path: Path, prov: dict[Path_, str], chain: tuple[Path, ...] = ())
     return _merge(tree, data, prov, str(path))
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read, merge, override and validate a recipe file."""
+def load_recipe(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    anchor: Path | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> Recipe:
+    """Read, merge, override and validate a recipe file.
+
+    A relative ``file.py:attr`` name resolves against the folder of the file that names it;
+    in ``overrides``, against ``anchor`` (default: the working directory; a grid passes its own
+    folder). The resolved recipe holds such names absolute, so a run's saved recipe works from
+    anywhere. A mapping override merges into the mapping it is set over, like ``inherit``.
+    ``skip``: sections whose components are not looked up (:func:`validate_recipe`).
+    """
     path = Path(path)
     prov: dict[Path_, str] = {}
     tree = _load_tree(path, prov)
@@ -132,6 +206,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         tree["name"] = path.stem
     for text in overrides:
         override = parse_override(text)
+        source = f"override {text!r}"
+        value = override.value
+        if override.path[-1] == "name" and isinstance(value, str):
+            value = anchor_name(value, anchor or Path.cwd())
+        override = replace(override, value=anchor_names(value, anchor or Path.cwd()))
         section = override.path[:-1]
         if override.path[-1] == "name" and _switches_component(
             section, _get(tree, section), {"name": override.value}
@@ -139,9 +218,24 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             _set_section(tree, section, {})  # another component: drop the old one's parameters
             for stale in [p for p in prov if p[: len(section)] == section]:
                 del prov[stale]
-        apply_override(tree, override)
-        _mark(prov, override.path, override.value, f"override {text!r}")
-    return validate_recipe(tree, source=str(path), provenance=prov)
+        merged = False
+
+        def merge(old: dict, new: dict, override=override, source=source) -> dict:
+            nonlocal merged
+            if old and not new:
+                raise RecipeError(
+                    f"{source}: an empty mapping merges nothing into {override.key}; write "
+                    f"'~{override.key}' to reset it to its default (to replace it whole: "
+                    f"'~{override.key}' then '{override.key}={{...}}')"
+                )
+            merged = True
+            last, parent = override.path[-1], override.path[:-1]
+            return _merge({last: old}, {last: new}, prov, source, parent)[last]
+
+        apply_override(tree, override, merge)
+        if not merged:
+            _mark(prov, override.path, override.value, source)
+    return validate_recipe(tree, source=str(path), provenance=prov, skip=skip)
 
 
 def _default_component(loc: Path_) -> str:
@@ -165,27 +259,43 @@ def _get(tree: Any, loc: Path_) -> Any:
     return tree
 
 
+#: sections only training uses: a saved run is evaluated without resolving them
+TRAINING_ONLY = frozenset({"corruption", "objectives", "crystal"})
+
+
 def validate_recipe(
-    tree: dict[str, Any], source: str = "<recipe>", provenance: dict[Path_, str] | None = None
+    tree: dict[str, Any],
+    source: str = "<recipe>",
+    provenance: dict[Path_, str] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> Recipe:
     """Validate a merged recipe tree; component parameters are checked against their registry.
     Each stage is merged over the recipe's own sections, validated like a recipe of its own
-    (errors name ``stages.NAME.KEY``) and stored fully resolved."""
+    (errors name ``stages.NAME.KEY``) and stored fully resolved. The components of the sections
+    in ``skip`` (see :data:`TRAINING_ONLY`) are kept as written, not looked up: a run evaluates
+    without the plugins only its training used."""
     provenance = provenance or {}
     stages = tree.get("stages")
     if not isinstance(stages, list) or not stages:
-        return _validate(tree, source, provenance)
+        return _validate(tree, source, provenance, skip=skip)
     top = {key: value for key, value in tree.items() if key != "stages"}
-    base = _validate(copy.deepcopy(top), source, provenance)  # the recipe's own errors first
+    base = _validate(copy.deepcopy(top), source, provenance, skip=skip)  # the recipe's own first
+    where = _source_of(("stages",), provenance, source)
     resolved = [
-        _resolve_stage(top, stage, i, base, _source_of(("stages",), provenance, source), provenance)
+        _resolve_stage(top, stage, i, base, where, provenance, skip)
         for i, stage in enumerate(stages)
     ]
-    return _validate({**tree, "stages": resolved}, source, provenance)
+    return _validate({**tree, "stages": resolved}, source, provenance, skip=skip)
 
 
 def _resolve_stage(
-    top: dict[str, Any], stage: Any, index: int, base: Recipe, source: str, prov: dict[Path_, str]
+    top: dict[str, Any],
+    stage: Any,
+    index: int,
+    base: Recipe,
+    source: str,
+    prov: dict[Path_, str],
+    skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """A stage with every section filled: its own keys merged over the recipe's."""
     if not isinstance(stage, dict):
@@ -216,7 +326,7 @@ def _resolve_stage(
     merged = _merge(copy.deepcopy(top), copy.deepcopy(overlay), dict(prov), source)
     if isinstance(merged.get("objectives"), dict):
         merged["objectives"] = {k: v for k, v in merged["objectives"].items() if v is not None}
-    own = _validate(merged, source, {}, label=tuple(label.split("."))).to_dict()
+    own = _validate(merged, source, {}, label=tuple(label.split(".")), skip=skip).to_dict()
     return {
         "name": stage.get("name"),
         "fraction": stage.get("fraction"),
@@ -231,7 +341,11 @@ def _resolve_stage(
 
 
 def _validate(
-    tree: dict[str, Any], source: str, provenance: dict[Path_, str], label: Path_ = ()
+    tree: dict[str, Any],
+    source: str,
+    provenance: dict[Path_, str],
+    label: Path_ = (),
+    skip: frozenset[str] = frozenset(),
 ) -> Recipe:
     for loc in COMPONENT_SECTIONS:  # a section without a name keeps the default component
         section = _get(tree, loc)
@@ -250,13 +364,21 @@ def _validate(
         ) from None
 
     def resolve(spec: ComponentSpec, registry: Registry, loc: Path_) -> ComponentSpec:
-        return _resolve_component(spec, registry, loc, source, provenance, label)
+        side = recipe.dataset.params.get("image_size")  # corruptions see the dataset's images
+        side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
+        return _resolve_component(
+            spec, registry, loc, source, provenance, label, side or CHECK_IMAGE_SIDE
+        )
 
     for loc, registry in COMPONENT_SECTIONS.items():
+        if loc[0] in skip:
+            continue
         parent = recipe
         for part in loc[:-1]:
             parent = getattr(parent, part)
         setattr(parent, loc[-1], resolve(getattr(parent, loc[-1]), registry, loc))
+    if "objectives" in skip:
+        return recipe
     objectives = {}
     for key, spec in recipe.objectives.items():
         spec = resolve(spec, OBJECTIVES, ("objectives", key))
@@ -264,7 +386,7 @@ def _validate(
             spec.weight = resolve(spec.weight, WEIGHTS, ("objectives", key, "weight"))
         objectives[key] = spec
     recipe.objectives = objectives
-    if isinstance(recipe.crystal.ce_weight, ComponentSpec):
+    if isinstance(recipe.crystal.ce_weight, ComponentSpec) and "crystal" not in skip:
         recipe.crystal.ce_weight = resolve(
             recipe.crystal.ce_weight, WEIGHTS, ("crystal", "ce_weight")
         )
@@ -278,6 +400,7 @@ def _resolve_component(
     source: str,
     prov: dict[Path_, str],
     label: Path_ = (),
+    image_side: int = CHECK_IMAGE_SIDE,
 ) -> ComponentSpec:
     named = (*loc, "name")
     where = _source_of(named if named in prov else loc, prov, source)  # objectives: name = key
@@ -294,12 +417,63 @@ def _resolve_component(
             format_validation_error(exc, model, source, prov, prefix=(*label, *loc))
         ) from None
     if registry in BUILT_AT_LOAD:
+        at = f"{_source_of(loc, prov, source)}: {key}"
         try:
-            obj(**params.model_dump())
+            built = obj(**params.model_dump())
         except (ValueError, TypeError, UsageError) as exc:
-            raise RecipeError(f"{_source_of(loc, prov, source)}: {key}: {exc}") from None
+            raise RecipeError(f"{at}: {exc}") from None
+        except Exception as exc:  # a plugin's constructor may fail in any way
+            if is_builtin(obj):
+                raise
+            what = f"{_singular(registry)} {spec.name!r}"
+            failure = plugin_error(what, _source(registry, spec.name), exc, obj)
+            raise PluginError(f"{at}: {failure}") from exc
+        if registry in CONTRACTS:
+            state = json.dumps(params.model_dump(mode="json"), sort_keys=True, default=str)
+            checked = (registry.kind, spec.name, state, image_side)
+            if checked not in _CHECKED:
+                _CHECKED[checked] = _contract_breach(built, registry, spec.name, image_side)
+            breach = _CHECKED[checked]
+            if breach is not None:
+                message, theirs = breach
+                raise (PluginError if theirs else RecipeError)(f"{at}: {message}")
     declared = spec.model_dump(include=set(type(spec).model_fields))
     return type(spec)(**declared | params.model_dump(mode="json"))
+
+
+def _singular(registry: Registry) -> str:
+    return registry.kind[:-1] if registry.kind.endswith("s") else registry.kind
+
+
+def _source(registry: Registry, name: str) -> str:
+    return component_source(registry.entry(name))[0]
+
+
+def _contract_breach(
+    built: Any, registry: Registry, name: str, image_side: int
+) -> tuple[str, bool] | None:
+    """Run the contract check of :mod:`crystalkit.testing` on a freshly built corruption (on two
+    images of the dataset's size) or objective: ``None``, or one line naming the component, its
+    source and the breach, and whether the component is third-party code."""
+    from crystalkit.testing import ContractError, check_corruption, check_objective, dummy_images
+
+    try:
+        if registry is CORRUPTIONS:
+            check_corruption(built, dummy_images(2, image_side, image_side))
+        else:
+            check_objective(built)
+    except ContractError as exc:
+        cause = exc.__cause__
+        where = blame(cause, built) if cause is not None else defined_at(built)
+        if isinstance(cause, PluginError):  # a step of a composition: its message says where
+            where = ""
+        at = f" ({'at' if cause is not None else 'defined at'} {where})" if where else ""
+        kind = _singular(registry)
+        return (
+            f"{kind} {name!r} ({_source(registry, name)}) breaks the {kind} contract: {exc}{at}",
+            not is_builtin(built) or isinstance(cause, PluginError),
+        )
+    return None
 
 
 def format_validation_error(

@@ -2,12 +2,15 @@
 
 Values are parsed as YAML scalars/flow collections (``lr=3e-4``, ``tasks=[colour,shape]``,
 ``grad_clip=null``), then validated with the rest of the recipe, so an override can never smuggle in
-a value that the same key in a file would reject.
+a value that the same key in a file would reject. A mapping set over a mapping is merged into it
+key by key, as ``inherit`` merges files (the loader passes the merge): ``train={steps: 5}`` keeps
+``train.lr``. To replace a section whole, remove it first: ``~train 'train={steps: 5}'``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,25 +64,36 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def apply_override(tree: dict[str, Any], override: Override) -> None:
-    """Apply ``override`` to a nested dict/list tree in place, creating missing dicts."""
+#: how a mapping value combines with the mapping it is set over: ``merge(old, new) -> value``
+Merge = Callable[[dict, dict], dict]
+
+
+def apply_override(tree: dict[str, Any], override: Override, merge: Merge | None = None) -> None:
+    """Apply ``override`` to a nested dict/list tree in place, creating missing dicts. With
+    ``merge``, a mapping set where a mapping is becomes ``merge(old, new)``."""
     node: Any = tree
     for depth, segment in enumerate(override.path[:-1]):
         node = _child(node, segment, override, depth, create=not override.delete)
         if node is None:  # deleting below a key that is not there: nothing to do
             return
     last = override.path[-1]
+
+    def combined(old: Any) -> Any:
+        if merge is not None and isinstance(old, dict) and isinstance(override.value, dict):
+            return merge(old, override.value)
+        return override.value
+
     if isinstance(node, list):
         index = _index(node, last, override, len(override.path) - 1)
         if override.delete:
             del node[index]
         else:
-            node[index] = override.value
+            node[index] = combined(node[index])
     elif isinstance(node, dict):
         if override.delete:
             node.pop(last, None)
         else:
-            node[last] = override.value
+            node[last] = combined(node.get(last))
     else:
         _not_container(node, override, len(override.path) - 1)
 

@@ -159,7 +159,10 @@ class TrainConfig(_Strict):
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at end")
     keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept on disk")
     num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads; null = torch default"
+        None,
+        ge=1,
+        description="torch CPU threads (1 on a machine shared with busy jobs); null = "
+        "OMP_NUM_THREADS if set, else the cores this process may use",
     )
 
 

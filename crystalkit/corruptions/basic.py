@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from crystalkit.config.components import config_model
-from crystalkit.errors import UsageError
+from crystalkit.errors import PluginError, UsageError, defined_at, plugin_error
 from crystalkit.registries import CORRUPTIONS
+from crystalkit.registry import component_source
+from crystalkit.testing import output_breach
 
 Tensor = torch.Tensor
 Params = dict[str, Tensor]
@@ -112,7 +114,14 @@ class NoCorruption:
 
 @CORRUPTIONS.register("blur")
 class GaussianBlur(_Sampled):
-    """Gaussian blur, radius drawn per sample (the reference corruption), scaled to image size."""
+    """Gaussian blur, radius drawn per sample (the reference corruption), scaled to image size.
+
+    Args:
+        radius: range of the blur's standard deviation in pixels of a ``reference_size`` image,
+            drawn uniformly per sample (reference: 2-5 at 448 px).
+        reference_size: image side the radius is given for; smaller images get a proportionally
+            smaller blur, so the corruption removes the same share of detail at any resolution.
+    """
 
     def __init__(self, radius: tuple[float, float] = (2.0, 5.0), reference_size: int = 448) -> None:
         _check_range("radius", radius, 0.0)
@@ -155,7 +164,13 @@ class GaussianBlur(_Sampled):
 
 @CORRUPTIONS.register("erase")
 class RandomErase(_Sampled):
-    """Random erasing: one box per sample (10-30 % of the area) filled with a constant."""
+    """Random erasing: one box per sample (10-30 % of the area) filled with a constant.
+
+    Args:
+        area: range of the box's share of the image area, drawn per sample.
+        aspect: range of the box's height / width ratio, drawn log-uniformly per sample.
+        value: fill value in [0, 1] (0 = black).
+    """
 
     def __init__(
         self,
@@ -200,7 +215,13 @@ def _patch_grid(images_shape: torch.Size | tuple[int, ...], patch: int) -> tuple
 
 @CORRUPTIONS.register("mask")
 class PatchMask(_Sampled):
-    """Patch masking: a random fraction of a patch grid filled with a constant, per sample."""
+    """Patch masking: a random fraction of a patch grid filled with a constant, per sample.
+
+    Args:
+        patch_size: side of the square patches in pixels.
+        fraction: share of the patches masked in each sample, in [0, 1].
+        value: fill value of masked patches in [0, 1] (0.5 = mid grey).
+    """
 
     def __init__(self, patch_size: int = 8, fraction: float = 0.5, value: float = 0.5) -> None:
         if patch_size < 1:
@@ -229,7 +250,11 @@ class PatchMask(_Sampled):
 
 @CORRUPTIONS.register("patch_shuffle")
 class PatchShuffle(_Sampled):
-    """Patch shuffling: an independent random permutation of the patch grid per sample."""
+    """Patch shuffling: an independent random permutation of the patch grid per sample.
+
+    Args:
+        patch_size: side of the square patches in pixels; must divide the image height and width.
+    """
 
     def __init__(self, patch_size: int = 8) -> None:
         if patch_size < 1:
@@ -262,7 +287,11 @@ class PatchShuffle(_Sampled):
 
 @CORRUPTIONS.register("noise")
 class GaussianNoise(_Sampled):
-    """Additive Gaussian noise, standard deviation drawn per sample, clamped to [0, 1]."""
+    """Additive Gaussian noise, standard deviation drawn per sample, clamped to [0, 1].
+
+    Args:
+        std: range of the noise's standard deviation (pixel values in [0, 1]), drawn per sample.
+    """
 
     def __init__(self, std: tuple[float, float] = (0.1, 0.3)) -> None:
         _check_range("std", std, 0.0)
@@ -335,7 +364,14 @@ def hsv_to_rgb(images: Tensor) -> Tensor:
 
 @CORRUPTIONS.register("color_jitter")
 class ColorJitter(_Sampled):
-    """Colour jitter (torchvision semantics): brightness, contrast, saturation, hue in random order."""
+    """Colour jitter (torchvision semantics): brightness, contrast, saturation, hue in random order.
+
+    Args:
+        brightness: factor drawn from [1 - brightness, 1 + brightness] per sample; 0 disables.
+        contrast: factor drawn from [1 - contrast, 1 + contrast] per sample; 0 disables.
+        saturation: factor drawn from [1 - saturation, 1 + saturation] per sample; 0 disables.
+        hue: hue shift drawn from [-hue, hue] (a fraction of the colour wheel, at most 0.5).
+    """
 
     OPS = ("brightness", "contrast", "saturation", "hue")
 
@@ -404,7 +440,12 @@ class ColorJitter(_Sampled):
 
 @CORRUPTIONS.register("compose")
 class Compose:
-    """Several corruptions applied in order, each step given as {name, **params}."""
+    """Several corruptions applied in order, each step given as {name, **params}.
+
+    Args:
+        steps: the corruptions in order, each a mapping ``{name: ..., **params}`` like a recipe's
+            ``corruption:`` section; every step draws from the same generator.
+    """
 
     def __init__(self, steps: list[dict[str, Any]] = []) -> None:  # noqa: B006 (never mutated)
         built = []
@@ -414,14 +455,53 @@ class Compose:
             except UsageError as exc:
                 raise UsageError(f"steps[{i}]: {exc}") from None
         self.steps = built
+        names = [_spec_name(step) for step in steps]
+        #: (what, source) of each third-party step, whose errors are a PluginError naming it
+        self._third_party = [third_party(name) if name else None for name in names]
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        for step in self.steps:
-            images = step(images, generator)
+        for step, blamed in zip(self.steps, self._third_party, strict=True):
+            if blamed is None:
+                images = step(images, generator)
+            else:
+                images = call_third_party(step, images, generator, *blamed)
         return images
 
     def __repr__(self) -> str:
         return f"Compose({self.steps!r})"
+
+
+def third_party(name: str) -> tuple[str, str] | None:
+    """``("corruption 'NAME'", source)`` for a corruption whose code is not crystalkit's (a plugin
+    package, a ``file.py:attr``), ``None`` for a built-in one."""
+    source, builtin = component_source(CORRUPTIONS.entry(name))
+    return None if builtin else (f"corruption {name!r}", source)
+
+
+def call_third_party(
+    corruption: Corruption, images: Tensor, generator: torch.Generator, what: str, source: str
+) -> Tensor:
+    """Call a third-party corruption: an exception it raises, or a result of another shape, dtype
+    or device than ``images``, becomes a one-line :class:`~crystalkit.errors.PluginError` naming
+    ``what`` (``"corruption 'NAME'"``), its ``source`` and the place in its code."""
+    try:
+        out = corruption(images, generator)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise plugin_error(what, source, exc, corruption) from exc
+    breach = output_breach(images, out, values=False)
+    if breach is not None:
+        where = defined_at(corruption)
+        raise PluginError(f"{what} ({source}) {breach}{f' (defined at {where})' if where else ''}")
+    return out
+
+
+def _spec_name(spec: Any) -> str | None:
+    if isinstance(spec, str):
+        return spec
+    name = spec.get("name") if isinstance(spec, Mapping) else getattr(spec, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def build_corruption(spec: Mapping[str, Any] | str | Any) -> Corruption:

@@ -13,20 +13,24 @@ nothing (the released code's attention term).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
 from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.config.sources import Sources, resolve_or_explain
 from crystalkit.corruptions import Corruption, build_corruption
+from crystalkit.corruptions.basic import call_third_party, third_party
 from crystalkit.crystal.layout import Layout, Packer
 from crystalkit.crystal.paths import STRATEGIES, Needs, PathOutputs, intact_only, resolve_layers
 from crystalkit.data.sample import Sample
-from crystalkit.errors import UsageError
+from crystalkit.errors import PluginError, UsageError, plugin_error
 from crystalkit.latents.blocks import LatentBlock
 from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.alignment import Objective
-from crystalkit.registries import OBJECTIVES, SCHEDULES, WEIGHTS
+from crystalkit.registries import CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS
+from crystalkit.registry import component_source
 from crystalkit.training.losses import answer_cross_entropy
 from crystalkit.training.sampler import derived_seed
 
@@ -58,29 +62,66 @@ def build_latents(recipe: Recipe, backbone: Backbone) -> tuple[LatentBlock, int]
 class Method:
     """Builds layouts and losses for one recipe (or one stage of it) on one backbone."""
 
-    def __init__(self, recipe: Recipe, backbone: Backbone):
+    def __init__(
+        self,
+        recipe: Recipe,
+        backbone: Backbone,
+        training: bool = True,
+        sources: Sources | None = None,
+    ):
+        """``training=False`` (evaluation, generation, export): no objectives, and the corruption
+        is built when first used, so a run evaluates without its training-only plugins;
+        ``sources`` (the run's recorded component sources) then say what to install."""
         self.recipe = recipe
         self.crystal = recipe.method == "crystal"
+        self.sources = sources or {}
         self.schedule = build_schedule(recipe)
         self.block, self.final_k = build_latents(recipe, backbone)
         self.packer = Packer(backbone, answer=recipe.prompt.answer)
-        self.corruption: Corruption = build_corruption(recipe.corruption)
-        self.ce_weight = build_weight(recipe.crystal.ce_weight if self.crystal else 1.0)
+        self.strategy = STRATEGIES[recipe.crystal.strategy] if self.crystal else intact_only
+        self.ce_weight = build_weight(
+            recipe.crystal.ce_weight if self.crystal and training else 1.0
+        )
         #: (key, weight schedule, objective, trains) per alignment term
         self.objectives: list[tuple[str, WeightSchedule, Objective, bool]] = []
-        if self.crystal:
+        if self.crystal and training:
             for key, spec in recipe.objectives.items():
                 objective = OBJECTIVES.get(spec.name)(**spec.params)
                 self.objectives.append((key, build_weight(spec.weight), objective, spec.gradient))
         layers = sorted({layer for _, _, o, _ in self.objectives for layer in o.attention_layers})
         self.needs = Needs(tuple(layers), any(o.needs_hidden for _, _, o, _ in self.objectives))
-        self.strategy = STRATEGIES[recipe.crystal.strategy] if self.crystal else intact_only
+        if training:
+            self.corruption  # noqa: B018 -- built now: a broken corruption fails before training
         if self.needs.layers:
             try:
                 resolve_layers(backbone, self.needs.layers)
             except ValueError as exc:
                 raise UsageError(f"objectives: {exc}") from None
             backbone.enable_attention_probe()
+
+    @functools.cached_property
+    def corruption(self) -> Corruption:
+        """The recipe's corruption, built on first use."""
+        spec = self.recipe.corruption
+        resolve_or_explain(CORRUPTIONS, spec.name, self.sources, "this needs the run's corruption")
+        return build_corruption(spec)
+
+    @functools.cached_property
+    def corruption_blame(self) -> tuple[str, str] | None:
+        """``("corruption 'NAME'", source)`` of a third-party corruption, whose errors become a
+        :class:`~crystalkit.errors.PluginError` naming it; ``None`` for a built-in one (its errors
+        are crystalkit's bugs and keep their traceback)."""
+        return third_party(self.recipe.corruption.name)
+
+    @functools.cached_property
+    def objective_blame(self) -> dict[str, tuple[str, str]]:
+        """``("objective 'NAME'", source)`` per key of a third-party objective."""
+        blamed = {}
+        for key, spec in self.recipe.objectives.items() if self.crystal else ():
+            source, builtin = component_source(OBJECTIVES.entry(spec.name))
+            if not builtin:
+                blamed[key] = (f"objective {spec.name!r}", source)
+        return blamed
 
     def k_at(self, step: int) -> int:
         return self.schedule(step, self.recipe.train.steps)
@@ -115,7 +156,10 @@ class Method:
     def corrupt(self, samples: Sequence[Sample], seed: int) -> torch.Tensor:
         """The samples' images corrupted (float ``[B, 3, H, W]`` in [0, 1])."""
         images = torch.stack([s.image for s in samples]).float() / 255.0
-        return self.corruption(images, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if self.corruption_blame is None:
+            return self.corruption(images, generator)
+        return call_third_party(self.corruption, images, generator, *self.corruption_blame)
 
     def prompt_layout(self, samples: Sequence[Sample], corrupt_seed: int | None = None) -> Layout:
         """Generation prompts with the final latent block (the intact path up to the answer cue);
@@ -166,7 +210,31 @@ class Method:
         terms = {"ce_intact": ce_intact, "ce_corrupted": ce_corrupted}
         total = weights["ce"] * ce
         for key, _, objective, trains in self.objectives:
-            value = objective(out)
+            blamed = self.objective_blame.get(key)
+            value = objective(out) if blamed is None else _call_third_party(objective, out, *blamed)
             terms[key] = value
             total = total + weights[key] * (value if trains else value.detach())
         return total, terms
+
+
+def _call_third_party(
+    objective: Objective, out: PathOutputs, what: str, source: str
+) -> torch.Tensor:
+    """Call a third-party objective: an exception it raises, or a result that is not a 0-dim
+    tensor, becomes a one-line :class:`~crystalkit.errors.PluginError` naming it."""
+    try:
+        value = objective(out)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise plugin_error(what, source, exc, objective) from exc
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        got = (
+            f"shape {list(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise PluginError(
+            f"{what} ({source}) returned {got}; an objective must return a 0-dim tensor"
+        )
+    return value

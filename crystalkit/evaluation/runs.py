@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from crystalkit.build import Model, build_dataset, build_model
-from crystalkit.config.loader import load_recipe
+from crystalkit.config.loader import TRAINING_ONLY, load_recipe
 from crystalkit.config.schema import Recipe
+from crystalkit.config.sources import read_sources, require
 from crystalkit.crystal.method import Method
 from crystalkit.errors import CheckpointError
 from crystalkit.evaluation.accuracy import EvalResult, evaluate
@@ -23,19 +24,26 @@ def load_run(run_dir: Path) -> tuple[Recipe, object, Backbone, Method, int]:
 
 def load_model(run_dir: Path) -> tuple[Recipe, object, Model, int]:
     """The run's resolved recipe, dataset, model (:func:`build_model`) with its latest weights,
-    and step."""
+    and step. Training-only components (corruption, objectives) are built when first used, so a
+    run evaluates after the plugin that corrupted its images is gone; a needed component that is
+    missing is an error naming what to install."""
     if not run_dir.is_dir():
         raise CheckpointError(
             f"{run_dir}: not a directory (expected a run made by crystalkit train)"
         )
     if not (run_dir / RECIPE_FILE).is_file():
         raise CheckpointError(f"{run_dir}: no {RECIPE_FILE}; not a crystalkit run directory")
-    recipe = load_recipe(run_dir / RECIPE_FILE)
+    from crystalkit.io import read_yaml
+
+    sources = read_sources(run_dir)
+    tree = read_yaml(run_dir / RECIPE_FILE, CheckpointError)
+    require(run_dir, tree if isinstance(tree, dict) else {}, sources)
+    recipe = load_recipe(run_dir / RECIPE_FILE, skip=TRAINING_ONLY)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     dataset = build_dataset(recipe)
-    model = build_model(recipe, dataset, assets=run_dir)
+    model = build_model(recipe, dataset, assets=run_dir, training=False, sources=sources)
     model.backbone.to(recipe.device)
     load_weights(model.backbone, checkpoint)
     return recipe, dataset, model, checkpoint.step

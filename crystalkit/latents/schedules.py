@@ -20,7 +20,11 @@ def check_step(step: int, total_steps: int) -> None:
 
 @SCHEDULES.register("fixed")
 class Fixed:
-    """The same K at every step (reference: K = 8; K = 0 is direct finetuning)."""
+    """The same K at every step (reference: K = 8; K = 0 is direct finetuning).
+
+    Args:
+        k: latent slots at every step; 0 = no latent block.
+    """
 
     def __init__(self, k: int = 8):
         if k < 0:
@@ -34,7 +38,13 @@ class Fixed:
 
 @SCHEDULES.register("linear")
 class Linear:
-    """K grows linearly from ``start`` to ``end`` over the first ``ramp`` fraction of training."""
+    """K grows linearly from ``start`` to ``end`` over the first ``ramp`` fraction of training.
+
+    Args:
+        start: K at the first step.
+        end: K once the ramp is over.
+        ramp: share of training over which K grows, in (0, 1].
+    """
 
     def __init__(self, start: int = 0, end: int = 8, ramp: float = 0.5):
         if not 0 <= start <= end:
@@ -52,7 +62,12 @@ class Linear:
 @SCHEDULES.register("stepwise")
 class Stepwise:
     """Coconut-style stages: ``stages[i]`` latents during the i-th of ``len(stages)`` equal parts of
-    training, or for ``every`` steps each when ``every`` is set (the last stage then persists)."""
+    training, or for ``every`` steps each when ``every`` is set (the last stage then persists).
+
+    Args:
+        stages: K of each stage, non-decreasing (Coconut: 0, 2, 4, 8).
+        every: steps per stage; null = ``len(stages)`` equal parts of training.
+    """
 
     def __init__(self, stages: list[int] | None = None, every: int | None = None):
         stages = [0, 2, 4, 8] if stages is None else stages

@@ -34,9 +34,17 @@ class Objective(Protocol):
 
 @OBJECTIVES.register("kl")
 class AnswerKL:
-    """``KL(sg[P_intact] || P_corrupted)`` per answer token; per sample the mean of the hardest
+    """``KL(sg[P_intact] ‖ P_corrupted)`` per answer token; per sample the mean of the hardest
     ``max(min_count, floor(fraction * n))`` tokens (reference: 10 %, at least 1); ``fraction: 1``
-    averages all tokens."""
+    averages all tokens.
+
+    Args:
+        fraction: share of each sample's answer tokens averaged, hardest (largest KL) first;
+            1 averages all of them.
+        min_count: at least this many tokens per sample.
+        stop_gradient: no gradient through the intact path's distribution (the reference's
+            ``detach``): the corrupted path moves towards the intact one, not the reverse.
+    """
 
     attention_layers: tuple[int, ...] = ()
     needs_hidden = False
@@ -57,7 +65,14 @@ class AnswerKL:
 class AttentionAlignment:
     """Align the answer queries' attention over the latent keys between the paths: head-averaged,
     renormalised over the latent keys, ``divergence(sg[A_intact], A_corrupted)`` averaged over
-    answer rows and layers (reference: last layer, KL). Zero at steps without latents."""
+    answer rows and layers (reference: last layer, KL). Zero at steps without latents.
+
+    Args:
+        layers: decoder layers whose attention is aligned; negative indices count from the last
+            (-1 = last layer, the reference).
+        divergence: ``kl`` (reference), ``js`` or ``mse`` between the two attention distributions.
+        stop_gradient: no gradient through the intact path's attention.
+    """
 
     needs_hidden = False
 
@@ -91,7 +106,11 @@ class AttentionAlignment:
 @OBJECTIVES.register("cosine")
 class HiddenCosine:
     """``1 - cos(sg[h_intact], h_corrupted)`` of the last-layer hidden states at the answer
-    columns, averaged."""
+    columns, averaged.
+
+    Args:
+        stop_gradient: no gradient through the intact path's hidden states.
+    """
 
     attention_layers: tuple[int, ...] = ()
     needs_hidden = True

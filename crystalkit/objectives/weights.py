@@ -34,7 +34,11 @@ def _check_weight(name: str, value: float) -> None:
 
 @WEIGHTS.register("constant")
 class Constant:
-    """The same weight at every step (what a plain number means)."""
+    """The same weight at every step (what a plain number means).
+
+    Args:
+        value: the weight (>= 0).
+    """
 
     def __init__(self, value: float = 1.0):
         _check_weight("value", value)
@@ -48,7 +52,14 @@ class Constant:
 @WEIGHTS.register("linear")
 class Linear:
     """``start`` until fraction ``begin`` of the stage, then a straight line to ``end`` at
-    fraction ``until``, then ``end`` (a warm-up ramp, or a fade-out with ``start > end``)."""
+    fraction ``until``, then ``end`` (a warm-up ramp, or a fade-out with ``start > end``).
+
+    Args:
+        start: weight before fraction ``begin`` of the stage.
+        end: weight from fraction ``until`` on.
+        begin: where the ramp starts, as a fraction of the stage in [0, 1].
+        until: where the ramp ends, as a fraction of the stage in [0, 1] (after ``begin``).
+    """
 
     def __init__(
         self, start: float = 0.0, end: float = 1.0, begin: float = 0.0, until: float = 1.0
@@ -72,7 +83,14 @@ class Linear:
 class Gate:
     """``value`` for the steps before the gate, ``after`` from the gate on. The gate is at
     fraction ``until`` of the stage, or at step ``until_step`` when that is set (the released
-    code's ``vqa_only_stage``: alignment while ``step <= N`` is ``until_step: N + 1``)."""
+    code's ``vqa_only_stage``: alignment while ``step <= N`` is ``until_step: N + 1``).
+
+    Args:
+        value: weight before the gate.
+        until: the gate, as a fraction of the stage in [0, 1].
+        until_step: the gate as a step of the stage instead (overrides ``until``).
+        after: weight from the gate on.
+    """
 
     def __init__(
         self,
@@ -97,7 +115,12 @@ class Gate:
 @WEIGHTS.register("cosine")
 class Cosine:
     """Half a cosine from ``start`` at the stage's first step to ``end`` at its last (a smooth
-    fade-out by default)."""
+    fade-out by default).
+
+    Args:
+        start: weight at the stage's first step.
+        end: weight at its last step.
+    """
 
     def __init__(self, start: float = 1.0, end: float = 0.0):
         _check_weight("start", start)

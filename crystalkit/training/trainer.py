@@ -11,10 +11,12 @@ ops an uninterrupted run would have, and ends with the same weights, whatever st
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,9 @@ from rich.progress import (
 from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import Recipe
+from crystalkit.config.sources import write_sources
 from crystalkit.crystal.method import Method
-from crystalkit.errors import CheckpointError, UsageError
+from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
 from crystalkit.io import atomic_write_json, atomic_write_text
@@ -68,6 +71,7 @@ from crystalkit.training.warm_start import (
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,12 +86,101 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
 
-def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def resolve_num_threads(requested: int | None) -> int:
+    """The torch threads a run uses: ``requested``; else ``OMP_NUM_THREADS`` when the environment
+    sets it (``torchrun`` sets 1 for several processes on one machine); else every available core.
+    """
+    if requested:
+        return requested
+    with suppress(ValueError):
+        from_env = int(os.environ.get("OMP_NUM_THREADS", ""))
+        if from_env >= 1:
+            return from_env
+    return available_cores()
+
+
+#: a window in which the process got less than this share of the CPU time its threads could use
+#: (cores shared with other runnable work: the threads wait for each other) ...
+STARVED_SHARE = 0.5
+#: ... and that lasted at least this long (shorter ones are noise), while the machine's load
+#: average exceeded its cores, is reported once per run
+MIN_WINDOW_SECONDS = 1.0
+
+
+def oversubscription_warning(
+    cpu_seconds: float,
+    wall_seconds: float,
+    threads: int,
+    load: float,
+    cores: int,
+    samples_per_s: float,
+) -> str | None:
+    """The warning for a window of training on CPU that took ``wall_seconds`` and
+    ``cpu_seconds`` of this process's CPU time with ``threads`` torch threads while the 1-minute
+    load average was ``load`` on ``cores`` available cores; ``None`` when all was well.
+
+    Several torch threads synchronise after every operation: when other work keeps cores busy,
+    each waits for the descheduled one and a step can take an order of magnitude longer. The
+    signs are both: the process got much less CPU than its threads could use, and more work was
+    runnable than there are cores. One thread has nobody to wait for, so it is not warned about.
+    """
+    if threads <= 1 or cores < 1 or wall_seconds < MIN_WINDOW_SECONDS:
+        return None
+    share = cpu_seconds / (wall_seconds * min(threads, cores))
+    if share >= STARVED_SHARE or load <= cores:
+        return None
+    return (
+        f"training is slowed down by an oversubscribed machine: load average {load:.1f} on "
+        f"{cores} cores, and the run's {threads} torch threads got {share:.0%} of the CPU time "
+        f"they could use ({samples_per_s:.1f} samples/s); set train.num_threads=1 or stop the "
+        "other jobs"
+    )
+
+
+def _check_oversubscription(window: _Window, threads: int, samples_per_s: float) -> str | None:
+    """:func:`oversubscription_warning` for ``window`` on this machine, now."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return None
+    return oversubscription_warning(
+        time.process_time() - window.cpu,
+        time.perf_counter() - window.wall,
+        threads,
+        load,
+        available_cores(),
+        samples_per_s,
+    )
+
+
+@dataclass
+class _Window:
+    """Training steps since a log line (or an evaluation, a checkpoint): their wall-clock and
+    CPU-time start and the samples they trained."""
+
+    wall: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=time.process_time)
+    samples: int = 0
+
+
+def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
+    """Refuse to train over an existing run unless told how; ``True`` for the leftovers of a run
+    that stopped before its first checkpoint, which a new run reuses as if it were empty."""
     saved = run_dir / RECIPE_FILE
     if not saved.exists():
-        return
+        return False
     if overwrite:
-        return
+        return False
+    if latest_checkpoint(run_dir) is None and not (run_dir / RESULTS_FILE).exists():
+        return True  # killed (SIGKILL, a lost node) before it could clean up: nothing to keep
     if not resume:
         raise UsageError(
             f"{run_dir}: a run already exists here; pass --resume to continue it, --overwrite to "
@@ -104,6 +197,7 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
             f"{saved}: cannot resume: {key} was {old!r} in the saved run but is {new!r} now "
             "(resume with the same recipe and overrides)"
         )
+    return False
 
 
 def _clear_outputs(run_dir: Path) -> None:
@@ -112,9 +206,53 @@ def _clear_outputs(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / SNAPSHOT_DIR, ignore_errors=True)
-    for pattern in ("metrics.jsonl", RESULTS_FILE, "eval_*.json", "predictions_*.jsonl"):
+    for pattern in (METRICS_FILE, RESULTS_FILE, "eval_*.json", "predictions_*.jsonl"):
         for stale in run_dir.glob(pattern):
             stale.unlink()
+
+
+class _FreshOutputs:
+    """What a run that starts at step 0 writes into its run dir, removed again when the run fails
+    (any exception, Ctrl-C included) before its first complete checkpoint, so that a retry does
+    not find a run in the way. Only the process that writes (rank 0) claims the outputs."""
+
+    #: written by a fresh start even where an earlier run left a file of the same name
+    WRITTEN = (RECIPE_FILE, METRICS_FILE, "checkpoints", SNAPSHOT_DIR)
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.claimed = False
+        self.created = False
+        self.before: set[str] = set()
+
+    def claim(self) -> None:
+        """Called before this run writes anything: remember what was there already."""
+        self.created = not self.run_dir.exists()
+        self.before = set() if self.created else {p.name for p in self.run_dir.iterdir()}
+        self.claimed = True
+
+    def keep(self) -> None:
+        """Called once a complete checkpoint exists: from now on the run dir is a run."""
+        self.claimed = False
+
+    def discard(self, console: Console) -> None:
+        """Remove the run dir if this run created it, else what this run wrote into it."""
+        if not self.claimed:
+            return
+        self.claimed = False
+        if self.created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:
+            for path in list(self.run_dir.iterdir()) if self.run_dir.is_dir() else []:
+                if path.name in self.before and path.name not in self.WRITTEN:
+                    continue  # not this run's (an ablation cell's status.json and train.log)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        console.print(
+            f"{self.run_dir}: removed what this run wrote (it stopped before its first checkpoint)"
+        )
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -175,10 +313,15 @@ def train(
 ) -> TrainResult:
     """Train ``recipe`` to completion (or up to step ``stop_after``, for tests and schedulers).
     ``num_threads`` overrides ``train.num_threads`` (a grid runner sharing the machine sets it;
-    it is how the run executes, not what it computes, so resuming does not compare it).
+    it is how the run executes, not what it computes, so resuming does not compare it); with
+    neither, the run uses :func:`resolve_num_threads` (the available cores). On CPU, a run whose
+    threads starve on an oversubscribed machine warns once (:class:`PerformanceWarning`).
 
     Writes ``recipe.yaml`` (fully resolved), ``tokenizer.json`` and other backbone assets,
     ``metrics.jsonl``, ``checkpoints/`` and, once finished, ``results.json`` into the run dir.
+    A run that starts at step 0 and fails (any exception, Ctrl-C included) before its first
+    complete checkpoint removes what it wrote (the run dir, if it created it); a run dir that a
+    killed run left with ``recipe.yaml`` but no checkpoint and no ``results.json`` is reused.
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this and trains data-parallel
     (:mod:`crystalkit.training.distributed`): the same result as one process with the same
@@ -213,11 +356,38 @@ def _train(
     num_threads: int | None,
 ) -> TrainResult:
     console = console or Console(stderr=True)
-    cfg, world = recipe.train, parallel.world
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
-    _check_run_dir(run_dir, recipe, resume, overwrite)
-    if num_threads or cfg.num_threads:
-        torch.set_num_threads(num_threads or cfg.num_threads)
+    leftover = _check_run_dir(run_dir, recipe, resume, overwrite)
+    if leftover and parallel.world.main:
+        console.print(f"{run_dir}: a run stopped here before its first checkpoint; starting over")
+    torch.set_num_threads(resolve_num_threads(num_threads or recipe.train.num_threads))
+    outputs = _FreshOutputs(run_dir)
+    try:
+        return _run(
+            recipe,
+            parallel,
+            run_dir=run_dir,
+            resume=resume and not leftover,
+            console=console,
+            stop_after=stop_after,
+            outputs=outputs,
+        )
+    except BaseException:
+        outputs.discard(console)
+        raise
+
+
+def _run(
+    recipe: Recipe,
+    parallel: Replicas,
+    *,
+    run_dir: Path,
+    resume: bool,
+    console: Console,
+    stop_after: int | None,
+    outputs: _FreshOutputs,
+) -> TrainResult:
+    cfg, world = recipe.train, parallel.world
     device = world.device(recipe.device)
 
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -229,6 +399,7 @@ def _train(
         source = load_source(recipe, dataset) if warm else None  # a bad source clears nothing
         if resume:
             console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
+        outputs.claim()
         _clear_outputs(run_dir)
         if source is not None:
             write_snapshot(source, run_dir)
@@ -251,7 +422,7 @@ def _train(
     plan = plan_stages(recipe)
     _check_stages(recipe, plan, model.introduced)
     frozen_rows = backbone.token_matrices() if recipe.latents.train_new_rows_only else []
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / METRICS_FILE)
     start, state = 0, None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
@@ -261,6 +432,7 @@ def _train(
             console.print(f"resuming {run_dir} from step {start}")
     elif world.main:
         atomic_write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
+        write_sources(run_dir, recipe)  # what to install if a plugin is missing later
         backbone.save_assets(run_dir)
 
     train_split = dataset.split("train")
@@ -277,7 +449,8 @@ def _train(
 
     micro_batches = world.micro_batches(cfg.batch_size, cfg.grad_accum_steps)
     backbone.train()
-    window_start, window_samples = time.perf_counter(), 0
+    window = _Window()
+    watch_threads = device.type == "cpu" and world.main  # several threads on a busy machine
     train_start = time.perf_counter()
     stage: Stage | None = None
     with _progress(console, disable=not world.main) as progress:
@@ -322,11 +495,16 @@ def _train(
                 shares.append(torch.stack([loss.detach(), *terms.values()]).float())
             parallel.sync(backbone)
             grad_norm = opt.step()
-            window_samples += len(samples)
+            window.samples += len(samples)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
-                elapsed = time.perf_counter() - window_start
-                rate = window_samples / max(elapsed, 1e-9)
+                elapsed = time.perf_counter() - window.wall
+                rate = window.samples / max(elapsed, 1e-9)
+                if watch_threads:
+                    slow = _check_oversubscription(window, torch.get_num_threads(), rate)
+                    if slow is not None:
+                        warnings.warn(slow, PerformanceWarning, stacklevel=2)
+                        watch_threads = False  # once per run
                 loss_value, *term_values = world.sum(torch.stack(shares).sum(0)).tolist()
                 values = dict(zip(terms, term_values, strict=True))
                 record = {
@@ -344,7 +522,7 @@ def _train(
                     metrics.append(record)
                 shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
                 progress.update(task, loss=record["loss"], rate=rate, terms=shown)
-                window_start, window_samples = time.perf_counter(), 0
+                window = _Window()
             progress.update(task, completed=done)
             periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
             if periodic and evaluating:
@@ -354,7 +532,7 @@ def _train(
                         f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
                         f"(chance {result.chance:.1%})"
                     )
-                window_start, window_samples = time.perf_counter(), 0  # rate: training only
+                window = _Window()  # rate: training only
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 weights_state, optimizer_state = parallel.checkpoint_state(backbone, opt.optimizer)
                 if world.main:
@@ -366,7 +544,8 @@ def _train(
                         cfg.keep_checkpoints,
                         meta={"stage": stage.name},
                     )
-                window_start, window_samples = time.perf_counter(), 0
+                    outputs.keep()
+                window = _Window()
 
     train_time = time.perf_counter() - train_start
     world.barrier()  # rank 0's last checkpoint is complete before any rank returns
