@@ -16,14 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 _UNSET = ("CRYSTALKIT_DISABLE_PLUGINS", "FORCE_COLOR", "PY_COLORS", "PYTHONPATH")
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the CLI with a clean environment plus ``env``; wide columns keep table rows whole."""
+def start(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, module: str = "crystalkit"
+) -> subprocess.Popen:
+    """Start ``python -m MODULE ARGS`` (the CLI by default) in ``cwd`` with a clean environment
+    plus ``env``; wide columns keep table rows whole."""
     environ = {k: v for k, v in os.environ.items() if k not in _UNSET}
     environ["COLUMNS"] = "250"
     environ.update(env or {})
     return subprocess.Popen(
-        [sys.executable, "-m", "crystalkit", *args],
-        cwd=ROOT,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
         env=environ,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -92,9 +92,7 @@ def runs(site: Path, recipe_file: Path) -> dict[str, subprocess.CompletedProcess
         "disabled": start("list", "corruptions", site=site, disable=True),
         "recipe": start("recipe", "validate", str(recipe_file), site=site),
         "one": start("list", "corruption", "demo_posterize", site=site),
-        "breach": start(
-            "recipe", "validate", str(recipe_file.parent / "breach.yaml"), site=site
-        ),
+        "breach": start("recipe", "validate", str(recipe_file.parent / "breach.yaml"), site=site),
     }
     return {name: finish(process) for name, process in processes.items()}
 

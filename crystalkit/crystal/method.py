@@ -103,7 +103,7 @@ class Method:
     def corruption(self) -> Corruption:
         """The recipe's corruption, built on first use."""
         spec = self.recipe.corruption
-        resolve_or_explain(CORRUPTIONS, spec.name, self.sources, "this needs the run's corruption")
+        resolve_or_explain(CORRUPTIONS, spec.name, self.sources, "the run's corruption")
         return build_corruption(spec)
 
     @functools.cached_property
@@ -157,9 +157,10 @@ class Method:
         """The samples' images corrupted (float ``[B, 3, H, W]`` in [0, 1])."""
         images = torch.stack([s.image for s in samples]).float() / 255.0
         generator = torch.Generator().manual_seed(seed)
+        corruption = self.corruption  # first: a missing plugin is named with what to install
         if self.corruption_blame is None:
-            return self.corruption(images, generator)
-        return call_third_party(self.corruption, images, generator, *self.corruption_blame)
+            return corruption(images, generator)
+        return call_third_party(corruption, images, generator, *self.corruption_blame)
 
     def prompt_layout(self, samples: Sequence[Sample], corrupt_seed: int | None = None) -> Layout:
         """Generation prompts with the final latent block (the intact path up to the answer cue);

@@ -1,0 +1,70 @@
+"""A run evaluates from its directory alone: commands build only the components they use, and a
+missing one is named together with what to install (recorded in RUN_DIR/components.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_component_paths import CORRUPTION, OBJECTIVE
+
+from crystalkit.config.sources import SOURCES_FILE, install_hint
+from crystalkit.errors import UsageError
+from crystalkit.evaluation.runs import evaluate_run_dir
+from crystalkit.training.trainer import train
+
+
+@pytest.fixture
+def plugged_run(tiny_recipe, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A finished crystal run whose corruption and objective come from files, and the files."""
+    corruption, objective = tmp_path / "darken.py", tmp_path / "l2.py"
+    corruption.write_text(CORRUPTION)
+    objective.write_text(OBJECTIVE)
+    recipe = tiny_recipe(
+        "method=crystal",
+        "latents.schedule.k=2",
+        "train.steps=2",
+        "eval.max_samples=8",
+        f"corruption={{name: '{corruption}:Darken'}}",
+        "~objectives",
+        f"objectives={{l2: {{name: '{objective}:LogitL2'}}}}",
+    )
+    return train(recipe).run_dir, corruption, objective
+
+
+def test_components_and_their_sources_are_recorded(plugged_run):
+    run_dir, corruption, objective = plugged_run
+    sources = json.loads((run_dir / SOURCES_FILE).read_text())
+    assert sources["corruption"] == {
+        "kind": "corruptions",
+        "name": f"{corruption}:Darken",
+        "source": f"file {corruption}",
+    }
+    assert sources["objectives.l2"]["source"] == f"file {objective}"
+    assert sources["backbone"]["source"] == "built-in"
+
+
+def test_a_run_evaluates_after_its_training_only_plugins_are_gone(plugged_run):
+    run_dir, corruption, objective = plugged_run
+    before = evaluate_run_dir(run_dir, "test", max_samples=8)
+    corruption.unlink()
+    objective.unlink()
+    after = evaluate_run_dir(run_dir, "test", max_samples=8)
+    assert after.predictions == before.predictions
+    with pytest.raises(UsageError) as info:  # this one needs the corruption
+        evaluate_run_dir(run_dir, "test", max_samples=8, corrupted=True)
+    message = str(info.value)
+    assert f"restore the file {corruption}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("source", "hint"),
+    [
+        ("plugin package crystalkit-quantize 0.2.0", "pip install crystalkit-quantize"),
+        ("file /x/q.py", "restore the file /x/q.py"),
+        ("module lab.corruptions", "make the module lab.corruptions importable"),
+    ],
+)
+def test_install_hints(source: str, hint: str):
+    assert hint in install_hint(source)
