@@ -153,12 +153,6 @@ class Registry(Generic[T]):
         except KeyError:
             raise UsageError(self.unknown_message(name)) from None
 
-    def describe_source(self, name: str) -> str:
-        """Where a component comes from, for messages: ``built-in``, ``plugin package DIST
-        VERSION``, ``file PATH`` or ``module NAME``."""
-        entry = self.entry(name)
-        return source_text(entry)
-
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
         return name in self._entries
@@ -219,12 +213,16 @@ class Registry(Generic[T]):
 
 
 def source_text(entry: Entry[Any]) -> str:
-    """``built-in``, ``plugin package DIST VERSION``, ``file PATH`` or ``module NAME``."""
-    if entry.source == "builtin":
-        return "built-in"
+    """``built-in``, ``plugin package DIST VERSION``, ``file PATH`` or ``module NAME``; only
+    crystalkit's own code is built-in (a component another module registers with the decorator
+    reads ``module NAME``)."""
     if entry.source.startswith("plugin:"):
         dist = entry.source.removeprefix("plugin:")
         return f"plugin package {dist} {entry.version}".rstrip()
+    if entry.source == "builtin":
+        if is_builtin(entry.obj):
+            return "built-in"
+        return f"module {getattr(entry.obj, '__module__', None) or type(entry.obj).__module__}"
     target = entry.name.rpartition(":")[0]
     if target.endswith(".py"):
         return f"file {Path(target).expanduser().resolve()}"
@@ -232,13 +230,8 @@ def source_text(entry: Entry[Any]) -> str:
 
 
 def component_source(entry: Entry[Any]) -> tuple[str, bool]:
-    """``(source_text(entry), built-in?)``, where only crystalkit's own code counts as built-in: a
-    component registered with the decorator by other code reads ``module NAME``."""
-    text, builtin = source_text(entry), is_builtin(entry.obj)
-    if text == "built-in" and not builtin:
-        module = getattr(entry.obj, "__module__", None) or type(entry.obj).__module__
-        text = f"module {module}"
-    return text, builtin
+    """``(source_text(entry), built-in?)``: whose code a failure belongs to."""
+    return source_text(entry), is_builtin(entry.obj)
 
 
 def resolve_import_path(spec: str, kind: str = "component") -> Any:

@@ -366,6 +366,16 @@ def image_batches(
     return batches()
 
 
+def _settings(hypothesis: Any, max_examples: int) -> Any:
+    """No deadline (a first call may compile kernels) and no too-slow health check: the cases
+    build tensors, which is what makes them slow."""
+    return hypothesis.settings(
+        deadline=None,
+        max_examples=max_examples,
+        suppress_health_check=[hypothesis.HealthCheck.too_slow],
+    )
+
+
 def assert_corruption_contract(
     factory: Callable[..., Any],
     params: Any = None,
@@ -379,11 +389,7 @@ def assert_corruption_contract(
     hypothesis = _hypothesis()
     st = hypothesis.strategies
 
-    @hypothesis.settings(
-        deadline=None,
-        max_examples=max_examples,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow],
-    )
+    @_settings(hypothesis, max_examples)
     @hypothesis.given(
         kwargs=st.just({}) if params is None else params,
         batch=image_batches() if images is None else images,
@@ -410,11 +416,7 @@ def assert_objective_contract(
     hypothesis = _hypothesis()
     st = hypothesis.strategies
 
-    @hypothesis.settings(
-        deadline=None,
-        max_examples=max_examples,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow],
-    )
+    @_settings(hypothesis, max_examples)
     @hypothesis.given(
         kwargs=st.just({}) if params is None else params,
         sizes=st.tuples(

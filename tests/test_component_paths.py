@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from crystalkit.ablation.grid import load_grid
-from crystalkit.config.loader import anchor_name, dump_recipe, load_recipe
+from crystalkit.config.loader import dump_recipe, load_recipe
+from crystalkit.config.names import anchor_name
 from crystalkit.errors import RecipeError
 
 CORRUPTION = '''

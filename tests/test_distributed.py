@@ -43,6 +43,7 @@ CRYSTAL = ROOT / "recipes" / "crystal_scratch.yaml"
 SMALL = [
     *TINY,
     "backbone.encoder=convnext_atto",
+    "~backbone.encoder_kwargs",  # replaced, not merged: the resnet channels do not apply
     "backbone.encoder_kwargs={dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}",
     "dataset.train_size=64",
     "dataset.val_size=8",

@@ -7,9 +7,6 @@ from, its dotted key, the bad value and what was expected.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from crystalkit.config.components import component_schema, config_model
+from crystalkit.config.contracts import CHECK_IMAGE_SIDE, build_and_check
+from crystalkit.config.names import anchor_name, anchor_names
 from crystalkit.config.overrides import apply_override, parse_override
 from crystalkit.config.schema import (
     STAGE_SECTIONS,
@@ -29,14 +28,9 @@ from crystalkit.config.schema import (
     StageTrain,
 )
 from crystalkit.errors import (
-    PluginError,
     RecipeError,
     UsageError,
-    blame,
-    defined_at,
     did_you_mean,
-    is_builtin,
-    plugin_error,
 )
 from crystalkit.io import read_yaml
 from crystalkit.registries import (
@@ -47,7 +41,7 @@ from crystalkit.registries import (
     SCHEDULES,
     WEIGHTS,
 )
-from crystalkit.registry import Registry, component_source
+from crystalkit.registry import Registry
 
 Path_ = tuple[str, ...]
 
@@ -60,54 +54,6 @@ COMPONENT_SECTIONS: dict[Path_, Registry] = {
 }
 #: cheap components, built once while validating so their own checks fail at load time
 BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES, WEIGHTS)
-#: components whose contract (:mod:`crystalkit.testing`) is checked on tiny inputs at load time
-CONTRACTS = (CORRUPTIONS, OBJECTIVES)
-#: image side of the corruption check when the dataset declares no ``image_size``
-CHECK_IMAGE_SIDE = 16
-#: (kind, name, params, image side) -> (breach, whether it is the plugin's) of checked components
-_CHECKED: dict[tuple[str, str, str, int], tuple[str, bool] | None] = {}
-
-
-_FILE_NAME = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
-
-
-def anchor_name(name: str, base: Path) -> str:
-    """A ``path/to/file.py:attr`` name with a relative path made absolute against ``base`` (the
-    folder of the file that names it, as ``inherit`` resolves); any other name is unchanged."""
-    match = _FILE_NAME.match(name)
-    if match is None or Path(match["file"]).expanduser().is_absolute():
-        return name
-    path = os.path.normpath(base.absolute() / Path(match["file"]).expanduser())
-    return f"{path}:{match['attr']}"
-
-
-def anchor_names(tree: Any, base: Path) -> Any:
-    """``tree`` with every component ``name`` (and every ``objectives:`` key that names its
-    objective) anchored at ``base``; see :func:`anchor_name`."""
-    if isinstance(tree, list):
-        return [anchor_names(item, base) for item in tree]
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        if key == "name" and isinstance(value, str):
-            out[key] = anchor_name(value, base)
-        elif key == "objectives" and isinstance(value, dict):
-            out[key] = {
-                k: _named_objective(k, anchor_names(v, base), base) for k, v in value.items()
-            }
-        else:
-            out[key] = anchor_names(value, base)
-    return out
-
-
-def _named_objective(key: Any, spec: Any, base: Path) -> Any:
-    """An objective keyed by a relative ``file.py:attr`` gets that name, anchored."""
-    if isinstance(key, str) and isinstance(spec, dict) and spec.get("name") is None:
-        anchored = anchor_name(key, base)
-        if anchored != key:
-            return {**spec, "name": anchored}
-    return spec
 
 
 def _is_component(path: Path_) -> bool:
@@ -418,62 +364,9 @@ def _resolve_component(
         ) from None
     if registry in BUILT_AT_LOAD:
         at = f"{_source_of(loc, prov, source)}: {key}"
-        try:
-            built = obj(**params.model_dump())
-        except (ValueError, TypeError, UsageError) as exc:
-            raise RecipeError(f"{at}: {exc}") from None
-        except Exception as exc:  # a plugin's constructor may fail in any way
-            if is_builtin(obj):
-                raise
-            what = f"{_singular(registry)} {spec.name!r}"
-            failure = plugin_error(what, _source(registry, spec.name), exc, obj)
-            raise PluginError(f"{at}: {failure}") from exc
-        if registry in CONTRACTS:
-            state = json.dumps(params.model_dump(mode="json"), sort_keys=True, default=str)
-            checked = (registry.kind, spec.name, state, image_side)
-            if checked not in _CHECKED:
-                _CHECKED[checked] = _contract_breach(built, registry, spec.name, image_side)
-            breach = _CHECKED[checked]
-            if breach is not None:
-                message, theirs = breach
-                raise (PluginError if theirs else RecipeError)(f"{at}: {message}")
+        build_and_check(obj, params.model_dump(), registry, spec.name, at, image_side)
     declared = spec.model_dump(include=set(type(spec).model_fields))
     return type(spec)(**declared | params.model_dump(mode="json"))
-
-
-def _singular(registry: Registry) -> str:
-    return registry.kind[:-1] if registry.kind.endswith("s") else registry.kind
-
-
-def _source(registry: Registry, name: str) -> str:
-    return component_source(registry.entry(name))[0]
-
-
-def _contract_breach(
-    built: Any, registry: Registry, name: str, image_side: int
-) -> tuple[str, bool] | None:
-    """Run the contract check of :mod:`crystalkit.testing` on a freshly built corruption (on two
-    images of the dataset's size) or objective: ``None``, or one line naming the component, its
-    source and the breach, and whether the component is third-party code."""
-    from crystalkit.testing import ContractError, check_corruption, check_objective, dummy_images
-
-    try:
-        if registry is CORRUPTIONS:
-            check_corruption(built, dummy_images(2, image_side, image_side))
-        else:
-            check_objective(built)
-    except ContractError as exc:
-        cause = exc.__cause__
-        where = blame(cause, built) if cause is not None else defined_at(built)
-        if isinstance(cause, PluginError):  # a step of a composition: its message says where
-            where = ""
-        at = f" ({'at' if cause is not None else 'defined at'} {where})" if where else ""
-        kind = _singular(registry)
-        return (
-            f"{kind} {name!r} ({_source(registry, name)}) breaks the {kind} contract: {exc}{at}",
-            not is_builtin(built) or isinstance(cause, PluginError),
-        )
-    return None
 
 
 def format_validation_error(

@@ -235,8 +235,9 @@ class _FreshOutputs:
         """Called once a complete checkpoint exists: from now on the run dir is a run."""
         self.claimed = False
 
-    def discard(self, console: Console) -> None:
-        """Remove the run dir if this run created it, else what this run wrote into it."""
+    def discard(self) -> None:
+        """Remove the run dir if this run created it, else what this run wrote into it. Silent:
+        the error that stopped the run stays the one line the user reads."""
         if not self.claimed:
             return
         self.claimed = False
@@ -250,9 +251,6 @@ class _FreshOutputs:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-        console.print(
-            f"{self.run_dir}: removed what this run wrote (it stopped before its first checkpoint)"
-        )
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -373,7 +371,7 @@ def _train(
             outputs=outputs,
         )
     except BaseException:
-        outputs.discard(console)
+        outputs.discard()
         raise
 
 
