@@ -422,7 +422,6 @@ def list_components(
     ] = None,
 ) -> None:
     """List registered components (built-in and plugins); with NAME, one component's parameters."""
-    from rich.text import Text
 
     from crystalkit.registries import ALL
     from crystalkit.registry import source_text
@@ -442,12 +441,23 @@ def list_components(
         table.add_column("source")
         table.add_column("description")
         for entry in registry.entries():
-            table.add_row(entry.name, source_text(entry), Text(entry.description))
+            table.add_row(entry.name, source_text(entry), _prose(entry.description))
         if not len(table.rows):
             table.add_row(
                 "—", "", f"none registered (entry point group {registry.entry_point_group})"
             )
         out.print(table)
+
+
+def _prose(text: str) -> Any:
+    """Docstring text for the terminal: `code` spans styled instead of backticked, and nothing
+    read as rich markup (``sg[h_intact]`` stays as written)."""
+    from rich.text import Text
+
+    styled = Text()
+    for i, part in enumerate(text.split("`")):
+        styled.append(part, style="cyan" if i % 2 else None)
+    return styled
 
 
 def _print_component(registry: Any, name: str) -> None:
@@ -465,7 +475,7 @@ def _print_component(registry: Any, name: str) -> None:
     out.print(Text.assemble((f"{singular} {entry.name}", "bold cyan"), f"  ({source_text(entry)})"))
     out.print(Text(f"defined by {defined}" + (f" in {where}" if where else ""), style="dim"))
     if entry.description:
-        out.print(Text(entry.description))
+        out.print(_prose(entry.description))
     rows = param_rows(config_model(entry.obj))
     if not rows:
         out.print(Text("no parameters", style="dim"))
@@ -476,7 +486,7 @@ def _print_component(registry: Any, name: str) -> None:
     for row in rows:
         table.add_row(
             *(Text(cell) for cell in (row.key, row.type, row.default, row.constraint)),
-            Text(row.description),
+            _prose(row.description),
         )
     out.print(table)
 
