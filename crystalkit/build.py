@@ -32,7 +32,8 @@ def build_dataset(recipe: Recipe) -> Any:
 def build_backbone(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Backbone:
     """A fresh backbone, reusing the run's saved assets (tokenizer, ...) when ``assets`` has them."""
     cls = BACKBONES.get(recipe.backbone.name)
-    corpus = [*dataset.corpus(), template_text()]
+    latent = recipe.latents.template
+    corpus = [*dataset.corpus(), template_text(latent.open, latent.close)]
     return cls.create(_params(cls, recipe.backbone), corpus=corpus, assets=assets)
 
 

@@ -118,6 +118,14 @@ def user_errors(func: F) -> F:
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+LatentBlockOption = Annotated[
+    str | None,
+    typer.Option(
+        help="forced: the prompt holds the latent template and block; generated: the model "
+        "writes them itself, then the answer (default: the recipe's eval.latent_block)",
+        show_default=False,
+    ),
+]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="overrides like train.lr=3e-4 or ~eval.max_samples", show_default=False),
@@ -181,6 +189,7 @@ def evaluate_run(
             "commas; accuracy drops)"
         ),
     ] = None,
+    latent_block: LatentBlockOption = None,
 ) -> None:
     """Re-evaluate a saved run's latest checkpoint (on its dataset, or on a benchmark file)."""
     from crystalkit.evaluation.runs import evaluate_bench, evaluate_run_dir, probe_run_dir
@@ -194,7 +203,7 @@ def evaluate_run(
         raise UsageError(f"{' and '.join(chosen)} are separate evaluations; pass one of them")
     if probe is not None:
         names = [p.strip() for value in probe for p in value.split(",") if p.strip()]
-        summary = probe_run_dir(run_dir, split, names, max_samples)
+        summary = probe_run_dir(run_dir, split, names, max_samples, latent_block)
         table = Table(title=f"{run_dir} — latent probes on {split}", show_edge=False)
         for column in ("latents", "accuracy", "drop"):
             table.add_column(column, justify="left" if column == "latents" else "right")
@@ -204,7 +213,7 @@ def evaluate_run(
         out.print(table)
         return
     if bench is not None:
-        summary = evaluate_bench(run_dir, bench, max_samples)
+        summary = evaluate_bench(run_dir, bench, max_samples, latent_block)
         title = f"{run_dir} — {summary['bench']} ({summary['scorer']})"
         out.print(_category_table(title, summary["per_category"], summary["accuracy"]))
         out.print(
@@ -216,9 +225,12 @@ def evaluate_run(
                 f"[yellow]skipped[/] row {escape(str(row['index']))}: {escape(row['reason'])}"
             )
         return
-    result = evaluate_run_dir(run_dir, split, max_samples, corrupted, latents)
-    shown = split + (" (corrupted" + ("" if latents == "own" else f", {latents} latents") + ")")
-    _print_eval(result, shown if corrupted else split, run_dir)
+    result = evaluate_run_dir(run_dir, split, max_samples, corrupted, latents, latent_block)
+    notes = ["corrupted"] if corrupted else []
+    notes += [f"{latents} latents"] if latents != "own" else []
+    if result.wrote_block is not None:
+        notes.append(f"generated latents, {result.wrote_block:.0%} wrote the block")
+    _print_eval(result, split + (f" ({', '.join(notes)})" if notes else ""), run_dir)
 
 
 @app.command("inspect")
@@ -361,6 +373,7 @@ def generate(
     corrupted: Annotated[
         bool, typer.Option(help="answer from the recipe's corrupted images, as eval does")
     ] = False,
+    latent_block: LatentBlockOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines, not a table")] = False,
 ) -> None:
     """Answer questions about your own images with a trained run (the evaluation's computation)."""
@@ -378,16 +391,24 @@ def generate(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         corrupted=corrupted,
+        latent_block=latent_block,
     )
     if as_json:
         for answer in answers:
             out.print(json.dumps(answer), highlight=False, markup=False, soft_wrap=True)
         return
     table = Table(title=f"{run_dir} — answers", show_edge=False)
-    for column in ("image", "question", "answer", "choice"):
+    written = any("written" in answer for answer in answers)  # generated latents
+    for column in ("image", "question", *(["written"] if written else []), "answer", "choice"):
         table.add_column(column)
     for answer in answers:
-        cells = (answer["image"], answer["question"], answer["answer"], answer["choice"] or "")
+        cells = (
+            answer["image"],
+            answer["question"],
+            *([answer["written"]] if written else []),
+            answer["answer"],
+            answer["choice"] or "",
+        )
         table.add_row(*(escape(cell) for cell in cells))
     out.print(table)
 
@@ -494,17 +515,19 @@ def _print_component(registry: Any, name: str) -> None:
 @app.command("export")
 @user_errors
 def export_model(
-    run_dir: Annotated[
-        Path, typer.Argument(help="a LoRA run directory made by `crystalkit train`")
-    ],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory made by `crystalkit train`")],
     merge: Annotated[
-        bool, typer.Option(help="merge LoRA into the base weights: a full model loading as a run")
+        bool,
+        typer.Option(
+            help="a standalone model (LoRA merged into the base weights) loading as a run and, for "
+            "Hugging Face backbones, by plain transformers"
+        ),
     ] = False,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="output folder (default RUN_DIR/export)")
     ] = None,
 ) -> None:
-    """Export a LoRA run's latest checkpoint: merged full weights, or the peft adapter alone."""
+    """Export a run's latest checkpoint: a standalone model (--merge), or a LoRA run's adapter."""
     from crystalkit.export import export_run
 
     target = export_run(run_dir, out_dir, merge)

@@ -1,9 +1,12 @@
-"""``crystalkit export``: a LoRA run's latest checkpoint as a standalone model or a peft adapter.
+"""``crystalkit export``: a run's latest checkpoint as a standalone model, or a LoRA run's adapter.
 
-``--merge`` folds the adapter (and the latent token rows) into the base weights and writes a run
-directory of the merged model: ``recipe.yaml`` (LoRA disabled), the backbone's assets and a full
-checkpoint, so ``crystalkit eval`` or :func:`~crystalkit.evaluation.runs.load_run` reads it like
-any run; for Hugging Face backbones also ``pretrained/``, a ``from_pretrained`` folder. Without it the folder holds peft's own files (``adapter_config.json``,
+``--merge`` folds a LoRA adapter (and the latent token rows) into the base weights (a full run has
+nothing to fold) and writes a run directory of the standalone model: ``recipe.yaml`` (LoRA
+disabled), the backbone's assets and a full checkpoint, so ``crystalkit eval`` or
+:func:`~crystalkit.evaluation.runs.load_run` reads it like any run; for Hugging Face backbones also
+``pretrained/``, a ``from_pretrained`` folder with the family's processor and chat template, which
+plain transformers and the engines built on it serve. Without ``--merge`` the folder holds peft's
+own files (``adapter_config.json``,
 ``adapter_model.safetensors``) next to the recipe and assets, which :func:`load_adapter` (or
 ``PeftModel.from_pretrained`` on :func:`~crystalkit.models.lora.peft_host`) applies to the base.
 
@@ -55,15 +58,16 @@ def export_run(run_dir: Path, out: Path | None = None, merge: bool = False) -> P
     if target.exists() and not (target / EXPORT_FILE).is_file():
         raise UsageError(f"--out: {target} exists and is not a crystalkit export; choose another")
     recipe, _, model, step = load_model(run_dir)
-    if model.peft is None:
+    if model.peft is None and not merge:
         raise UsageError(
-            f"{run_dir}: not a LoRA run (lora.enabled is false); its checkpoints already hold "
-            "the full weights"
+            f"{run_dir}: not a LoRA run (lora.enabled is false), so there is no adapter to "
+            "export; --merge exports the full model"
         )
     summary = {"run": str(run_dir), "step": step, "merged": merge}
     with _staged(target) as folder:
         if merge:
-            model.peft.merge_and_unload()
+            if model.peft is not None:
+                model.peft.merge_and_unload()
             model.backbone.requires_grad_(True)  # a plain model again: saved whole
             standalone = without_lora(recipe).model_copy(
                 update={"warm_start": WarmStartConfig()}  # the merged weights are all it needs

@@ -202,8 +202,10 @@ def _model(recipe: Recipe) -> tuple[Backbone, Method, list]:
             "objectives.kl.weight={name: linear, start: 0.5, end: 2.0}",
             "objectives.attention.gradient=false",
         ],
+        ["latents.template=released", "latents.write=true"],  # CE over answer + template
+        ["latents.template=released", "latents.write=true", "crystal.ce=corrupted"],
     ],
-    ids=["constant", "scheduled"],
+    ids=["constant", "scheduled", "written", "written_corrupted"],
 )
 def test_shard_losses_and_gradients_sum_to_the_batch_ones(tmp_path, weighting):
     recipe = _recipe(tmp_path, CRYSTAL, *OBJECTIVES, *weighting)

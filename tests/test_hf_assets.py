@@ -153,3 +153,49 @@ def test_bad_backbone_parameters_fail_with_one_line(tmp_path, overrides, expecte
     )
     assert result.exit_code == 2
     assert expected in assert_one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "expected"),
+    [
+        (
+            "processor_config.json",
+            "image_processor.patch_size",
+            4,
+            "the image processor's patch_size is 4 but the model config's "
+            "vision_config.patch_size is 8",
+        ),
+        (
+            "processor_config.json",
+            "image_processor.merge_size",
+            1,
+            "the image processor's merge_size is 1 but the model config's "
+            "vision_config.spatial_merge_size is 2",
+        ),
+        ("config.json", "image_token_id", 3, "'<|image_pad|>' has id 4 but the model config's "),
+    ],
+)
+def test_a_processor_or_tokenizer_of_another_checkpoint_is_one_line(
+    tmp_path, file, key, value, expected
+):
+    """The placeholder id and the patch / merge sizes are checked when the backbone is built:
+    a mismatch would otherwise be a shape error inside the first forward."""
+    import json
+
+    from crystalkit.errors import UsageError
+
+    _, backbone, _, _ = build("qwen2_5_vl")
+    folder = tmp_path / "checkpoint"
+    backbone.save_pretrained(folder)
+    data = json.loads((folder / file).read_text())
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:  # the image processor's settings sit inside processor_config.json
+        node = node[part]
+    node[last] = value
+    (folder / file).write_text(json.dumps(data))
+    config = HFConfig(name_or_path=str(folder), image_size=backbone.config.image_size)
+    with pytest.raises(UsageError) as info:
+        Qwen25VLBackbone.create(config, corpus=[])
+    message = str(info.value)
+    assert expected in message and str(folder) in message and "\n" not in message

@@ -227,9 +227,9 @@ def test_export_merged_and_adapter_give_the_lora_models_outputs(tiny_recipe, tmp
 
 def test_export_refuses_bad_run_dirs_and_targets(tiny_recipe, tmp_path):
     plain = train(tiny_recipe("name=plain", "train.steps=1", "eval.max_samples=8")).run_dir
-    line = assert_one_error_line(invoke("export", plain, "--merge"))
-    assert "not a LoRA run" in line
+    line = assert_one_error_line(invoke("export", plain))
+    assert "not a LoRA run" in line and "--merge exports the full model" in line
     line = assert_one_error_line(invoke("export", tmp_path / "missing"))
     assert "not a directory" in line
-    line = assert_one_error_line(invoke("export", plain, "--out", plain))
+    line = assert_one_error_line(invoke("export", plain, "--merge", "--out", plain))
     assert "--out" in line and "not a crystalkit export" in line

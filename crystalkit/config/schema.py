@@ -12,6 +12,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,6 +78,33 @@ class ObjectiveSpec(ComponentSpec):
     )
 
 
+#: the released CrystaL code's latent template: ``<think> Because the feature of the image is`` +
+#: the latent block + ``. </think>``
+RELEASED_TEMPLATE = {"open": "<think> Because the feature of the image is", "close": ". </think>"}
+#: ``latents.template`` shorthands
+TEMPLATE_PRESETS: dict[str, dict[str, str]] = {"none": {}, "released": RELEASED_TEMPLATE}
+
+
+def _template_preset(value: Any) -> Any:
+    """Before validation: a preset name becomes the text it stands for."""
+    if isinstance(value, str):
+        if value not in TEMPLATE_PRESETS:
+            raise ValueError(
+                f"expected {' or '.join(TEMPLATE_PRESETS)}, or a mapping {{open: TEXT, close: "
+                f"TEXT}}, got {value!r}"
+            )
+        return dict(TEMPLATE_PRESETS[value])
+    return value
+
+
+class LatentTemplate(_Strict):
+    """Text around the latent block: ``open`` ends the question, ``close`` starts the answer
+    (before the answer cue); both empty = no template."""
+
+    open: str = Field("", description="text between the question and the latent block")
+    close: str = Field("", description="text between the latent block and the answer cue")
+
+
 class LatentsConfig(_Strict):
     family: Literal["token", "recurrent"] = Field(
         "token",
@@ -95,6 +123,33 @@ class LatentsConfig(_Strict):
         description="train only the new tokens' rows of the embedding and output matrices "
         "(the reference does this on a pretrained model)",
     )
+    template: Annotated[
+        LatentTemplate,
+        BeforeValidator(
+            _template_preset, json_schema_input_type=Literal["none", "released"] | LatentTemplate
+        ),
+    ] = Field(
+        default_factory=LatentTemplate,
+        description="text around the latent block: none, released (the released code's "
+        "`<think> Because the feature of the image is` ... `. </think>`) or {open, close}; "
+        "stored as its text",
+    )
+    write: bool = Field(
+        False,
+        description="the model writes its own latent block, as released: cross-entropy also "
+        "covers the template text, the latent tokens and the answer cue, pooled with the answer "
+        "tokens (token latents only)",
+    )
+
+    @field_validator("write")
+    @classmethod
+    def _writable(cls, write: bool, info: ValidationInfo) -> bool:
+        if write and info.data.get("family") == "recurrent":
+            raise ValueError(
+                "recurrent latents are hidden states, not tokens the model can write; "
+                "got family recurrent (use latents.family=token)"
+            )
+        return write
 
 
 class CrystalConfig(_Strict):
@@ -172,6 +227,12 @@ class EvalConfig(_Strict):
     max_samples: int | None = Field(None, ge=1, description="cap on evaluated samples per split")
     batch_size: int = Field(128, ge=1, description="samples per evaluation batch")
     max_new_tokens: int = Field(4, ge=1, description="greedy decoding budget for the answer")
+    latent_block: Literal["forced", "generated"] = Field(
+        "forced",
+        description="forced: the prompt holds the latent template and block, the model writes "
+        "the answer; generated: the prompt ends at the question and the model writes the "
+        "template, the block and the answer itself (token latents; controls always force)",
+    )
     controls: list[Literal["corrupted", "copied", "no_copy", "zero", "mean", "shuffle", "swap"]] = (
         Field(
             default_factory=list,
@@ -237,6 +298,7 @@ class WarmStartConfig(_Strict):
 class StageLatents(_Strict):
     family: Literal["token", "recurrent"] | None = Field(None, description="latents.family")
     schedule: ComponentSpec | None = Field(None, description="latents.schedule (SCHEDULES)")
+    write: bool | None = Field(None, description="latents.write")
 
 
 class StageTrain(_Strict):
@@ -273,7 +335,9 @@ class Stage(_Strict):
         "out and take the rest)",
     )
     method: Literal["finetune", "crystal"] | None = Field(None, description="method")
-    latents: StageLatents | None = Field(None, description="latents.family and latents.schedule")
+    latents: StageLatents | None = Field(
+        None, description="latents.family, latents.schedule and latents.write"
+    )
     corruption: ComponentSpec | None = Field(None, description="corruption (CORRUPTIONS)")
     crystal: CrystalConfig | None = Field(None, description="crystal section")
     objectives: dict[str, ObjectiveSpec | None] | None = Field(
@@ -386,6 +450,15 @@ class Recipe(_Strict):
                     f"stages.{stage.name}.fraction: {stage.fraction:g} of train.steps="
                     f"{self.train.steps} is less than one step"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_generated_eval(self) -> Recipe:
+        if self.eval.latent_block == "generated" and self.latents.family == "recurrent":
+            raise ValueError(
+                "eval.latent_block: generated needs token latents, got latents.family recurrent "
+                "(recurrent latents are hidden states, not tokens the model can write)"
+            )
         return self
 
     @property

@@ -5,17 +5,24 @@ so a batch row reads ``A | B | C | D | E | D' | F`` with padding inside segments
 then a concatenation of column ranges — the intact path ``A C D E`` and the corrupted path
 ``A B D F`` are plain slices, the latent block sits at the same columns in every row, and the
 packed and two-pass strategies cut the very same tensors. Masks and positions skip the padding.
+
+A latent template (``latents.template``) keeps D exactly the latent block: its opening text ends
+the question segments B and C, its closing text starts the answer segments E and F (before the
+answer cue), the same text on both paths. With ``latents.write`` the template is labelled too —
+the opening text, every token of D, the closing text and the cue — so the model learns to write
+its own block (see :meth:`Layout.written_pairs` for which column predicts what).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
-from crystalkit.crystal.packing import ORDER, Segment
+from crystalkit.crystal.packing import BLANK_PATH, CORRUPTED_PATH, INTACT_PATH, ORDER, Segment
 from crystalkit.data.prompt import ANSWER_CUE, IGNORE_INDEX, format_question
 from crystalkit.data.sample import Sample
 from crystalkit.models.backbone import Backbone
@@ -29,7 +36,9 @@ class Layout:
     ``[B, T]``; ``regions`` maps each present segment to its columns. ``recurrent`` marks latent
     blocks whose slots are filled with hidden states. ``pixel_values`` are the intact images and
     ``corrupted_pixels`` their corrupted versions (present when the corrupted path is);
-    ``detach_corrupted_image`` stops the gradient at the corrupted image's features."""
+    ``detach_corrupted_image`` stops the gradient at the corrupted image's features. ``written``
+    (``[B, T]`` bool, with ``latents.write``) marks the labels of the latent template the model
+    writes (opening text, latent block, closing text, answer cue) apart from the answer's."""
 
     input_ids: torch.Tensor
     segments: torch.Tensor
@@ -39,12 +48,13 @@ class Layout:
     pixel_values: torch.Tensor
     corrupted_pixels: torch.Tensor | None = None
     detach_corrupted_image: bool = False
+    written: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Layout:
-        corrupted = self.corrupted_pixels
+        corrupted, written = self.corrupted_pixels, self.written
         return replace(
             self,
             input_ids=fn(self.input_ids),
@@ -52,6 +62,7 @@ class Layout:
             labels=fn(self.labels),
             pixel_values=fn(self.pixel_values),
             corrupted_pixels=None if corrupted is None else fn(corrupted),
+            written=None if written is None else fn(written),
         )
 
     def to(self, device: torch.device | str) -> Layout:
@@ -80,6 +91,7 @@ class Layout:
             segments=self.segments[:, cols],
             labels=self.labels[:, cols],
             regions=regions,
+            written=None if self.written is None else self.written[:, cols],
         )
         return sub, cols
 
@@ -108,26 +120,93 @@ class Layout:
         return range(r.start, r.stop - 1)
 
     def answer_targets(self) -> torch.Tensor:
-        """``[B, |E| - 1]`` targets predicted from :meth:`answer_queries` (IGNORE elsewhere)."""
+        """``[B, |E| - 1]`` answer targets predicted from :meth:`answer_queries` (IGNORE elsewhere,
+        the written closing text and cue included: the alignment objectives read the answer)."""
         r = self.regions[S.ANSWER_INTACT]
-        return self.labels[:, r.start + 1 : r.stop]
+        targets = self.labels[:, r.start + 1 : r.stop]
+        if self.written is not None:
+            targets = targets.masked_fill(self.written[:, r.start + 1 : r.stop], IGNORE_INDEX)
+        return targets
+
+    def written_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The written template's next-token pairs ``(query columns, target columns)``, by the
+        computation the query column belongs to: ``intact`` (C and E), ``corrupted`` (B, D' and
+        F) or ``shared`` (the latent block D while the corrupted path reads it: computed once,
+        from the intact image, so counted once). A target is predicted from the column before it
+        on its path: the last opening-text token predicts the block's first token, each block
+        token the next, the block's last token the first closing token. Owners without a pair are
+        left out; empty without :attr:`written`."""
+        if self.written is None:
+            return {}
+        labelled = self.written.any(0).tolist()
+        copy = self.has(S.CORRUPTED) and not self.has(S.LATENT_BLANK)
+        block = set(self.regions.get(S.LATENT, range(0)))
+        paths = [("intact", INTACT_PATH)]
+        if self.has(S.CORRUPTED):
+            paths.append(("corrupted", BLANK_PATH if self.has(S.LATENT_BLANK) else CORRUPTED_PATH))
+        pairs: dict[str, tuple[list[int], list[int]]] = {}
+        for owner, path in paths:
+            cols = [c for s in ORDER if s in path and s in self.regions for c in self.regions[s]]
+            for query, target in itertools.pairwise(cols):
+                if not labelled[target]:
+                    continue
+                key = owner
+                if copy and query in block:
+                    if owner == "corrupted":
+                        continue  # the same logits and target as the intact path's shared pair
+                    key = "shared"
+                queries, targets = pairs.setdefault(key, ([], []))
+                queries.append(query)
+                targets.append(target)
+        device = self.input_ids.device
+        return {
+            key: (torch.tensor(q, device=device), torch.tensor(t, device=device))
+            for key, (q, t) in pairs.items()
+        }
+
+    def written_counts(self) -> dict[str, int]:
+        """How many written targets each owner of :meth:`written_pairs` holds."""
+        return {
+            key: int((self.labels[:, targets] != IGNORE_INDEX).sum())
+            for key, (_, targets) in self.written_pairs().items()
+        }
 
 
 class Packer:
-    """Lays out samples for one backbone (``answer``: train on the option letter or its text)."""
+    """Lays out samples for one backbone (``answer``: train on the option letter or its text;
+    ``template``: the latent template's opening and closing text; ``write``: label the template
+    and the latent block as well as the answer)."""
 
-    def __init__(self, backbone: Backbone, answer: Literal["letter", "text"] = "letter"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        answer: Literal["letter", "text"] = "letter",
+        template: tuple[str, str] = ("", ""),
+        write: bool = False,
+    ):
         self.backbone = backbone
         self.answer = answer
+        self.write = write
         tok = backbone.tokenizer
         self._eos, self._pad = tok.eos_token_id, tok.pad_token_id
         self._prefix = self._encode(backbone.prompt_prefix)
+        self._between = backbone.image_suffix  # encoded with the question: one text span
         self._suffix = self._encode(backbone.question_suffix)
         self._image = backbone.image_prompt_ids()
         self._cue = self._encode(ANSWER_CUE)
+        self._open, self._close = (self._encode(text) if text else [] for text in template)
 
     def _encode(self, text: str) -> list[int]:
         return self.backbone.tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def cue_ids(self) -> list[int]:
+        return list(self._cue)
+
+    def written_ids(self, block: Sequence[int]) -> list[int]:
+        """What a forced prompt holds after the question and the model writes itself in
+        generated mode: opening text, latent ``block``, closing text, answer cue."""
+        return [*self._open, *block, *self._close, *self._cue]
 
     def __call__(
         self,
@@ -138,52 +217,83 @@ class Packer:
         blank_latents: bool = False,
         with_answer: bool = True,
         recurrent: bool = False,
+        until_question: bool = False,
     ) -> Layout:
         """Lay out ``samples`` with latent ``block`` ids. ``corrupted_images`` (float ``[B, 3, H,
         W]`` in [0, 1]) adds the corrupted path (B, F); ``blank_latents`` adds D' (no_copy).
-        ``with_answer=False`` ends every row at the answer cue (generation prompts)."""
+        ``with_answer=False`` ends every row at the answer cue (generation prompts);
+        ``until_question`` ends it at the question, before the latent template (prompts of
+        generated latents: the model writes the rest)."""
         two_paths = corrupted_images is not None
-        questions = [
-            self._image + self._encode(format_question(s.question, s.options)) + self._suffix
-            for s in samples
-        ]
+        if until_question and (two_paths or len(block)):
+            raise ValueError("a prompt that ends at the question has no block and no 2nd image")
+        opening = [] if until_question else self._open
+        closing = [] if until_question else [*self._close, *self._cue]
+        questions: list[list[int]] = []
+        question_labels: list[list[int]] = []
+        for s in samples:
+            question = self._encode(self._between + format_question(s.question, s.options))
+            ids = [*self._image, *question, *self._suffix, *opening]
+            questions.append(ids)
+            question_labels.append([IGNORE_INDEX] * (len(ids) - len(opening)) + opening)
         answers: list[tuple[list[int], list[int]]] = []
         for s in samples:
-            if with_answer:
+            closed = (closing, closing if self.write else [IGNORE_INDEX] * len(closing))
+            if with_answer and not until_question:
                 target = s.answer if self.answer == "letter" else s.answer_text
                 ids = [*self._encode(target), self._eos]
-                answers.append((self._cue + ids, [IGNORE_INDEX] * len(self._cue) + ids))
+                answers.append((closed[0] + ids, closed[1] + ids))
             else:
-                answers.append((list(self._cue), [IGNORE_INDEX] * len(self._cue)))
-        pieces: dict[Segment, tuple[list[list[int]], list[list[int]] | None, str]] = {
-            S.PREFIX: ([self._prefix] * len(samples), None, "left"),
-            S.INTACT: (questions, None, "left"),
-            S.LATENT: ([list(block)] * len(samples), None, "left"),
-            S.ANSWER_INTACT: ([a for a, _ in answers], [lab for _, lab in answers], "right"),
+                answers.append((list(closed[0]), list(closed[1])))
+        # segment -> (rows, labels or None, written part of each row: (from the start, from the
+        # end) as token counts, padding side)
+        Piece = tuple[list[list[int]], list[list[int]] | None, tuple[int, int], str]
+        pieces: dict[Segment, Piece] = {
+            S.PREFIX: ([self._prefix] * len(samples), None, (0, 0), "left"),
+            S.INTACT: (questions, question_labels, (0, len(opening)), "left"),
+            S.LATENT: (
+                [list(block)] * len(samples),
+                [list(block)] * len(samples),
+                (0, len(block)),
+                "left",
+            ),
+            S.ANSWER_INTACT: (
+                [a for a, _ in answers],
+                [lab for _, lab in answers],
+                (len(closing), 0),
+                "right",
+            ),
         }
         if two_paths:
             pieces[S.CORRUPTED] = pieces[S.INTACT]
             pieces[S.ANSWER_CORRUPTED] = pieces[S.ANSWER_INTACT]
             if blank_latents:
                 pieces[S.LATENT_BLANK] = pieces[S.LATENT]
-        ids_parts, seg_parts, lab_parts, regions, start = [], [], [], {}, 0
+        ids_parts, seg_parts, lab_parts, written_parts, regions, start = [], [], [], [], {}, 0
         for segment in ORDER:
             if segment not in pieces:
                 continue
-            rows, labels, side = pieces[segment]
+            rows, labels, (head, tail), side = pieces[segment]
+            if not self.write and segment in (S.INTACT, S.CORRUPTED, S.LATENT, S.LATENT_BLANK):
+                labels = None  # only the answer segments carry labels of their own
             width = max(len(r) for r in rows)
             ids = torch.full((len(samples), width), self._pad, dtype=torch.long)
             seg = torch.zeros_like(ids)
             lab = torch.full_like(ids, IGNORE_INDEX)
+            written = torch.zeros_like(ids, dtype=torch.bool)
             for i, row in enumerate(rows):
                 cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
                 ids[i, cols] = torch.tensor(row, dtype=torch.long)
                 seg[i, cols] = int(segment)
                 if labels is not None:
                     lab[i, cols] = torch.tensor(labels[i], dtype=torch.long)
+                first = cols.start
+                written[i, first : first + head] = True
+                written[i, cols.stop - tail : cols.stop] = True
             ids_parts.append(ids)
             seg_parts.append(seg)
             lab_parts.append(lab)
+            written_parts.append(written & (lab != IGNORE_INDEX))
             regions[segment] = range(start, start + width)
             start += width
         images = torch.stack([s.image for s in samples])
@@ -196,4 +306,5 @@ class Packer:
             recurrent=recurrent and len(block) > 0,
             pixel_values=preprocess(images.float() / 255.0),
             corrupted_pixels=preprocess(corrupted_images) if two_paths else None,
+            written=torch.cat(written_parts, 1) if self.write else None,
         )

@@ -9,6 +9,10 @@ both paths, corrupts the images, runs the chosen strategy and adds the weighted 
 Each weight is a schedule over the steps of the recipe (a plain number is a constant). A term
 with ``gradient: false`` enters the loss value detached: it is computed and logged, and it trains
 nothing (the released code's attention term).
+
+With ``latents.write`` the cross-entropy also covers the latent template and block the model
+writes (:meth:`Method._written_terms`: one mean per term over all its tokens, the latent block
+shared by both paths counted once).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.alignment import Objective
 from crystalkit.registries import CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS
 from crystalkit.registry import component_source
-from crystalkit.training.losses import answer_cross_entropy
+from crystalkit.training.losses import answer_cross_entropy, pooled_cross_entropy
 from crystalkit.training.sampler import derived_seed
 
 
@@ -77,7 +81,13 @@ class Method:
         self.sources = sources or {}
         self.schedule = build_schedule(recipe)
         self.block, self.final_k = build_latents(recipe, backbone)
-        self.packer = Packer(backbone, answer=recipe.prompt.answer)
+        template = recipe.latents.template
+        self.packer = Packer(
+            backbone,
+            answer=recipe.prompt.answer,
+            template=(template.open, template.close),
+            write=recipe.latents.write,
+        )
         self.strategy = STRATEGIES[recipe.crystal.strategy] if self.crystal else intact_only
         self.ce_weight = build_weight(
             recipe.crystal.ce_weight if self.crystal and training else 1.0
@@ -174,6 +184,29 @@ class Method:
             layout.pixel_values = self.packer.backbone.preprocess_images(images)
         return layout
 
+    def generated_prompt_layout(
+        self, samples: Sequence[Sample], corrupt_seed: int | None = None
+    ) -> Layout:
+        """Prompts of generated latents: the intact path up to the question (the assistant turn),
+        before the latent template; the model writes the template, the block and the answer.
+        ``corrupt_seed`` as in :meth:`prompt_layout`. Recurrent latents are refused: they are
+        hidden states, not tokens the model can write."""
+        if self.block.recurrent:
+            raise UsageError(
+                "generated latents need token latents: recurrent latents are hidden states, not "
+                "tokens the model can write (evaluate with forced latents)"
+            )
+        layout = self.packer(samples, (), with_answer=False, until_question=True)
+        if corrupt_seed is not None:
+            images = self.corrupt(samples, corrupt_seed)
+            layout.pixel_values = self.packer.backbone.preprocess_images(images)
+        return layout
+
+    def written_ids(self) -> list[int]:
+        """The ids a forced prompt holds after the question, which a model that writes its own
+        block should write: opening text, the final latent block, closing text, answer cue."""
+        return self.packer.written_ids(self.block.ids(self.final_k))
+
     def control_layout(self, samples: Sequence[Sample], seed: int, blank: bool) -> Layout:
         """A generation prompt with both images (the corrupted one seeded by ``seed``) and the
         final latent block, plus the image-free block D' with ``blank``: what the ``copied`` and
@@ -198,24 +231,54 @@ class Method:
         self, out: PathOutputs, weights: dict[str, float] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         weights = self.weights_at(0) if weights is None else weights
-        ce_intact = answer_cross_entropy(out.intact_logits, out.targets)
-        if out.corrupted_logits is None:
-            return weights["ce"] * ce_intact, {"ce": ce_intact}
-        ce_corrupted = answer_cross_entropy(out.corrupted_logits, out.targets)
-        placement = self.recipe.crystal.ce
-        ce = {
-            "intact": ce_intact,
-            "corrupted": ce_corrupted,
-            "both": (ce_intact + ce_corrupted) / 2,
-        }[placement]
-        terms = {"ce_intact": ce_intact, "ce_corrupted": ce_corrupted}
+        if out.written:
+            ce, terms = self._written_terms(out)
+        else:
+            ce_intact = answer_cross_entropy(out.intact_logits, out.targets)
+            if out.corrupted_logits is None:
+                return weights["ce"] * ce_intact, {"ce": ce_intact}
+            ce_corrupted = answer_cross_entropy(out.corrupted_logits, out.targets)
+            ce = {
+                "intact": ce_intact,
+                "corrupted": ce_corrupted,
+                "both": (ce_intact + ce_corrupted) / 2,
+            }[self.recipe.crystal.ce]
+            terms = {"ce_intact": ce_intact, "ce_corrupted": ce_corrupted}
         total = weights["ce"] * ce
+        if out.corrupted_logits is None:
+            return total, terms
         for key, _, objective, trains in self.objectives:
             blamed = self.objective_blame.get(key)
             value = objective(out) if blamed is None else _call_third_party(objective, out, *blamed)
             terms[key] = value
             total = total + weights[key] * (value if trains else value.detach())
         return total, terms
+
+    def _written_terms(self, out: PathOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy with the written template (``latents.write``): each term is one mean over
+        all the tokens it covers. A path's CE covers its answer and its written template, the
+        shared latent block D included; ``both`` pools the two paths' tokens and counts D's once,
+        as the released code's single packed sequence does (its CE covers each labelled token of
+        the sequence once). ``ce_template`` logs the template part alone."""
+        written = out.written
+
+        def own(owner: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [written[owner]] if owner in written else []
+
+        intact = [(out.intact_logits, out.targets), *own("intact")]
+        template = pooled_cross_entropy(list(written.values()))
+        ce_intact = pooled_cross_entropy([*intact, *own("shared")])
+        if out.corrupted_logits is None:
+            return ce_intact, {"ce": ce_intact, "ce_template": template}
+        corrupted = [(out.corrupted_logits, out.targets), *own("corrupted")]
+        ce_corrupted = pooled_cross_entropy([*corrupted, *own("shared")])
+        placement = self.recipe.crystal.ce
+        if placement == "both":
+            ce = pooled_cross_entropy([*intact, *corrupted, *own("shared")])
+        else:
+            ce = ce_intact if placement == "intact" else ce_corrupted
+        terms = {"ce_intact": ce_intact, "ce_corrupted": ce_corrupted, "ce_template": template}
+        return ce, terms
 
 
 def _call_third_party(

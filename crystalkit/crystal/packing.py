@@ -46,6 +46,8 @@ ORDER = (
 )
 INTACT_PATH = (Segment.PREFIX, Segment.INTACT, Segment.LATENT, Segment.ANSWER_INTACT)
 CORRUPTED_PATH = (Segment.PREFIX, Segment.CORRUPTED, Segment.LATENT, Segment.ANSWER_CORRUPTED)
+#: the corrupted path of the ``no_copy`` control: it reads the image-free block D'
+BLANK_PATH = (Segment.PREFIX, Segment.CORRUPTED, Segment.LATENT_BLANK, Segment.ANSWER_CORRUPTED)
 
 
 def _is(segments: torch.Tensor, members: tuple[Segment, ...]) -> torch.Tensor:

@@ -18,14 +18,19 @@ from dataclasses import dataclass, field
 import torch
 
 from crystalkit.crystal.layout import Layout
-from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment, sequence_positions
+from crystalkit.crystal.packing import (
+    BLANK_PATH,
+    CORRUPTED_PATH,
+    INTACT_PATH,
+    Segment,
+    sequence_positions,
+)
 from crystalkit.crystal.runner import Inputs, SequenceRun, block_kv, run_sequence
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.functional import latent_attention
 
 S = Segment
-BLANK_PATH = (S.PREFIX, S.CORRUPTED, S.LATENT_BLANK, S.ANSWER_CORRUPTED)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,8 @@ class Needs:
 class PathOutputs:
     """Both paths at the answer-predicting columns ``[B, W]`` (``targets`` holds what each column
     predicts, ``IGNORE_INDEX`` where nothing). Attention maps are ``[B, W, K]`` over the K latent
-    keys (head-averaged, renormalised), keyed by the requested layer index."""
+    keys (head-averaged, renormalised), keyed by the requested layer index. With
+    ``latents.write``, ``written`` holds the cross-entropy pairs of the written template."""
 
     targets: torch.Tensor
     intact_logits: torch.Tensor
@@ -51,6 +57,9 @@ class PathOutputs:
     intact_hidden: torch.Tensor | None = None
     corrupted_hidden: torch.Tensor | None = None
     num_latents: int = 0
+    #: ``latents.write``: the written template's ``(logits [B, n, V], targets [B, n])`` by owner
+    #: (``intact``, ``corrupted``, ``shared``: see :meth:`Layout.written_pairs`)
+    written: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def answer_mask(self) -> torch.Tensor:
@@ -87,6 +96,25 @@ def _side(
             for asked, layer in layers.items()
         }
     return run.logits(query), attention, run.hidden(query) if hidden else None
+
+
+def _written(
+    layout: Layout, owners: dict[str, tuple[SequenceRun, torch.Tensor | None]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The written template's ``(logits, targets)`` per owner (:meth:`Layout.written_pairs`),
+    the logits read from the run that computed the owner's query columns: ``owners`` maps an
+    owner to that run and the packed columns it ran over (``None``: all of them)."""
+    written = {}
+    for owner, (queries, targets) in layout.written_pairs().items():
+        if owner not in owners:
+            continue
+        run, cols = owners[owner]
+        index = queries.tolist()
+        if cols is not None:
+            where = {c: i for i, c in enumerate(cols.tolist())}
+            index = [where[q] for q in index]
+        written[owner] = (run.logits_at(index), layout.labels[:, targets])
+    return written
 
 
 def layout_inputs(backbone: Backbone, layout: Layout) -> Inputs:
@@ -137,7 +165,11 @@ def intact_only(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> P
         layers,
         needs.hidden,
     )
-    return _pair(layout, intact_side)
+    written = {}
+    if layout.written is not None:
+        cols = layout.select(INTACT_PATH)[1]
+        written = _written(layout, {"intact": (run, cols), "shared": (run, cols)})
+    return _pair(layout, intact_side, written=written)
 
 
 def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
@@ -154,7 +186,8 @@ def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOu
     read = S.LATENT_BLANK if layout.has(S.LATENT_BLANK) else S.LATENT
     intact = _side(run, e, 0, layout.regions[S.LATENT], layers, needs.hidden)
     corrupted = _side(run, f, 1, layout.regions[read], layers, needs.hidden)
-    return _pair(layout, intact, corrupted)
+    written = _written(layout, dict.fromkeys(("intact", "corrupted", "shared"), (run, None)))
+    return _pair(layout, intact, corrupted, written)
 
 
 def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
@@ -188,10 +221,26 @@ def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> Path
         needs.hidden,
     )
     corrupted = _side(corrupted_run, f, 0, corrupted_layout.regions[read], layers, needs.hidden)
-    return _pair(layout, intact, corrupted)
+    written = {}
+    if layout.written is not None:
+        intact_cols = layout.select(INTACT_PATH)[1]
+        written = _written(
+            layout,
+            {
+                "intact": (intact_run, intact_cols),
+                "shared": (intact_run, intact_cols),  # D: the intact pass computes it
+                "corrupted": (corrupted_run, cols),
+            },
+        )
+    return _pair(layout, intact, corrupted, written)
 
 
-def _pair(layout: Layout, intact: Side, corrupted: Side = (None, {}, None)) -> PathOutputs:
+def _pair(
+    layout: Layout,
+    intact: Side,
+    corrupted: Side = (None, {}, None),
+    written: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PathOutputs:
     return PathOutputs(
         targets=layout.answer_targets(),
         intact_logits=intact[0],
@@ -201,6 +250,7 @@ def _pair(layout: Layout, intact: Side, corrupted: Side = (None, {}, None)) -> P
         intact_hidden=intact[2],
         corrupted_hidden=corrupted[2],
         num_latents=len(layout.regions[S.LATENT]),
+        written=written or {},
     )
 
 

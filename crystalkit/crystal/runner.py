@@ -79,6 +79,10 @@ class SequenceRun:
     def logits(self, cols: range) -> torch.Tensor:
         return self._find(self.logits_chunks, cols)
 
+    def logits_at(self, cols: Sequence[int]) -> torch.Tensor:
+        """Logits ``[B, len(cols), V]`` of any computed columns, in the order given."""
+        return torch.stack([self.logits(range(c, c + 1))[:, 0] for c in cols], dim=1)
+
     def hidden(self, cols: range) -> torch.Tensor:
         """Last-layer hidden states (requires ``hidden=True``)."""
         return self._find(self.hidden_chunks, cols)

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from crystalkit.config.schema import EvalConfig
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS
-from crystalkit.evaluation.generation import View, generate_answers
+from crystalkit.errors import UsageError
+from crystalkit.evaluation.generation import View, generate_answers, split_written
 from crystalkit.evaluation.probes import LatentProbe
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
@@ -50,11 +51,15 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
 
 @dataclass
 class EvalResult:
+    """``wrote_block``: with generated latents, the share of samples whose generation began with
+    exactly the forced prompt's template, latent block and cue (``None`` with forced latents)."""
+
     accuracy: float
     chance: float
     num_samples: int
     per_category: dict[str, float]
     predictions: list[dict[str, Any]] = field(repr=False)
+    wrote_block: float | None = None
 
     def save(self, run_dir: Path, split: str, step: int) -> None:
         """Write ``eval_SPLIT.json`` (summary) and ``predictions_SPLIT.jsonl`` (per sample)."""
@@ -67,12 +72,15 @@ class EvalResult:
         )
 
     def summary(self) -> dict[str, Any]:
-        return {
+        summary = {
             "accuracy": self.accuracy,
             "chance": self.chance,
             "num_samples": self.num_samples,
             "per_category": self.per_category,
         }
+        if self.wrote_block is not None:
+            summary |= {"latent_block": "generated", "wrote_block": self.wrote_block}
+        return summary
 
 
 def evaluate(
@@ -89,7 +97,23 @@ def evaluate(
     (seeded per batch), to measure how much evidence the corruption leaves. ``latent_probe``:
     replace the latent block's content first (:mod:`crystalkit.evaluation.probes`). ``view``
     ``copied`` / ``no_copy``: answer on the corrupted images (the same ones ``corrupted`` shows)
-    from the intact images' latent block, or from one that saw no image."""
+    from the intact images' latent block, or from one that saw no image.
+
+    ``cfg.latent_block: generated``: the prompt ends at the question and the model writes the
+    latent template and block itself (within ``max_new_tokens`` more tokens than they take); the
+    answer is read after the block (:func:`~crystalkit.evaluation.generation.split_written`) and
+    each prediction also records the whole generation (``written``, special tokens shown) and
+    whether it began with exactly the forced template and block (``wrote_block``)."""
+    generated = cfg.latent_block == "generated"
+    if generated and (view != "intact" or latent_probe is not None):
+        raise UsageError(
+            "generated latents: the copied/no_copy views and the latent probes intervene on a "
+            "forced latent block; run them with forced latents"
+        )
+    written = method.written_ids() if generated else []
+    block = method.block.ids(method.final_k)
+    block_end = block[-1] if block else None
+    budget = cfg.max_new_tokens + len(written)
     was_training = backbone.training
     backbone.eval()
     tokenizer = backbone.tokenizer
@@ -99,19 +123,28 @@ def evaluate(
     for start in range(0, total, cfg.batch_size):
         samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
         seed = derived_seed(method.recipe.seed, -1 - start)
-        if view == "intact":
-            layout = method.prompt_layout(samples, corrupt_seed=seed if corrupted else None)
+        corrupt_seed = seed if corrupted else None
+        if generated:
+            layout = method.generated_prompt_layout(samples, corrupt_seed=corrupt_seed)
+        elif view == "intact":
+            layout = method.prompt_layout(samples, corrupt_seed=corrupt_seed)
         else:
             layout = method.control_layout(samples, seed, blank=view == "no_copy")
         answers = generate_answers(
             backbone,
             layout.to(device),
-            cfg.max_new_tokens,
+            budget,
             [tokenizer.eos_token_id],
             latent_probe,
             view,
         )
         for sample, row in zip(samples, answers.tokens.tolist(), strict=True):
+            extra: dict[str, Any] = {}
+            if generated:
+                stop = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
+                text = tokenizer.decode(row[:stop], skip_special_tokens=False)
+                row, exact = split_written(row, written, method.packer.cue_ids, block_end)
+                extra = {"written": text, "wrote_block": exact}
             raw = tokenizer.decode(row, skip_special_tokens=True)
             if sample.options:
                 choice = extract_choice(raw, sample.options)
@@ -129,6 +162,7 @@ def evaluate(
                     "answer": sample.answer,
                     "num_options": len(sample.options),
                     "correct": correct,
+                    **extra,
                 }
             )
     backbone.train(was_training)
@@ -142,4 +176,5 @@ def evaluate(
         num_samples=len(predictions),
         per_category={k: sum(v) / len(v) for k, v in sorted(by_category.items())},
         predictions=predictions,
+        wrote_block=sum(p["wrote_block"] for p in predictions) / count if generated else None,
     )

@@ -9,7 +9,9 @@ Each control re-evaluates the split under one intervention and reports its accur
 * ``zero`` / ``mean`` / ``shuffle`` / ``swap`` — the intact images with the latent block replaced
   (:mod:`crystalkit.evaluation.probes`).
 
-All corrupted views use the same corrupted images (seeded per batch from the run's seed).
+All corrupted views use the same corrupted images (seeded per batch from the run's seed). Every
+control intervenes on (or reads) a latent block at known columns, so controls always force the
+block into the prompt, whatever ``eval.latent_block`` says.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ CONTROLS = (*VIEWS, *PROBES)
 def control_accuracy(
     backbone: Backbone, data: Dataset, method: Method, cfg: EvalConfig, name: str
 ) -> float:
-    """Accuracy on ``data`` under control ``name`` (one of :data:`CONTROLS`)."""
+    """Accuracy on ``data`` under control ``name`` (one of :data:`CONTROLS`), with forced
+    latents."""
+    cfg = cfg.model_copy(update={"latent_block": "forced"})
     if name == "corrupted":
         return evaluate(backbone, data, method, cfg, corrupted=True).accuracy
     if name in VIEWS:

@@ -5,6 +5,10 @@ computation training runs (:func:`~crystalkit.crystal.paths.run_intact`: the sam
 latent block, the recurrent loop for recurrent latents), and a loop this small is easier to keep
 identical than a generation config.
 
+With generated latents (``eval.latent_block: generated``) the prompt ends at the question and the
+same loop writes the latent template, the block and the answer; :func:`split_written` then finds
+the answer after the block.
+
 The corrupted path can be decoded too, from a prompt layout that holds both images
 (:meth:`~crystalkit.crystal.method.Method.control_layout`): ``copied`` answers from the corrupted
 image with the intact path's latent block injected (the corrupted path of training, as the
@@ -14,7 +18,7 @@ no image (the ``no_copy`` control's path).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +35,8 @@ from crystalkit.models.masks import additive, causal_allowed
 @dataclass
 class Generation:
     """``tokens`` ``[B, <= max_new_tokens]`` (pad after each row's stop token) and ``first_logits``
-    ``[B, V]``, the distribution the first answer token was drawn from."""
+    ``[B, V]``, the distribution the first token was drawn from (the first answer token, unless the
+    prompt ends at the question and the model writes its latent block first)."""
 
     tokens: torch.Tensor
     first_logits: torch.Tensor
@@ -134,6 +139,26 @@ def generate_answers(
         logits = step_logits[:, -1]
         prompt = Prompt(cache, torch.cat([prompt.mask, one], 1), prompt.next_positions + 1, logits)
     return Generation(torch.stack(generated, dim=1), first_logits)
+
+
+def split_written(
+    row: Sequence[int], written: Sequence[int], cue: Sequence[int], block_end: int | None
+) -> tuple[list[int], bool]:
+    """The answer part of a generation that began with the latent template, and whether the row
+    began with exactly ``written`` (the forced prompt's template, block and cue: then the answer
+    is all that follows). Otherwise the answer follows the first answer ``cue`` after the block
+    (after the last ``block_end`` marker, or anywhere without one), else everything after the
+    block: the answer parser reads whatever the model wrote there."""
+    row = list(row)
+    if row[: len(written)] == list(written):
+        return row[len(written) :], True
+    start = 0
+    if block_end is not None and block_end in row:
+        start = len(row) - row[::-1].index(block_end)
+    for i in range(start, len(row) - len(cue) + 1):
+        if cue and row[i : i + len(cue)] == list(cue):
+            return row[i + len(cue) :], False
+    return row[start:], False
 
 
 def _corrupted_path(

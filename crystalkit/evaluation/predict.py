@@ -22,7 +22,7 @@ from crystalkit.data.images import open_rgb, square_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
-from crystalkit.evaluation.runs import load_run, run_image_size
+from crystalkit.evaluation.runs import check_latent_block, load_run, run_image_size
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,15 @@ def predict(
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
     corrupted: bool = False,
+    latent_block: str | None = None,
 ) -> list[dict[str, Any]]:
     """The run's answer to every query: ``raw`` text, and for multiple choice the extracted
     ``choice`` letter (``None`` if it wrote none). Budget and batch size default to the recipe's
-    ``eval`` settings; ``corrupted`` answers from the recipe's corrupted images."""
+    ``eval`` settings; ``corrupted`` answers from the recipe's corrupted images.
+    ``latent_block`` (default: the recipe's ``eval.latent_block``): with ``generated`` the model
+    writes the latent template and block itself, and each answer also holds ``written``, the
+    whole generation (latent tokens shown), and ``wrote_block``."""
+    check_latent_block(latent_block)
     images: list[Image.Image] = []
     for query in queries:  # every file is checked before the (slower) run is loaded
         try:
@@ -133,6 +138,8 @@ def predict(
         update["max_new_tokens"] = max_new_tokens
     if batch_size is not None:
         update["batch_size"] = batch_size
+    if latent_block is not None:
+        update["latent_block"] = latent_block
     cfg = recipe.eval.model_copy(update=update)
     result = evaluate(backbone, samples, method, cfg, corrupted=corrupted)
     return [
@@ -142,6 +149,7 @@ def predict(
             "options": list(query.options),
             "answer": p["raw"],
             "choice": p["prediction"] if query.options else None,
+            **{key: p[key] for key in ("written", "wrote_block") if key in p},
         }
         for query, p in zip(queries, result.predictions, strict=True)
     ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from crystalkit.build import Model, build_dataset, build_model
 from crystalkit.config.loader import TRAINING_ONLY, load_recipe
-from crystalkit.config.schema import Recipe
+from crystalkit.config.schema import EvalConfig, Recipe
 from crystalkit.config.sources import read_sources, require
 from crystalkit.crystal.method import Method
 from crystalkit.errors import CheckpointError
@@ -63,17 +63,51 @@ def run_image_size(dataset: object, backbone: Backbone) -> int:
     return DEFAULT_IMAGE_SIZE
 
 
+LATENT_BLOCKS = ("forced", "generated")
+
+
+def check_latent_block(latent_block: str | None) -> None:
+    """A one-line error unless ``latent_block`` is ``None`` (the recipe's) or a mode."""
+    from crystalkit.errors import UsageError
+
+    if latent_block is not None and latent_block not in LATENT_BLOCKS:
+        raise UsageError(f"--latent-block: expected forced or generated, got {latent_block!r}")
+
+
+def _eval_config(recipe: Recipe, max_samples: int | None, latent_block: str | None) -> EvalConfig:
+    """The recipe's ``eval`` settings with the command line's ``max_samples`` and
+    ``latent_block`` (``None``: the recipe's)."""
+    update: dict[str, object] = {}
+    if max_samples is not None:
+        update["max_samples"] = max_samples
+    if latent_block is not None:
+        update["latent_block"] = latent_block
+    return recipe.eval.model_copy(update=update) if update else recipe.eval
+
+
+def _mode_suffix(recipe: Recipe, latent_block: str | None) -> str:
+    """``_forced`` / ``_generated`` when the command line asks for another mode than the
+    recipe's ``eval.latent_block`` (the unsuffixed files are the recipe's own evaluation)."""
+    if latent_block is None or latent_block == recipe.eval.latent_block:
+        return ""
+    return f"_{latent_block}"
+
+
 def evaluate_run_dir(
     run_dir: Path,
     split: str,
     max_samples: int | None = None,
     corrupted: bool = False,
     latents: str = "own",
+    latent_block: str | None = None,
 ) -> EvalResult:
     """Evaluate ``split``; writes ``eval_SPLIT.json`` and ``predictions_SPLIT.jsonl`` (with
     ``corrupted``: ``eval_SPLIT_corrupted.json`` ..., images corrupted by the recipe's
     corruption; ``latents`` ``copied`` / ``no_copy`` then answers from the intact images' latent
-    block, or from one that saw no image: ``eval_SPLIT_corrupted_copied.json`` ...)."""
+    block, or from one that saw no image: ``eval_SPLIT_corrupted_copied.json`` ...).
+    ``latent_block`` (``forced`` / ``generated``; default: the recipe's ``eval.latent_block``)
+    says whether the prompt holds the latent block or the model writes it; another mode than
+    the recipe's adds ``_forced`` / ``_generated`` to the file names."""
     from crystalkit.errors import UsageError
 
     if latents not in ("own", "copied", "no_copy"):
@@ -82,47 +116,76 @@ def evaluate_run_dir(
         raise UsageError(
             "--latents copied/no_copy answers from the corrupted images: add --corrupted"
         )
+    check_latent_block(latent_block)
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if latents != "own" and method.final_k == 0:
         raise UsageError(f"{run_dir}: the run has no latent block (K = 0): --latents {latents}")
-    cfg = (
-        recipe.eval
-        if max_samples is None
-        else recipe.eval.model_copy(update={"max_samples": max_samples})
-    )
+    cfg = _eval_config(recipe, max_samples, latent_block)
+    if latents != "own" and cfg.latent_block == "generated":
+        raise UsageError(
+            f"--latents {latents} reads a forced latent block: pass --latent-block forced"
+        )
     data = dataset.split(split)
     if latents == "own":
         result = evaluate(backbone, data, method, cfg, corrupted=corrupted)
     else:
         result = evaluate(backbone, data, method, cfg, view=latents)
     name = split + ("_corrupted" if corrupted else "") + ("" if latents == "own" else f"_{latents}")
-    result.save(run_dir, name, step)
+    result.save(run_dir, name + _mode_suffix(recipe, latent_block), step)
     return result
 
 
-def evaluate_bench(run_dir: Path, bench: str, max_samples: int | None = None) -> dict:
+def evaluate_bench(
+    run_dir: Path, bench: str, max_samples: int | None = None, latent_block: str | None = None
+) -> dict:
     """Score the run on a benchmark (see :mod:`crystalkit.evaluation.harness`); writes
-    ``bench_NAME.json`` and ``bench_NAME_predictions.jsonl``; returns the summary."""
+    ``bench_NAME.json`` and ``bench_NAME_predictions.jsonl``; returns the summary.
+    ``latent_block`` as in :func:`evaluate_run_dir` (another mode than the recipe's:
+    ``bench_NAME_generated.json`` ...)."""
     from crystalkit.evaluation.harness import answer_texts, load_samples, resolve_bench, write_bench
 
+    check_latent_block(latent_block)
     spec, root = resolve_bench(bench)
     recipe, dataset, backbone, method, step = load_run(run_dir)
     samples, bad = load_samples(spec, root, dataset, run_image_size(dataset, backbone))
-    cfg = recipe.eval.model_copy(update={"max_samples": max_samples})
+    cfg = _eval_config(recipe, None, latent_block).model_copy(update={"max_samples": max_samples})
     result = evaluate(backbone, samples, method, cfg)
     answer_texts(samples, result.predictions)
-    return write_bench(run_dir, spec, result.predictions, bad, step)
+    suffix = _mode_suffix(recipe, latent_block)
+    if suffix:
+        spec = spec.model_copy(update={"name": spec.name + suffix})
+    extra = {"latent_block": "generated", "wrote_block": result.wrote_block}
+    return write_bench(
+        run_dir,
+        spec,
+        result.predictions,
+        bad,
+        step,
+        extra if result.wrote_block is not None else None,
+    )
 
 
 def probe_run_dir(
-    run_dir: Path, split: str, probes: list[str], max_samples: int | None = None
+    run_dir: Path,
+    split: str,
+    probes: list[str],
+    max_samples: int | None = None,
+    latent_block: str | None = None,
 ) -> dict:
-    """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``."""
+    """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``.
+    Probes replace the content of a block at known columns: the block is always forced (the
+    recipe's ``eval.latent_block`` does not apply; ``latent_block="generated"`` is refused)."""
     from crystalkit.errors import UsageError
     from crystalkit.evaluation.controls import control_accuracy
     from crystalkit.evaluation.probes import PROBES
     from crystalkit.io import atomic_write_json
 
+    check_latent_block(latent_block)
+    if latent_block == "generated":
+        raise UsageError(
+            "--probe replaces the content of a forced latent block; it cannot run with "
+            "--latent-block generated"
+        )
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
         raise UsageError(
@@ -131,11 +194,7 @@ def probe_run_dir(
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if method.final_k == 0:
         raise UsageError(f"{run_dir}: the run has no latent block (K = 0): nothing to probe")
-    cfg = (
-        recipe.eval
-        if max_samples is None
-        else recipe.eval.model_copy(update={"max_samples": max_samples})
-    )
+    cfg = _eval_config(recipe, max_samples, "forced")
     data = dataset.split(split)
     base = evaluate(backbone, data, method, cfg)
     results = {"none": base.accuracy}

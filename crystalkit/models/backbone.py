@@ -131,6 +131,11 @@ class Backbone(nn.Module, ABC):
         return self.tokenizer.bos_token
 
     @property
+    def image_suffix(self) -> str:
+        """Text between the image and the question (what a chat template writes there)."""
+        return ""
+
+    @property
     def question_suffix(self) -> str:
         """Text between the question and the latent block (a chat template's assistant-turn
         header); the answer ends with ``tokenizer.eos_token``."""

@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 from crystalkit.config.schema import Recipe
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.method import Method
+from crystalkit.crystal.packing import Segment
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.errors import UsageError
 from crystalkit.objectives.alignment import AnswerKL, AttentionAlignment, HiddenCosine
@@ -57,6 +58,10 @@ BUCKET_BYTES = 25 * 2**20
 
 Units = Literal["answer_tokens", "answer_samples", "samples"]
 UNITS: tuple[Units, ...] = ("answer_tokens", "answer_samples", "samples")
+#: the cross-entropy's own units with ``latents.write`` (its means then also cover the written
+#: template): the intact path's tokens, the corrupted path's, both pooled, the template's
+CE_UNITS = ("intact_ce_tokens", "corrupted_ce_tokens", "ce_tokens", "template_tokens")
+ALL_UNITS = (*UNITS, *CE_UNITS)
 _BUILTIN_UNITS: dict[type, Units] = {
     AnswerKL: "answer_samples",  # per-sample top-fraction mean, then mean over samples
     AttentionAlignment: "answer_tokens",  # mean over answer rows (per layer, then layers)
@@ -166,9 +171,22 @@ def _reduce(bucket: list[torch.Tensor]) -> None:
 
 
 def unit_counts(layout: Layout) -> torch.Tensor:
-    """How many of each of :data:`UNITS` a layout holds, float64 ``[3]``."""
+    """How many of each of :data:`ALL_UNITS` a layout holds, float64 ``[7]``."""
     answers = layout.answer_targets() != IGNORE_INDEX
-    counts = [answers.sum(), answers.any(-1).sum(), len(layout)]
+    tokens = int(answers.sum())
+    written = layout.written_counts()
+    intact, corrupted, shared = (written.get(k, 0) for k in ("intact", "corrupted", "shared"))
+    two_paths = layout.has(Segment.CORRUPTED)
+    on_corrupted = tokens + corrupted if two_paths else 0
+    counts = [
+        tokens,
+        answers.any(-1).sum(),
+        len(layout),
+        tokens + intact + shared,
+        on_corrupted + (shared if two_paths else 0),
+        tokens + intact + on_corrupted + shared,
+        intact + corrupted + shared,
+    ]
     return torch.tensor([float(c) for c in counts], dtype=torch.float64)
 
 
@@ -182,12 +200,26 @@ class ShardLoss:
     """Rescales a micro-batch's loss and terms (means over its own rows) to its share of the
     global-batch mean, so that summing over micro-batches and ranks gives the single-process
     values. Relies on ``total = CE part + sum_i weight_i * objective_i`` (see
-    :mod:`crystalkit.crystal.method`), where every cross-entropy is a mean over answer tokens."""
+    :mod:`crystalkit.crystal.method`), where every cross-entropy is a mean over tokens: the
+    answer tokens, or with ``latents.write`` the tokens of :data:`CE_UNITS`."""
 
     def __init__(self, method: Method):
-        self.units: dict[str, Units] = {
+        self.units: dict[str, str] = {
             k: "answer_tokens" for k in ("ce", "ce_intact", "ce_corrupted")
         }
+        #: the unit of the CE part of the total
+        self.ce_unit = "answer_tokens"
+        if method.packer.write:
+            placement = method.recipe.crystal.ce if method.crystal else "intact"
+            self.ce_unit = {"intact": "intact_ce_tokens", "corrupted": "corrupted_ce_tokens"}.get(
+                placement, "ce_tokens"
+            )
+            self.units = {
+                "ce": self.ce_unit,
+                "ce_intact": "intact_ce_tokens",
+                "ce_corrupted": "corrupted_ce_tokens",
+                "ce_template": "template_tokens",
+            }
         self.trains: dict[str, bool] = {}
         for key, _, objective, trains in method.objectives:
             self.units[key] = objective_units(objective)
@@ -202,14 +234,15 @@ class ShardLoss:
         weights: dict[str, float],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, terms)`` scaled by ``counts / global_counts`` of each term's unit: the CE part
-        by the answer-token share, each objective (weighted by ``weights``, this step's) by its
+        by the share of the tokens its mean covers (the answer tokens; with ``latents.write``
+        those and the written template's), each objective (weighted by ``weights``, this step's) by its
         own (an exact identity when all shares are 1, so one process on one batch computes what it
         always did)."""
         share = {
             unit: float(counts[i] / global_counts[i]) if global_counts[i] > 0 else 0.0
-            for i, unit in enumerate(UNITS)
+            for i, unit in enumerate(ALL_UNITS)
         }
-        base = share["answer_tokens"]
+        base = share[self.ce_unit]
         loss = base * total
         for key, trains in self.trains.items():
             value = terms[key] if trains else terms[key].detach()

@@ -87,7 +87,7 @@ def load_source(recipe: Recipe, dataset: Any) -> Source:
     source_recipe, backbone, step, merged = _load_source(Path(recipe.warm_start.source))
     source = Path(recipe.warm_start.source).resolve()
     _check_architecture(source, source_recipe, recipe)
-    _check_vocabulary(source, backbone, dataset)
+    _check_vocabulary(source, backbone, dataset, recipe)
     record = {
         "source": str(source),
         "step": step,
@@ -163,14 +163,15 @@ def _check_architecture(source: Path, source_recipe: Recipe, recipe: Recipe) -> 
             )
 
 
-def _check_vocabulary(source: Path, backbone: Backbone, dataset: Any) -> None:
-    """Every word this recipe's data uses must be a token of the source's vocabulary (a
-    word-level tokenizer maps any other word to its unknown token)."""
+def _check_vocabulary(source: Path, backbone: Backbone, dataset: Any, recipe: Recipe) -> None:
+    """Every word this recipe's data and prompt template use must be a token of the source's
+    vocabulary (a word-level tokenizer maps any other word to its unknown token)."""
     tokenizer = backbone.tokenizer
     unknown = tokenizer.unk_token_id
     if unknown is None:
         return  # byte-level tokenizers spell every word
-    for text in [*dataset.corpus(), template_text()]:
+    latent = recipe.latents.template
+    for text in [*dataset.corpus(), template_text(latent.open, latent.close)]:
         for word in text.split():
             if unknown in tokenizer.encode(word, add_special_tokens=False):
                 raise UsageError(

@@ -10,7 +10,8 @@ holds a block like::
 
 Blocks:
 
-    keys top | prompt | latents | crystal | train | eval | lora | warm_start | stage | stage_train
+    keys top | prompt | latents | latents_template | crystal | train | eval | lora | warm_start
+         | stage | stage_train
                                   a recipe section's keys (crystalkit.config.schema)
     keys KIND:NAME                a registered component's parameters, e.g. keys corruption:blur
     components KIND               the built-in components of a registry: name and description
@@ -65,6 +66,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         CrystalConfig,
         EvalConfig,
         LatentsConfig,
+        LatentTemplate,
         LoraConfig,
         PromptConfig,
         Recipe,
@@ -78,6 +80,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         "top": Recipe,
         "prompt": PromptConfig,
         "latents": LatentsConfig,
+        "latents_template": LatentTemplate,
         "crystal": CrystalConfig,
         "train": TrainConfig,
         "eval": EvalConfig,

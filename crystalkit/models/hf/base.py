@@ -8,7 +8,8 @@ surface the packed CrystaL sequence needs (a block mask, tied positions, injecte
 values), and it sidesteps the state the top-level forward keeps between calls (``rope_deltas``).
 
 A family subclass says where the parts live and how images become tokens; see
-``docs/backbones.md`` for how to add one.
+``docs/backbones.md`` for how to add one. Prompts follow the checkpoint's own chat template
+(:mod:`crystalkit.models.hf.chat`) unless ``prompt: plain`` asks for the family's fixed text.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, Pr
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
+from crystalkit.models.hf.chat import (
+    PromptParts,
+    checkpoint_chat_template,
+    leading_bos,
+    packaged_template,
+    split_chat_template,
+)
 from crystalkit.models.hf.offline import train_bpe_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -52,11 +60,21 @@ class HFConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel the language model runs"
     )
+    prompt: Literal["chat_template", "plain"] = Field(
+        "chat_template",
+        description="chat_template: the checkpoint's own chat template (a user turn with the "
+        "image and the question, then the generation prompt); plain: the family's fixed "
+        "prefix and suffix (prompt_prefix, question_suffix)",
+    )
     prompt_prefix: str | None = Field(
-        None, description="text opening every prompt; null = the family's chat header"
+        None,
+        description="prompt: plain only — text opening every prompt; null = the family's "
+        "chat header",
     )
     question_suffix: str | None = Field(
-        None, description="text after the question; null = the family's assistant header"
+        None,
+        description="prompt: plain only — text after the question; null = the family's "
+        "assistant header",
     )
     vocab_size: int = Field(
         1024, ge=64, description="size of the offline BPE tokenizer trained for config: models"
@@ -75,6 +93,13 @@ class HFConfig(BaseModel):
             )
         if self.name_or_path is not None and self.init != "default":
             raise ValueError("init applies to config: models; pretrained weights keep theirs")
+        if self.prompt == "chat_template" and (
+            self.prompt_prefix is not None or self.question_suffix is not None
+        ):
+            raise ValueError(
+                "prompt_prefix / question_suffix replace the fixed prompt of prompt: plain; "
+                "set prompt: plain to use them"
+            )
         return self
 
 
@@ -90,16 +115,33 @@ class HFBackbone(Backbone):
     offline_pad: ClassVar[str] = "<|endoftext|>"
     offline_bos: ClassVar[str | None] = None
     offline_specials: ClassVar[tuple[str, ...]] = ()
+    #: whether the family's real tokenizer adds bos on encode (the offline one then does too)
+    offline_adds_bos: ClassVar[bool] = False
+    #: ``chat_templates/FAMILY.jinja``: the family's real chat template, for offline tokenizers
+    #: (see :meth:`offline_chat_template`)
+    chat_family: ClassVar[str] = ""
+    #: the text the family's chat template writes for one image
+    chat_image_markup: ClassVar[str] = "<image>"
+    #: ``prompt: plain``: the family's fixed text before the image and after the question
     default_prefix: ClassVar[str] = ""
     default_suffix: ClassVar[str] = ""
 
-    def __init__(self, config: HFConfig, model: PreTrainedModel, tokenizer: Any, processor: Any):
+    def __init__(
+        self,
+        config: HFConfig,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        processor: Any,
+        source: str | None = None,
+    ):
         super().__init__()
         self.config = config
         self.model = model
         self._tokenizer = tokenizer
         self.image_processor = processor
         self.check_image_size()
+        self.check_consistency(source or config.name_or_path or "the tokenizer")
+        self._prompt = self.build_prompt(source or config.name_or_path or "the tokenizer")
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -109,18 +151,12 @@ class HFBackbone(Backbone):
         saved = assets is not None and (assets / TOKENIZER_DIR).is_dir()
         if config.name_or_path is not None:
             return cls.load_pretrained(config, assets if saved else None)
-        if saved:
+        if saved and assets is not None:
             tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
+            source = f"the tokenizer saved in {assets}"
         else:
-            tokenizer = train_bpe_tokenizer(
-                [*corpus, cls.default_prefix, cls.default_suffix],
-                [cls.offline_pad, cls.offline_eos, *cls.offline_specials]
-                + ([cls.offline_bos] if cls.offline_bos else []),
-                eos=cls.offline_eos,
-                pad=cls.offline_pad,
-                bos=cls.offline_bos,
-                vocab_size=config.vocab_size,
-            )
+            tokenizer = cls.offline_tokenizer(config, corpus)
+            source = cls.offline_source()
         model_config = cls.random_config(config.config or {}, tokenizer)
         try:
             model = cls.model_class._from_config(
@@ -137,15 +173,56 @@ class HFBackbone(Backbone):
                     nn.init.xavier_uniform_(module.weight)
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
-        return cls(config, model, tokenizer, cls.build_processor(model_config, config))
+        return cls(config, model, tokenizer, cls.build_processor(model_config, config), source)
+
+    @classmethod
+    def offline_tokenizer(cls, config: HFConfig, corpus: Sequence[str]) -> Any:
+        """A BPE tokenizer trained on ``corpus`` plus the prompt text, with the family's special
+        tokens and its real chat template (:meth:`offline_chat_template`)."""
+
+        def train(prompt_text: Sequence[str]) -> Any:
+            tokenizer = train_bpe_tokenizer(
+                [*corpus, *prompt_text],
+                [cls.offline_pad, cls.offline_eos, *cls.offline_specials]
+                + ([cls.offline_bos] if cls.offline_bos else []),
+                eos=cls.offline_eos,
+                pad=cls.offline_pad,
+                bos=cls.offline_bos,
+                add_bos=cls.offline_adds_bos,
+                vocab_size=config.vocab_size,
+            )
+            tokenizer.chat_template = cls.offline_chat_template()
+            return tokenizer
+
+        tokenizer = train([cls.default_prefix, cls.default_suffix])
+        if config.prompt == "plain":
+            return tokenizer
+        parts = split_chat_template(tokenizer, cls.chat_image_markup, cls.offline_source())
+        return train([parts.prefix, parts.between, parts.suffix])
+
+    @classmethod
+    def offline_chat_template(cls) -> str | None:
+        """The chat template an offline tokenizer carries: the family's real one, shipped as
+        ``chat_templates/FAMILY.jinja`` (``chat_family``); ``None`` for a family without one
+        (a plugin's adapter may override this to supply its own)."""
+        return packaged_template(cls.chat_family) if cls.chat_family else None
+
+    @classmethod
+    def offline_source(cls) -> str:
+        return f"the offline {cls.chat_family or cls.__name__} tokenizer"
 
     @classmethod
     def load_pretrained(cls, config: HFConfig, assets: Path | None) -> HFBackbone:
         """Model, tokenizer and image processor from ``name_or_path`` (the tokenizer and
         processor from a run's ``assets`` when given: they hold the latent tokens)."""
         source = str(config.name_or_path)
+        where = f"the tokenizer saved in {assets}" if assets else source
         try:
             tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR if assets else source)
+            if assets is None and (template := checkpoint_chat_template(source)) is not None:
+                tokenizer.chat_template = template  # the processor's (multimodal) one, kept
+            if config.prompt == "chat_template":  # fail before loading the weights
+                split_chat_template(tokenizer, cls.chat_image_markup, where)
             processor = cls.load_processor(assets / PROCESSOR_DIR if assets else source, config)
             model = cls.model_class.from_pretrained(
                 source,
@@ -158,7 +235,7 @@ class HFBackbone(Backbone):
                 f"backbone.name_or_path: cannot load {cls.model_class.__name__} from "
                 f"{source!r}: {first}"
             ) from None
-        return cls(config, model, tokenizer, processor)
+        return cls(config, model, tokenizer, processor, where)
 
     @classmethod
     def random_config(cls, fields: dict[str, Any], tokenizer: Any) -> PretrainedConfig:
@@ -198,6 +275,34 @@ class HFBackbone(Backbone):
     def check_image_size(self) -> None:
         """Raise :class:`UsageError` unless ``image_size`` tiles into whole image tokens."""
 
+    def check_consistency(self, source: str) -> None:
+        """One line when the tokenizer, the image processor and the model config disagree (a
+        tokenizer or processor from another checkpoint): otherwise the mismatch surfaces as a
+        shape error deep inside the first forward."""
+        config = self.model.config
+        expected = getattr(config, "image_token_id", None)
+        if expected is None:
+            expected = getattr(config, "image_token_index", None)
+        actual = self.image_token_id
+        if expected is not None and actual != expected:
+            raise UsageError(
+                f"{source}: the tokenizer's image placeholder {self.image_token!r} has id {actual} "
+                f"but the model config's image_token_id is {expected}; the tokenizer does not "
+                "belong to this checkpoint"
+            )
+        for name, (processor_value, model_value, model_key) in self.processor_geometry().items():
+            if processor_value != model_value:
+                raise UsageError(
+                    f"{source}: the image processor's {name} is {processor_value} but the model "
+                    f"config's {model_key} is {model_value}; the processor does not belong to "
+                    "this checkpoint"
+                )
+
+    def processor_geometry(self) -> dict[str, tuple[Any, Any, str]]:
+        """``processor field -> (processor value, model value, model config key)`` that must
+        agree for the processor's pixels to fit the vision tower (none by default)."""
+        return {}
+
     def check_fixed_tower_size(self, tower_size: int) -> None:
         """For towers with a fixed position table: ``image_size`` must be the tower's own."""
         if self.config.image_size != tower_size:
@@ -225,12 +330,17 @@ class HFBackbone(Backbone):
 
     def save_pretrained(self, directory: Path) -> bool:
         """A ``from_pretrained`` folder (safetensors weights, config with ``crystalkit_tokens``,
-        tokenizer, image processor): usable as ``backbone.name_or_path`` or by any transformers
-        tool."""
+        and the family's processor: tokenizer, image processor, chat template): usable as
+        ``backbone.name_or_path`` and by plain transformers (``AutoProcessor``,
+        ``AutoModelForImageTextToText``) and the engines built on it."""
         self.model.save_pretrained(directory)
-        self._tokenizer.save_pretrained(directory)
-        self.image_processor.save_pretrained(directory)
+        self.hf_processor().save_pretrained(directory)
         return True
+
+    def hf_processor(self) -> Any:
+        """The family's own transformers processor (image processor + tokenizer + chat
+        template), configured to expand an image into the placeholders crystalkit feeds."""
+        raise NotImplementedError
 
     # -- the Backbone interface ---------------------------------------------------------------
     @property
@@ -245,17 +355,37 @@ class HFBackbone(Backbone):
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
 
+    def build_prompt(self, source: str) -> PromptParts:
+        """The text around the image and the question: cut from the chat template
+        (``prompt: chat_template``; ``source`` names the checkpoint in errors), or the family's
+        fixed text (``prompt: plain``)."""
+        if self.config.prompt == "plain":
+            prefix, suffix = self.config.prompt_prefix, self.config.question_suffix
+            return PromptParts(
+                prefix=self.plain_prefix if prefix is None else prefix,
+                between="",
+                suffix=self.default_suffix if suffix is None else suffix,
+            )
+        parts = split_chat_template(self.tokenizer, self.chat_image_markup, source)
+        bos = leading_bos(self.tokenizer, parts.prefix)
+        return PromptParts(bos + parts.prefix, parts.between, parts.suffix)
+
     @property
-    def prompt_prefix(self) -> str:
-        if self.config.prompt_prefix is not None:
-            return self.config.prompt_prefix
+    def plain_prefix(self) -> str:
+        """``prompt: plain``: the family's fixed text opening every prompt."""
         return self.default_prefix
 
     @property
+    def prompt_prefix(self) -> str:
+        return self._prompt.prefix
+
+    @property
+    def image_suffix(self) -> str:
+        return self._prompt.between
+
+    @property
     def question_suffix(self) -> str:
-        if self.config.question_suffix is not None:
-            return self.config.question_suffix
-        return self.default_suffix
+        return self._prompt.suffix
 
     @property
     def token_model(self) -> PreTrainedModel:

@@ -24,8 +24,10 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
+    Idefics3Processor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     SiglipImageProcessor,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -49,7 +51,9 @@ class LlavaBackbone(HFBackbone):
     offline_eos = "</s>"
     offline_pad = "<pad>"
     offline_bos = "<s>"
+    offline_adds_bos = True  # a Llama tokenizer: its processor prompts start with <s>
     offline_specials = (IMAGE,)
+    chat_family = "llava"
     default_prefix = "USER: "
     default_suffix = " ASSISTANT:"
 
@@ -64,6 +68,18 @@ class LlavaBackbone(HFBackbone):
             return SiglipImageProcessor(size={"height": size, "width": size})
         return CLIPImageProcessor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+
+    def hf_processor(self) -> Any:
+        config = self.model.config
+        strategy = config.vision_feature_select_strategy
+        return LlavaProcessor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=1 if strategy == "default" else 0,  # CLIP's class token
+            chat_template=self.tokenizer.chat_template,
         )
 
     @property
@@ -89,9 +105,7 @@ class LlavaBackbone(HFBackbone):
             )
 
     @property
-    def prompt_prefix(self) -> str:
-        if self.config.prompt_prefix is not None:
-            return self.config.prompt_prefix
+    def plain_prefix(self) -> str:
         return (self.tokenizer.bos_token or "") + self.default_prefix
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -149,6 +163,16 @@ class _Idefics3Family(HFBackbone):
             max_image_size={"longest_edge": size},
         )
 
+    def hf_processor(self) -> Any:
+        """Idefics3's processor (SmolVLM's needs the num2words package and expands a single
+        global view the same way)."""
+        return Idefics3Processor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            image_seq_len=self.num_image_tokens,
+            chat_template=self.tokenizer.chat_template,
+        )
+
     @property
     def language_model(self) -> nn.Module:
         return self.model.model.text_model
@@ -201,6 +225,11 @@ class Idefics3Backbone(_Idefics3Family):
 
     model_class = Idefics3ForConditionalGeneration
     config_class = Idefics3Config
+    chat_family = "idefics3"
+    # a Llama-3 tokenizer, whose template opens with its bos; <|im_start|> keeps prompt: plain
+    offline_bos = "<|begin_of_text|>"
+    offline_adds_bos = True
+    offline_specials = (FAKE, GLOBAL, "<image>", "<|im_start|>")
 
 
 @BACKBONES.register("smolvlm")
@@ -209,3 +238,4 @@ class SmolVLMBackbone(_Idefics3Family):
 
     model_class = SmolVLMForConditionalGeneration
     config_class = SmolVLMConfig
+    chat_family = "smolvlm"

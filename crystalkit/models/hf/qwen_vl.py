@@ -24,11 +24,16 @@ import torch
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from crystalkit.errors import UsageError
@@ -49,6 +54,7 @@ class QwenVLBackbone(HFBackbone):
 
     image_token = IMAGE_PAD
     offline_specials = ("<|im_start|>", VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD)
+    chat_image_markup = VISION_START + IMAGE_PAD + VISION_END
     default_prefix = "<|im_start|>user\n"
     default_suffix = "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -95,6 +101,34 @@ class QwenVLBackbone(HFBackbone):
                 f"backbone.config.text_config.rope_parameters.mrope_section: {section} must sum "
                 f"to head_dim / 2 = {head_dim // 2}"
             )
+
+    #: the family's transformers processor and video processor classes
+    processor_class: Any = Qwen2VLProcessor
+    video_processor_class: Any = Qwen2VLVideoProcessor
+
+    def hf_processor(self) -> Any:
+        return self.processor_class(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            video_processor=self.video_processor_class(),
+            chat_template=self.tokenizer.chat_template,
+        )
+
+    def processor_geometry(self) -> dict[str, tuple[Any, Any, str]]:
+        processor, vision = self.image_processor, self._vision
+        return {
+            "patch_size": (processor.patch_size, vision.patch_size, "vision_config.patch_size"),
+            "merge_size": (
+                processor.merge_size,
+                vision.spatial_merge_size,
+                "vision_config.spatial_merge_size",
+            ),
+            "temporal_patch_size": (
+                processor.temporal_patch_size,
+                vision.temporal_patch_size,
+                "vision_config.temporal_patch_size",
+            ),
+        }
 
     def image_prompt_ids(self) -> list[int]:
         start, end = self.tokenizer.convert_tokens_to_ids([VISION_START, VISION_END])
@@ -150,6 +184,7 @@ class Qwen2VLBackbone(QwenVLBackbone):
 
     model_class = Qwen2VLForConditionalGeneration
     config_class = Qwen2VLConfig
+    chat_family = "qwen2_vl"
 
 
 @BACKBONES.register("qwen2_5_vl")
@@ -158,6 +193,8 @@ class Qwen25VLBackbone(QwenVLBackbone):
 
     model_class = Qwen2_5_VLForConditionalGeneration
     config_class = Qwen2_5_VLConfig
+    processor_class = Qwen2_5_VLProcessor
+    chat_family = "qwen2_5_vl"
 
 
 @BACKBONES.register("qwen3_vl")
@@ -166,6 +203,9 @@ class Qwen3VLBackbone(QwenVLBackbone):
 
     model_class = Qwen3VLForConditionalGeneration
     config_class = Qwen3VLConfig
+    processor_class = Qwen3VLProcessor
+    video_processor_class = Qwen3VLVideoProcessor
+    chat_family = "qwen3_vl"
 
     def layer_input_kwargs(self, layer_inputs: torch.Tensor | None) -> dict[str, Any]:
         if layer_inputs is None:
