@@ -61,3 +61,66 @@ def test_plain_transformers_serves_the_export(exported, tmp_path):
     query = Query("sample", path, sample.question, tuple(sample.options))
     (answer,) = predict(run_dir, [query], max_new_tokens=8)
     assert written.replace(processor.tokenizer.eos_token, "").strip() == answer["answer"].strip()
+
+
+CAP, INCREMENT = 300, 20  # training steps: at most, and between two checks
+WRITE = ["latents.schedule.k=2", "latents.template=released", "latents.write=true"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Qwen2.5-VL CrystaL run with ``latents.write``, trained a few steps at a time until
+    greedy decoding writes the template and the block for every test sample (the premise of the
+    parity test below), then exported with --merge."""
+    from crystalkit.evaluation.accuracy import evaluate
+
+    folder = tmp_path_factory.mktemp("hf_written")
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml",
+        [
+            *SMALL,
+            *WRITE,
+            f"train.steps={CAP}",
+            "train.lr=3e-3",
+            "train.lr_schedule=constant",
+            "train.warmup_ratio=0",
+            "eval.max_samples=8",
+            f"output_dir={folder}",
+            "name=written",
+        ],
+    )
+    generated = recipe.eval.model_copy(update={"latent_block": "generated"})
+    step = 0
+    while step < CAP:
+        step += INCREMENT
+        run_dir = train(recipe, resume=step > INCREMENT, stop_after=step).run_dir
+        _, dataset, backbone, method, _ = load_run(run_dir)
+        if evaluate(backbone, dataset.split("test"), method, generated).wrote_block == 1.0:
+            assert invoke("export", run_dir, "--merge").exit_code == 0
+            return run_dir, run_dir / "export" / "pretrained"
+    pytest.fail(f"the block was not learnt in {CAP} steps")
+
+
+def test_plain_generate_writes_the_block_and_the_answer_crystalkit_generates(written, tmp_path):
+    run_dir, folder = written
+    _, dataset, _, method, _ = load_run(run_dir)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    tokenizer = processor.tokenizer
+    budget = method.recipe.eval.max_new_tokens + len(method.written_ids())
+    for index in range(4):
+        sample = dataset.split("test")[index]
+        text = processor.apply_chat_template(_user_turn(sample), add_generation_prompt=True)
+        image = Image.fromarray(sample.image.permute(1, 2, 0).numpy())
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=budget, do_sample=False)
+        ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        ids = ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids
+        assert ids[: len(method.written_ids())] == method.written_ids()  # the whole block first
+        path = tmp_path / f"sample{index}.png"
+        image.save(path)
+        query = Query(f"sample {index}", path, sample.question, tuple(sample.options))
+        (ours,) = predict(run_dir, [query], latent_block="generated")
+        assert ours["wrote_block"]
+        assert tokenizer.decode(ids, skip_special_tokens=False) == ours["written"]
