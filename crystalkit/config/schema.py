@@ -175,6 +175,13 @@ class CrystalConfig(_Strict):
         description="stop the gradient at the corrupted image's features: no loss reaches the "
         "vision encoder through the corrupted image (the latents' route is untouched)",
     )
+    corrupt_at: Literal["sample", "model_input"] = Field(
+        "sample",
+        description="sample: corrupt the image as the sample holds it, then the backbone "
+        "resizes (native size where the data keeps it — the released code's blur-then-resize; "
+        "square datasets already hold their image_size); model_input: resize to what the "
+        "vision tower sees first (backbone.image_size, or the processor's size), then corrupt",
+    )
 
 
 class TrainConfig(_Strict):

@@ -49,12 +49,13 @@ class Layout:
     corrupted_pixels: torch.Tensor | None = None
     detach_corrupted_image: bool = False
     written: torch.Tensor | None = None
+    image_grid: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Layout:
-        corrupted, written = self.corrupted_pixels, self.written
+        corrupted, written, grid = self.corrupted_pixels, self.written, self.image_grid
         return replace(
             self,
             input_ids=fn(self.input_ids),
@@ -63,6 +64,7 @@ class Layout:
             pixel_values=fn(self.pixel_values),
             corrupted_pixels=None if corrupted is None else fn(corrupted),
             written=None if written is None else fn(written),
+            image_grid=None if grid is None else fn(grid),
         )
 
     def to(self, device: torch.device | str) -> Layout:
@@ -102,6 +104,14 @@ class Layout:
             pair = torch.stack([self.corrupted_pixels, self.pixel_values], dim=1)
             return pair.flatten(0, 1)
         return self.pixel_values
+
+    def image_grids(self) -> torch.Tensor | None:
+        """:attr:`image_grid` in the order of :meth:`image_pixels` (``None`` without grids)."""
+        if self.image_grid is None:
+            return None
+        if self.has(S.CORRUPTED) and self.corrupted_pixels is not None:
+            return self.image_grid.repeat_interleave(2, dim=0)
+        return self.image_grid
 
     def slot_ranges(self) -> list[range]:
         """Columns of recurrent latent slots (inside each latent block, markers excluded)."""
@@ -220,7 +230,9 @@ class Packer:
         until_question: bool = False,
     ) -> Layout:
         """Lay out ``samples`` with latent ``block`` ids. ``corrupted_images`` (float ``[B, 3, H,
-        W]`` in [0, 1]) adds the corrupted path (B, F); ``blank_latents`` adds D' (no_copy).
+        W]`` in [0, 1], or a list of ``[3, H, W]`` when sizes differ) adds the corrupted path (B,
+        F); when the backbone resizes images itself, each sample's image gets its own grid and
+        placeholder count (the corrupted image must have the intact one's size, so the same); ``blank_latents`` adds D' (no_copy).
         ``with_answer=False`` ends every row at the answer cue (generation prompts);
         ``until_question`` ends it at the question, before the latent template (prompts of
         generated latents: the model writes the rest)."""
@@ -229,11 +241,22 @@ class Packer:
             raise ValueError("a prompt that ends at the question has no block and no 2nd image")
         opening = [] if until_question else self._open
         closing = [] if until_question else [*self._close, *self._cue]
+        backbone = self.backbone
+        grids = [backbone.image_grid_of(*s.image.shape[-2:]) for s in samples]
+        if corrupted_images is not None and grids[0] is not None:
+            for grid, c in zip(grids, corrupted_images, strict=True):
+                other = backbone.image_grid_of(*c.shape[-2:])
+                if not torch.equal(other, grid):
+                    raise ValueError(
+                        f"a corrupted image of grid {other.tolist()} for an image of grid "
+                        f"{grid.tolist()}: both paths of a sample need the same grid"
+                    )
         questions: list[list[int]] = []
         question_labels: list[list[int]] = []
-        for s in samples:
+        for s, grid in zip(samples, grids, strict=True):
             question = self._encode(self._between + format_question(s.question, s.options))
-            ids = [*self._image, *question, *self._suffix, *opening]
+            image = self._image if grid is None else backbone.image_prompt_ids(grid)
+            ids = [*image, *question, *self._suffix, *opening]
             questions.append(ids)
             question_labels.append([IGNORE_INDEX] * (len(ids) - len(opening)) + opening)
         answers: list[tuple[list[int], list[int]]] = []
@@ -296,15 +319,19 @@ class Packer:
             written_parts.append(written & (lab != IGNORE_INDEX))
             regions[segment] = range(start, start + width)
             start += width
-        images = torch.stack([s.image for s in samples])
-        preprocess = self.backbone.preprocess_images
+        preprocess = backbone.preprocess_images
+        if grids[0] is None:
+            pixels = preprocess(torch.stack([s.image for s in samples]).float() / 255.0)
+        else:  # at their own sizes: the processor resizes (and rescales) each
+            pixels = preprocess([s.image for s in samples])
         return Layout(
             input_ids=torch.cat(ids_parts, 1),
             segments=torch.cat(seg_parts, 1),
             labels=torch.cat(lab_parts, 1),
             regions=regions,
             recurrent=recurrent and len(block) > 0,
-            pixel_values=preprocess(images.float() / 255.0),
+            pixel_values=pixels,
             corrupted_pixels=preprocess(corrupted_images) if two_paths else None,
             written=torch.cat(written_parts, 1) if self.write else None,
+            image_grid=None if grids[0] is None else torch.stack(grids),
         )

@@ -163,14 +163,43 @@ class Method:
         layout.detach_corrupted_image = self.crystal and self.recipe.crystal.detach_corrupted_image
         return layout
 
-    def corrupt(self, samples: Sequence[Sample], seed: int) -> torch.Tensor:
-        """The samples' images corrupted (float ``[B, 3, H, W]`` in [0, 1])."""
-        images = torch.stack([s.image for s in samples]).float() / 255.0
+    def corrupt(self, samples: Sequence[Sample], seed: int) -> torch.Tensor | list[torch.Tensor]:
+        """The samples' images corrupted (float ``[B, 3, H, W]`` in [0, 1]; a list of ``[3, H,
+        W]`` when their sizes differ, each corrupted in turn with the one generator).
+        ``crystal.corrupt_at``: ``sample`` corrupts the image the sample holds (the backbone
+        resizes afterwards); ``model_input`` first resizes it to what the vision tower sees
+        (:meth:`~crystalkit.models.backbone.Backbone.input_size`)."""
+        images = [s.image.float() / 255.0 for s in samples]
+        if self.recipe.crystal.corrupt_at == "model_input":
+            images = [self._model_input(image) for image in images]
         generator = torch.Generator().manual_seed(seed)
         corruption = self.corruption  # first: a missing plugin is named with what to install
-        if self.corruption_blame is None:
-            return corruption(images, generator)
-        return call_third_party(corruption, images, generator, *self.corruption_blame)
+
+        def apply(batch: torch.Tensor) -> torch.Tensor:
+            if self.corruption_blame is None:
+                return corruption(batch, generator)
+            return call_third_party(corruption, batch, generator, *self.corruption_blame)
+
+        if len({tuple(image.shape) for image in images}) == 1:
+            return apply(torch.stack(images))
+        return [apply(image[None])[0] for image in images]
+
+    def _model_input(self, image: torch.Tensor) -> torch.Tensor:
+        """``[3, H, W]`` in [0, 1] at the size the backbone's vision tower sees."""
+        backbone = self.packer.backbone
+        size = backbone.input_size(*image.shape[-2:])
+        if size is None:
+            raise UsageError(
+                f"crystal.corrupt_at: model_input needs the backbone's input size; "
+                f"{type(backbone).__name__} does not give one (use corrupt_at: sample)"
+            )
+        if tuple(size) == tuple(image.shape[-2:]):
+            return image
+        mode = "bicubic" if backbone.resizes_itself else "bilinear"  # what each resize uses
+        out = torch.nn.functional.interpolate(
+            image[None], size=tuple(size), mode=mode, antialias=True, align_corners=False
+        )
+        return out[0].clamp(0.0, 1.0)
 
     def prompt_layout(self, samples: Sequence[Sample], corrupt_seed: int | None = None) -> Layout:
         """Generation prompts with the final latent block (the intact path up to the answer cue);

@@ -121,7 +121,11 @@ def layout_inputs(backbone: Backbone, layout: Layout) -> Inputs:
     """Embed a whole laid-out batch once (all its images in one encoder call) with its positions;
     paths are column cuts of the result. With ``layout.detach_corrupted_image`` the corrupted
     image's features (and per-layer additions) carry no gradient back to the vision encoder."""
-    embeds, layer_inputs = backbone.embed_inputs(layout.input_ids, layout.image_pixels())
+    grids = layout.image_grids()
+    per_image = {} if grids is None else {"image_grid": grids}
+    embeds, layer_inputs = backbone.embed_inputs(
+        layout.input_ids, layout.image_pixels(), **per_image
+    )
     if layout.detach_corrupted_image and layout.has(S.CORRUPTED):
         cut = (layout.segments == S.CORRUPTED) & (layout.input_ids == backbone.image_token_id)
         embeds = torch.where(cut[..., None], embeds.detach(), embeds)
@@ -129,7 +133,8 @@ def layout_inputs(backbone: Backbone, layout: Layout) -> Inputs:
             layer_inputs = torch.where(cut[None, ..., None], layer_inputs.detach(), layer_inputs)
     valid = layout.segments != S.PAD
     order = sequence_positions(layout.segments)
-    positions = backbone.position_ids(layout.input_ids, order, valid)
+    per_row = {} if layout.image_grid is None else {"image_grid": layout.image_grid}
+    positions = backbone.position_ids(layout.input_ids, order, valid, **per_row)
     return Inputs(layout.segments, embeds, positions, layer_inputs)
 
 

@@ -93,13 +93,35 @@ class Backbone(nn.Module, ABC):
         return None
 
     @property
+    def resizes_itself(self) -> bool:
+        """Whether images reach :meth:`preprocess_images` at their own size (each gets its own
+        grid, :meth:`image_grid_of`) instead of one square size for all."""
+        return False
+
+    def input_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """``(height, width)`` the vision tower sees for an image of this size (what
+        ``crystal.corrupt_at: model_input`` resizes to before corrupting): by default the
+        square ``config.image_size``; ``None`` when the backbone has none."""
+        size = getattr(getattr(self, "config", None), "image_size", None)
+        return None if size is None else (size, size)
+
+    def image_grid_of(self, height: int, width: int) -> torch.Tensor | None:
+        """The grid ``(t, h, w)`` of an image of this size when images have grids of their own
+        (:attr:`resizes_itself`), else ``None``."""
+        return None
+
+    def grid_tokens(self, grid: torch.Tensor) -> int:
+        """Placeholder tokens of an image with this grid."""
+        raise NotImplementedError
+
+    @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
     @abstractmethod
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` images (``uint8``, or float in [0, 1] after a corruption) -> model
-        pixel values."""
+        pixel values (with :attr:`resizes_itself`, a list of ``[3, H, W]`` of any sizes)."""
 
     @abstractmethod
     def embed(
@@ -108,21 +130,32 @@ class Backbone(nn.Module, ABC):
         """Token embeddings, with image features written at the image-placeholder positions."""
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`embed` plus per-layer additions ``[L, B, T, D]`` that the model adds to the
         outputs of its first ``L`` decoder layers (Qwen3-VL's deepstack visual features; zero off
         the image tokens), or ``None``. Both are column-aligned with ``input_ids``, so a layout
-        can cut paths and chunks out of them and hand them to :meth:`forward`."""
+        can cut paths and chunks out of them and hand them to :meth:`forward`. ``image_grid``
+        ``[N, 3]``: each image's grid, when images have their own (:attr:`resizes_itself`)."""
+        if image_grid is not None:
+            raise ValueError(f"{type(self).__name__} has no per-image grids")
         return self.embed(input_ids, pixel_values), None
 
     def position_ids(
-        self, input_ids: torch.Tensor, order: torch.Tensor, valid: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        order: torch.Tensor,
+        valid: torch.Tensor,
+        image_grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Position ids of a laid-out batch. ``order`` ``[B, T]`` is each token's index on its own
         path (tied columns share it: the packed sequence's intact image and corrupted image, its
         two answers); ``valid`` marks non-padding. Plain RoPE models use ``order`` itself;
-        multimodal-RoPE models return ``[3, B, T]`` from their own rope-index function."""
+        multimodal-RoPE models return ``[3, B, T]`` from their own rope-index function (with
+        ``image_grid`` ``[B, 3]``, each row's image grid, when images have their own)."""
         return order
 
     @property
@@ -141,10 +174,11 @@ class Backbone(nn.Module, ABC):
         header); the answer ends with ``tokenizer.eos_token``."""
         return ""
 
-    def image_prompt_ids(self) -> list[int]:
+    def image_prompt_ids(self, grid: torch.Tensor | None = None) -> list[int]:
         """The token ids one image occupies in a prompt (placeholders, plus any markers around
-        them that the model expects)."""
-        return [self.image_token_id] * self.num_image_tokens
+        them that the model expects); ``grid``: that image's own (:meth:`image_grid_of`)."""
+        count = self.num_image_tokens if grid is None else self.grid_tokens(grid)
+        return [self.image_token_id] * count
 
     @abstractmethod
     def forward(

@@ -53,7 +53,21 @@ class HFConfig(BaseModel):
         description="instead of name_or_path: build a randomly initialised model of this "
         "architecture from these config fields (text_config, vision_config, ...)",
     )
-    image_size: int = Field(448, ge=8, description="images are resized to this square size")
+    image_size: int = Field(
+        448, ge=8, description="resolution: fixed — images are resized to this square size"
+    )
+    resolution: Literal["fixed", "processor"] = Field(
+        "fixed",
+        description="fixed: every image squashed to image_size x image_size (the paper's "
+        "recipe); processor: the image processor's own resizing (aspect kept, between "
+        "min_pixels and max_pixels; a grid and token count per image; Qwen-VL families)",
+    )
+    min_pixels: int | None = Field(
+        None, ge=1, description="resolution: processor — fewest pixels; null = the processor's"
+    )
+    max_pixels: int | None = Field(
+        None, ge=1, description="resolution: processor — most pixels; null = the processor's"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weight dtype (autocast is set by train.precision)"
     )
@@ -93,6 +107,12 @@ class HFConfig(BaseModel):
             )
         if self.name_or_path is not None and self.init != "default":
             raise ValueError("init applies to config: models; pretrained weights keep theirs")
+        if self.resolution == "fixed" and (
+            self.min_pixels is not None or self.max_pixels is not None
+        ):
+            raise ValueError("min_pixels / max_pixels apply to resolution: processor")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if self.prompt == "chat_template" and (
             self.prompt_prefix is not None or self.question_suffix is not None
         ):
@@ -125,6 +145,8 @@ class HFBackbone(Backbone):
     #: ``prompt: plain``: the family's fixed text before the image and after the question
     default_prefix: ClassVar[str] = ""
     default_suffix: ClassVar[str] = ""
+    #: whether ``resolution: processor`` is supported (the processor resizes each image itself)
+    processor_resolution: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -148,6 +170,7 @@ class HFBackbone(Backbone):
     def create(
         cls, config: HFConfig, *, corpus: Sequence[str], assets: Path | None = None
     ) -> HFBackbone:
+        cls.check_resolution(config)
         saved = assets is not None and (assets / TOKENIZER_DIR).is_dir()
         if config.name_or_path is not None:
             return cls.load_pretrained(config, assets if saved else None)
@@ -174,6 +197,16 @@ class HFBackbone(Backbone):
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
         return cls(config, model, tokenizer, cls.build_processor(model_config, config), source)
+
+    @classmethod
+    def check_resolution(cls, config: HFConfig) -> None:
+        """One line when a family without per-image grids is asked for ``resolution:
+        processor`` (before anything is loaded)."""
+        if config.resolution == "processor" and not cls.processor_resolution:
+            raise UsageError(
+                f"backbone.resolution: processor is not supported by {cls.__name__}: it feeds "
+                "one fixed image_size to every image (use resolution: fixed)"
+            )
 
     @classmethod
     def offline_tokenizer(cls, config: HFConfig, corpus: Sequence[str]) -> Any:
@@ -397,12 +430,16 @@ class HFBackbone(Backbone):
         return self.embed_inputs(input_ids, pixel_values)[0]
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds, None
-        features, per_layer = self.image_features(pixel_values)
+        grid = {} if image_grid is None else {"image_grid": image_grid}
+        features, per_layer = self.image_features(pixel_values, **grid)
         is_image = input_ids == self.image_token_id
         embeds = scatter_image_features(embeds, is_image, features, len(pixel_values))
         if not per_layer:
@@ -415,7 +452,8 @@ class HFBackbone(Backbone):
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``[N images, ...]`` pixel values -> ``[N * tokens, D]`` features in placeholder order,
-        and per-layer features of the same shape (empty unless the family has them)."""
+        and per-layer features of the same shape (empty unless the family has them). Families
+        with ``resolution: processor`` also take ``image_grid`` ``[N, 3]`` (one per image)."""
         raise NotImplementedError
 
     def forward(

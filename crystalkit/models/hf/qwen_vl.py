@@ -12,12 +12,19 @@ Three things differ from a plain RoPE model, and each is handled through the mod
   the language model's ``deepstack_visual_embeds`` argument, so merging image features here loses
   nothing.
 
+**Resolution.** ``resolution: fixed`` squashes every image to ``image_size`` x ``image_size`` (one
+grid for all). ``resolution: processor`` lets the image processor resize each image itself
+(``smart_resize``: aspect kept, between ``min_pixels`` and ``max_pixels``), so every image has its
+own grid ``(t, h, w)`` and token count: pixel values are padded per image to the widest and the
+grids travel with the layout (:meth:`image_features`, :meth:`position_ids` read them).
+
 The top-level model caches ``rope_deltas`` between calls; crystalkit never calls that forward, so a
 stale value (e.g. left by ``generate``) cannot shift positions — a test keeps it that way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +42,7 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import resize_unit
@@ -67,16 +75,38 @@ class QwenVLBackbone(HFBackbone):
             ("vision_end_token_id", VISION_END),
         ]
 
+    #: ``resolution: processor`` is supported (the processor resizes each image itself)
+    processor_resolution = True
+
     @classmethod
     def build_processor(cls, model_config: Any, config: HFConfig) -> Qwen2VLImageProcessor:
         vision = model_config.vision_config
-        pixels = config.image_size**2
+        if config.resolution == "processor":  # the processor's own defaults, unless overridden
+            default = Qwen2VLImageProcessor().size
+            size = {
+                "shortest_edge": config.min_pixels or default.shortest_edge,
+                "longest_edge": config.max_pixels or default.longest_edge,
+            }
+        else:
+            pixels = config.image_size**2
+            size = {"shortest_edge": pixels, "longest_edge": pixels}
         return Qwen2VLImageProcessor(
             patch_size=vision.patch_size,
             temporal_patch_size=vision.temporal_patch_size,
             merge_size=vision.spatial_merge_size,
-            size={"shortest_edge": pixels, "longest_edge": pixels},
+            size=size,
         )
+
+    @classmethod
+    def load_processor(cls, path: Any, config: HFConfig) -> Any:
+        processor = super().load_processor(path, config)
+        if config.resolution == "processor" and (config.min_pixels or config.max_pixels):
+            size = processor.size
+            processor.size = {
+                "shortest_edge": config.min_pixels or size["shortest_edge"],
+                "longest_edge": config.max_pixels or size["longest_edge"],
+            }
+        return processor
 
     @property
     def _vision(self) -> Any:
@@ -86,9 +116,13 @@ class QwenVLBackbone(HFBackbone):
     def token_side(self) -> int:
         return self.config.image_size // (self._vision.patch_size * self._vision.spatial_merge_size)
 
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        return None if self.resizes_itself else super().image_grid
+
     def check_image_size(self) -> None:
         step = self._vision.patch_size * self._vision.spatial_merge_size
-        if self.config.image_size % step:
+        if not self.resizes_itself and self.config.image_size % step:
             raise UsageError(
                 f"backbone.image_size: {self.config.image_size} is not a multiple of patch_size x "
                 f"spatial_merge_size = {step}"
@@ -130,34 +164,90 @@ class QwenVLBackbone(HFBackbone):
             ),
         }
 
-    def image_prompt_ids(self) -> list[int]:
+    def image_prompt_ids(self, grid: torch.Tensor | None = None) -> list[int]:
         start, end = self.tokenizer.convert_tokens_to_ids([VISION_START, VISION_END])
-        return [start, *super().image_prompt_ids(), end]
+        return [start, *super().image_prompt_ids(grid), end]
+
+    @property
+    def resizes_itself(self) -> bool:
+        return self.config.resolution == "processor"
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        if not self.resizes_itself:
+            return self.config.image_size, self.config.image_size
+        size = self.image_processor.size
+        return smart_resize(
+            height,
+            width,
+            factor=self._vision.patch_size * self._vision.spatial_merge_size,
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+        )
+
+    def image_grid_of(self, height: int, width: int) -> torch.Tensor | None:
+        """``(t, h, w)`` in patches of an image of this size (``resolution: processor``; the
+        processor's own ``smart_resize``), ``None`` under ``resolution: fixed``."""
+        if not self.resizes_itself:
+            return None
+        rows, cols = self.input_size(height, width)
+        return torch.tensor([1, rows // self._vision.patch_size, cols // self._vision.patch_size])
+
+    def grid_tokens(self, grid: torch.Tensor) -> int:
+        return int(grid.prod()) // self._vision.spatial_merge_size**2
 
     @property
     def _grid_thw(self) -> torch.Tensor:
         side = self.config.image_size // self._vision.patch_size
         return torch.tensor([1, side, side])
 
-    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        """-> ``[B, patches, C * T * P * P]`` (the processor's flattened patches, per image)."""
-        pixels = resize_unit(images, self.config.image_size)
-        out = self.image_processor(
-            images=list(pixels), do_resize=False, do_rescale=False, return_tensors="pt"
-        )
-        return out["pixel_values"].view(len(pixels), -1, out["pixel_values"].shape[-1])
+    def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """-> ``[B, patches, C * T * P * P]`` (the processor's flattened patches, per image).
+        ``resolution: processor``: ``images`` may differ in size (a list; ``uint8`` or [0, 1]
+        float); the processor resizes each, and each image's patches are zero-padded to the most
+        (its grid, :meth:`image_grid_of`, says how many are real)."""
+        if not self.resizes_itself:
+            pixels = resize_unit(images, self.config.image_size)
+            out = self.image_processor(
+                images=list(pixels), do_resize=False, do_rescale=False, return_tensors="pt"
+            )
+            return out["pixel_values"].view(len(pixels), -1, out["pixel_values"].shape[-1])
+        rows = []
+        for image in images:
+            rescale = image.dtype == torch.uint8
+            out = self.image_processor(
+                images=[image if rescale else image.float()],
+                do_resize=True,
+                do_rescale=rescale,
+                return_tensors="pt",
+            )
+            rows.append(out["pixel_values"])
+        width = max(len(r) for r in rows)
+        return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows])
 
-    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        grid = self._grid_thw.to(pixel_values.device).expand(pixel_values.shape[0], 3)
-        out = self.model.model.get_image_features(pixel_values.flatten(0, 1), grid)
+    def image_features(
+        self, pixel_values: torch.Tensor, image_grid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if image_grid is None:
+            grid = self._grid_thw.to(pixel_values.device).expand(pixel_values.shape[0], 3)
+            flat = pixel_values.flatten(0, 1)
+        else:  # per-image grids: the real patches of each padded row
+            grid = image_grid.to(pixel_values.device)
+            counts = grid.prod(-1).tolist()
+            flat = torch.cat([row[:n] for row, n in zip(pixel_values, counts, strict=True)])
+        out = self.model.model.get_image_features(flat, grid)
         per_layer = getattr(out, "deepstack_features", None) or []
         return torch.cat(out.pooler_output), [torch.cat(f) for f in per_layer]
 
     def position_ids(
-        self, input_ids: torch.Tensor, order: torch.Tensor, valid: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        order: torch.Tensor,
+        valid: torch.Tensor,
+        image_grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[3, B, T]`` M-RoPE positions: the model's ``get_rope_index`` on each row's path,
-        gathered back through ``order`` (so tied columns get identical positions)."""
+        gathered back through ``order`` (so tied columns get identical positions). A path holds
+        one image; ``image_grid`` ``[B, 3]`` gives each row's (``resolution: processor``)."""
         batch, width = input_ids.shape
         length = int(order[valid].max()) + 1 if bool(valid.any()) else 1
         path = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=input_ids.dtype)
@@ -168,7 +258,10 @@ class QwenVLBackbone(HFBackbone):
         on_path[rows[valid], order[valid]] = 1
         is_image = (path == self.image_token_id) & on_path.bool()
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-        grid = self._grid_thw.to(input_ids.device).expand(int(starts.sum()), 3)
+        if image_grid is None:
+            grid = self._grid_thw.to(input_ids.device).expand(int(starts.sum()), 3)
+        else:  # one grid per image start, in row order
+            grid = image_grid.to(input_ids.device).repeat_interleave(starts.sum(1), dim=0)
         positions, _ = self.model.model.get_rope_index(
             path,
             mm_token_type_ids=is_image.int(),
