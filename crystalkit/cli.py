@@ -190,6 +190,14 @@ def evaluate_run(
         ),
     ] = None,
     latent_block: LatentBlockOption = None,
+    resolution: Annotated[
+        str | None,
+        typer.Option(
+            help="with --bench: the backbone's resolution — fixed (the recipe's square "
+            "image_size) or processor (the image processor's own size per image); default "
+            "processor for a pretrained Qwen-VL checkpoint (name_or_path), else the recipe's"
+        ),
+    ] = None,
 ) -> None:
     """Re-evaluate a saved run's latest checkpoint (on its dataset, or on a benchmark file)."""
     from crystalkit.evaluation.runs import evaluate_bench, evaluate_run_dir, probe_run_dir
@@ -201,6 +209,8 @@ def evaluate_run(
     ]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} are separate evaluations; pass one of them")
+    if resolution is not None and bench is None:
+        raise UsageError("--resolution applies to --bench evaluations")
     if probe is not None:
         names = [p.strip() for value in probe for p in value.split(",") if p.strip()]
         summary = probe_run_dir(run_dir, split, names, max_samples, latent_block)
@@ -213,7 +223,7 @@ def evaluate_run(
         out.print(table)
         return
     if bench is not None:
-        summary = evaluate_bench(run_dir, bench, max_samples, latent_block)
+        summary = evaluate_bench(run_dir, bench, max_samples, latent_block, resolution)
         title = f"{run_dir} — {summary['bench']} ({summary['scorer']})"
         out.print(_category_table(title, summary["per_category"], summary["accuracy"]))
         out.print(

@@ -1,7 +1,9 @@
 """Image files -> the ``uint8 [3, S, S]`` tensors a :class:`~crystalkit.data.sample.Sample` holds.
 
 Images are converted to RGB and resized to a square, because a batch stacks them; the backbone
-then resizes to its own input size (``preprocess_images``), as for every other dataset.
+then resizes to its own input size (``preprocess_images``), as for every other dataset. A backbone
+that resizes each image itself (``resolution: processor``) gets them at their native size
+(:func:`sample_tensor` with no size).
 """
 
 from __future__ import annotations
@@ -37,3 +39,11 @@ def square_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """``image`` resized to ``size`` x ``size`` (bicubic; unchanged at that size already)."""
     square = image.resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def sample_tensor(image: Image.Image, size: int | None) -> torch.Tensor:
+    """``uint8 [3, H, W]``: squared to ``size`` (:func:`square_tensor`), or at its native size
+    when ``size`` is ``None`` (for a backbone that resizes each image itself)."""
+    if size is not None:
+        return square_tensor(image, size)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)

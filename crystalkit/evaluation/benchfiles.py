@@ -4,7 +4,8 @@ Rows that cannot be used (an undecodable image, a missing cell, an answer that i
 options) are skipped and reported with their index; a file that cannot be used at all (missing
 columns, not a table) is one :class:`~crystalkit.errors.UsageError` line.
 
-Images are decoded with Pillow and resized to a square ``image_size`` so a batch stacks; a row
+Images are decoded with Pillow and resized to a square ``image_size`` so a batch stacks (kept at
+their native size with ``image_size=None``, for a backbone that resizes each image itself); a row
 with several images (a list of base64 strings) is tiled left to right into one image first.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from crystalkit.data.images import ImageFileError, open_rgb, square_tensor
+from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 
@@ -86,7 +87,7 @@ def _answer_letter(answer: str, options: list[str]) -> str:
     raise _RowError(f"answer {answer!r} is not among the options {LETTERS[: len(options)]}")
 
 
-def read_tsv(path: Path, image_size: int) -> tuple[list[Sample], list[BadRow]]:
+def read_tsv(path: Path, image_size: int | None) -> tuple[list[Sample], list[BadRow]]:
     """A VLMEvalKit TSV: ``index``, ``image`` (base64, a list of base64, or another row's index)
     or ``image_path``, ``question``, options ``A``..``E``, ``answer``, optional ``hint``,
     ``category``, ``l2-category``, ``split``."""
@@ -139,7 +140,11 @@ def _tsv_image(row: dict[str, str], by_index: dict[str, dict[str, str]], root: P
 
 
 def _tsv_sample(
-    row: dict[str, str], position: int, by_index: dict[str, dict[str, str]], root: Path, size: int
+    row: dict[str, str],
+    position: int,
+    by_index: dict[str, dict[str, str]],
+    root: Path,
+    size: int | None,
 ) -> Sample:
     question = (row.get("question") or "").strip()
     if not question:
@@ -153,7 +158,7 @@ def _tsv_sample(
     meta = {k: row[k] for k in ("l2-category", "split", "index") if row.get(k)}
     return Sample(
         index=position,
-        image=square_tensor(_tsv_image(row, by_index, root), size),
+        image=sample_tensor(_tsv_image(row, by_index, root), size),
         question=question,
         options=options,
         answer=_answer_letter(row.get("answer") or "", options),
@@ -162,7 +167,9 @@ def _tsv_sample(
     )
 
 
-def read_jsonl(path: Path, image_root: Path, image_size: int) -> tuple[list[Sample], list[BadRow]]:
+def read_jsonl(
+    path: Path, image_root: Path, image_size: int | None
+) -> tuple[list[Sample], list[BadRow]]:
     """One JSON object per line: ``id``, ``image`` or ``images`` (paths relative to
     ``image_root``), ``question``, ``options`` (list), ``answer`` (letter or option text),
     ``category``."""
@@ -191,7 +198,7 @@ def read_jsonl(path: Path, image_root: Path, image_size: int) -> tuple[list[Samp
     return samples, bad
 
 
-def _jsonl_sample(record: object, position: int, root: Path, size: int) -> Sample:
+def _jsonl_sample(record: object, position: int, root: Path, size: int | None) -> Sample:
     if not isinstance(record, dict):
         raise _RowError("not a JSON object")
     paths = record.get("images") or ([record["image"]] if record.get("image") else [])
@@ -209,7 +216,7 @@ def _jsonl_sample(record: object, position: int, root: Path, size: int) -> Sampl
         raise _RowError("'question' must be a non-empty string")
     return Sample(
         index=position,
-        image=square_tensor(_tile([_open_path(root / p) for p in paths]), size),
+        image=sample_tensor(_tile([_open_path(root / p) for p in paths]), size),
         question=question.strip(),
         options=[o.strip() for o in options],
         answer=_answer_letter(str(record.get("answer", "")), options),

@@ -62,7 +62,7 @@ def resolve_bench(value: str) -> tuple[BenchSpec, Path]:
 
 
 def load_samples(
-    spec: BenchSpec, root: Path, dataset: Any, image_size: int
+    spec: BenchSpec, root: Path, dataset: Any, image_size: int | None
 ) -> tuple[list[Sample], list[BadRow]]:
     if spec.format == "synthetic":
         split = dataset.split(spec.split)

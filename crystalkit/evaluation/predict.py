@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from crystalkit.data.images import open_rgb, square_tensor
+from crystalkit.data.images import open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
@@ -126,7 +126,7 @@ def predict(
     samples = [
         Sample(
             index=i,
-            image=square_tensor(image, size),
+            image=sample_tensor(image, size),
             question=query.question,
             options=list(query.options),
             answer="",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from crystalkit.build import Model, build_dataset, build_model
@@ -16,13 +17,15 @@ from crystalkit.training.checkpoint import latest_checkpoint, load_weights
 from crystalkit.training.trainer import RECIPE_FILE
 
 
-def load_run(run_dir: Path) -> tuple[Recipe, object, Backbone, Method, int]:
+def load_run(
+    run_dir: Path, overrides: Sequence[str] = ()
+) -> tuple[Recipe, object, Backbone, Method, int]:
     """The run's resolved recipe, dataset, backbone with its latest weights, method, and step."""
-    recipe, dataset, model, step = load_model(run_dir)
+    recipe, dataset, model, step = load_model(run_dir, overrides)
     return recipe, dataset, model.backbone, model.method, step
 
 
-def load_model(run_dir: Path) -> tuple[Recipe, object, Model, int]:
+def load_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe, object, Model, int]:
     """The run's resolved recipe, dataset, model (:func:`build_model`) with its latest weights,
     and step. Training-only components (corruption, objectives) are built when first used, so a
     run evaluates after the plugin that corrupted its images is gone; a needed component that is
@@ -38,7 +41,7 @@ def load_model(run_dir: Path) -> tuple[Recipe, object, Model, int]:
     sources = read_sources(run_dir)
     tree = read_yaml(run_dir / RECIPE_FILE, CheckpointError)
     require(run_dir, tree if isinstance(tree, dict) else {}, sources)
-    recipe = load_recipe(run_dir / RECIPE_FILE, skip=TRAINING_ONLY)
+    recipe = load_recipe(run_dir / RECIPE_FILE, overrides, skip=TRAINING_ONLY)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -53,9 +56,12 @@ def load_model(run_dir: Path) -> tuple[Recipe, object, Model, int]:
 DEFAULT_IMAGE_SIZE = 448
 
 
-def run_image_size(dataset: object, backbone: Backbone) -> int:
+def run_image_size(dataset: object, backbone: Backbone) -> int | None:
     """The square size of the run's samples: its dataset's ``image_size`` (the backbone resizes
-    from there, as in training), else the backbone's input size."""
+    from there, as in training), else the backbone's input size; ``None`` (native size) when the
+    backbone resizes each image itself (``resolution: processor``)."""
+    if backbone.resizes_itself:
+        return None
     for component in (dataset, backbone):
         size = getattr(getattr(component, "config", None), "image_size", None)
         if isinstance(size, int):
@@ -135,18 +141,51 @@ def evaluate_run_dir(
     return result
 
 
+RESOLUTIONS = ("fixed", "processor")
+
+
+def bench_resolution(run_dir: Path, resolution: str | None) -> str | None:
+    """The backbone resolution ``eval --bench`` uses: ``resolution`` when given; else
+    ``processor`` for a run whose backbone loads a pretrained checkpoint (``name_or_path``) of a
+    family that supports it (the benchmark's images at the processor's own size, as the
+    checkpoint was trained for); ``None`` (the recipe's) otherwise."""
+    from crystalkit.errors import UsageError
+    from crystalkit.io import read_yaml
+    from crystalkit.registries import BACKBONES
+
+    if resolution is not None:
+        if resolution not in RESOLUTIONS:
+            raise UsageError(f"--resolution: expected fixed or processor, got {resolution!r}")
+        return resolution
+    tree = read_yaml(run_dir / RECIPE_FILE, CheckpointError) if run_dir.is_dir() else None
+    backbone = tree.get("backbone") if isinstance(tree, dict) else None
+    if not isinstance(backbone, dict) or not backbone.get("name_or_path"):
+        return None
+    name = backbone.get("name")
+    if not isinstance(name, str) or name not in BACKBONES:
+        return None
+    return "processor" if getattr(BACKBONES.get(name), "processor_resolution", False) else None
+
+
 def evaluate_bench(
-    run_dir: Path, bench: str, max_samples: int | None = None, latent_block: str | None = None
+    run_dir: Path,
+    bench: str,
+    max_samples: int | None = None,
+    latent_block: str | None = None,
+    resolution: str | None = None,
 ) -> dict:
     """Score the run on a benchmark (see :mod:`crystalkit.evaluation.harness`); writes
     ``bench_NAME.json`` and ``bench_NAME_predictions.jsonl``; returns the summary.
     ``latent_block`` as in :func:`evaluate_run_dir` (another mode than the recipe's:
-    ``bench_NAME_generated.json`` ...)."""
+    ``bench_NAME_generated.json`` ...). ``resolution``: the backbone's (``fixed`` or
+    ``processor``; default :func:`bench_resolution`); ``processor`` is recorded in the summary."""
     from crystalkit.evaluation.harness import answer_texts, load_samples, resolve_bench, write_bench
 
     check_latent_block(latent_block)
     spec, root = resolve_bench(bench)
-    recipe, dataset, backbone, method, step = load_run(run_dir)
+    chosen = bench_resolution(run_dir, resolution)
+    overrides = [] if chosen is None else [f"backbone.resolution={chosen}"]
+    recipe, dataset, backbone, method, step = load_run(run_dir, overrides)
     samples, bad = load_samples(spec, root, dataset, run_image_size(dataset, backbone))
     cfg = _eval_config(recipe, None, latent_block).model_copy(update={"max_samples": max_samples})
     result = evaluate(backbone, samples, method, cfg)
@@ -154,15 +193,12 @@ def evaluate_bench(
     suffix = _mode_suffix(recipe, latent_block)
     if suffix:
         spec = spec.model_copy(update={"name": spec.name + suffix})
-    extra = {"latent_block": "generated", "wrote_block": result.wrote_block}
-    return write_bench(
-        run_dir,
-        spec,
-        result.predictions,
-        bad,
-        step,
-        extra if result.wrote_block is not None else None,
-    )
+    extra: dict[str, object] = {}
+    if result.wrote_block is not None:
+        extra.update(latent_block="generated", wrote_block=result.wrote_block)
+    if backbone.resizes_itself:
+        extra["resolution"] = "processor"
+    return write_bench(run_dir, spec, result.predictions, bad, step, extra or None)
 
 
 def probe_run_dir(
