@@ -47,11 +47,12 @@ def _reference_processor(backbone) -> Qwen2VLImageProcessor:
     )
 
 
-def test_processor_resolution_grids_and_the_models_own_forward():
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_processor_resolution_grids_and_the_models_own_forward(family):
     """Two non-square images of different sizes: each gets the grid Qwen2VLImageProcessor
     computes, and the packed intact path's logits are the model's own top-level forward on that
-    sample with the processor's pixel values and image_grid_thw."""
-    _, backbone, method, samples = build("qwen2_5_vl", *PROCESSOR)
+    sample with the processor's pixel values and image_grid_thw (deepstack included)."""
+    _, backbone, method, samples = build(family, *PROCESSOR)
     backbone.eval()
     samples = _native(samples)
     layout = method.layout(samples, step=0)
@@ -67,7 +68,8 @@ def test_processor_resolution_grids_and_the_models_own_forward():
         for row, reference in enumerate(references):
             keep = intact.segments[row] != Segment.PAD
             ids = intact.input_ids[row : row + 1, keep]
-            tokens = int(reference["image_grid_thw"][0].prod()) // 4
+            merge = backbone.model.config.vision_config.spatial_merge_size
+            tokens = int(reference["image_grid_thw"][0].prod()) // merge**2
             assert int((ids == backbone.image_token_id).sum()) == tokens
             own = backbone.model(
                 input_ids=ids,
