@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hf_models import build
+from cli_process import invoke
+from conftest import ROOT
+from hf_models import SMALL, build
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
@@ -185,3 +187,40 @@ def test_bench_resolution_default(tmp_path: Path, backbone, flag, expected):
     assert bench_resolution(tmp_path, flag) == expected
     with pytest.raises(UsageError, match="--resolution"):
         bench_resolution(tmp_path, "native")
+
+
+def test_eval_bench_at_processor_resolution(tmp_path: Path):
+    """``eval --bench --resolution processor`` on a trained tiny Qwen2.5-VL run: native-size
+    images of different aspect ratios go through evaluation (prompts, generation) and the
+    summary records the resolution; ``--resolution`` without ``--bench`` is refused."""
+    result = invoke(
+        "train",
+        ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml",
+        *SMALL,
+        f"output_dir={tmp_path}",
+        "train.steps=1",
+        "eval.max_samples=2",
+        "eval.batch_size=2",
+    )
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "qwen2_5_vl"
+    lines = []
+    for i, (height, width) in enumerate(SIZES):
+        (tmp_path / f"{i}.png").write_bytes(_png(width, height))
+        lines.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "question": "?",
+                "options": ["x", "y"],
+                "answer": "A",
+            }
+        )
+    bench = tmp_path / "native.jsonl"
+    bench.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = invoke("eval", run_dir, "--bench", bench, "--resolution", "processor")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "bench_native.json").read_text())
+    assert summary["num_samples"] == 2 and summary["resolution"] == "processor"
+    refused = invoke("eval", run_dir, "--resolution", "processor")
+    assert refused.exit_code != 0 and "--resolution applies to --bench" in refused.output
