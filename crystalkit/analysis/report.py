@@ -41,6 +41,11 @@ def analyze_run(
     from crystalkit.evaluation.runs import load_run, run_image_size
 
     recipe, dataset, backbone, method, step = load_run(run_dir)
+    if backbone.resizes_itself:
+        raise UsageError(
+            f"{run_dir}: analyze moves images between samples (a donor image, a blank one); "
+            "under backbone.resolution: processor their grids differ (use resolution: fixed)"
+        )
     notes = []
     if bench is not None:
         from crystalkit.evaluation.harness import load_samples, resolve_bench

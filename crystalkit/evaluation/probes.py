@@ -23,6 +23,7 @@ from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import Segment
 from crystalkit.crystal.paths import layout_inputs, run_intact
 from crystalkit.crystal.runner import KV, block_kv
+from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
 
 PROBES = ("zero", "mean", "shuffle", "swap")
@@ -47,6 +48,11 @@ def _shuffle(backbone: Backbone, layout: Layout, kv: KV) -> KV:
 
 
 def _swap(backbone: Backbone, layout: Layout, kv: KV) -> KV:
+    if layout.image_grid is not None:
+        raise UsageError(
+            "the swap probe moves images between samples; under backbone.resolution: "
+            "processor their grids differ (use resolution: fixed)"
+        )
     other = replace(layout, pixel_values=layout.pixel_values.roll(1, dims=0))
     return latent_kv(backbone, other)
 
