@@ -142,13 +142,14 @@ def test_lmms_eval_evaluates_the_export_offline(written, tmp_path):
     # the prompt: the logged question text is crystalkit's, and the text lmms-eval's model class
     # tokenized is the export's own chat template applied to the user turn (image, then text)
     processor = AutoProcessor.from_pretrained(folder)
-    prompts = [json.loads(line) for line in prompts_file.read_text().splitlines()]
-    assert len(prompts) == len(samples)
+    expected = []
     for record, sample in zip(logged, samples, strict=True):
         text = format_question(sample.question, sample.options)
         assert record["input"] == text
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        assert processor.apply_chat_template(turn, add_generation_prompt=True) in prompts
+        expected.append(processor.apply_chat_template(turn, add_generation_prompt=True))
+    prompts = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    assert sorted(prompts) == sorted(expected)  # one per sample, in lmms-eval's own order
 
     # the raw response holds the written template: the model wrote its block (decoded without
     # the latent tokens, which are special) and closed it before the answer cue
