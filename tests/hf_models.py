@@ -72,3 +72,50 @@ def chunked_forward(backbone, layout, tail: int) -> tuple[torch.Tensor, object]:
         cache = out.past_key_values
         logits.append(out.logits)
     return torch.cat(logits, 1), cache
+
+
+CAP, INCREMENT = 300, 20  # training steps: at most, and between two checks
+WRITE = ["latents.schedule.k=2", "latents.template=released", "latents.write=true"]
+_WRITTEN: dict[str, tuple] = {}
+
+
+def written_export(tmp_path_factory) -> tuple:
+    """``(run_dir, export folder)``: a tiny Qwen2.5-VL CrystaL run with ``latents.write``, trained a
+    few steps at a time until greedy decoding writes the template and the block for every test
+    sample, then exported with --merge. Built once per test session, for the tests that serve the
+    export with other tools (plain transformers, lmms-eval)."""
+    if "run" in _WRITTEN:
+        return _WRITTEN["run"]
+    import pytest
+    from cli_process import invoke
+
+    from crystalkit.evaluation.accuracy import evaluate
+    from crystalkit.evaluation.runs import load_run
+    from crystalkit.training.trainer import train
+
+    folder = tmp_path_factory.mktemp("hf_written")
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml",
+        [
+            *SMALL,
+            *WRITE,
+            f"train.steps={CAP}",
+            "train.lr=3e-3",
+            "train.lr_schedule=constant",
+            "train.warmup_ratio=0",
+            "eval.max_samples=8",
+            f"output_dir={folder}",
+            "name=written",
+        ],
+    )
+    generated = recipe.eval.model_copy(update={"latent_block": "generated"})
+    step = 0
+    while step < CAP:
+        step += INCREMENT
+        run_dir = train(recipe, resume=step > INCREMENT, stop_after=step).run_dir
+        _, dataset, backbone, method, _ = load_run(run_dir)
+        if evaluate(backbone, dataset.split("test"), method, generated).wrote_block == 1.0:
+            assert invoke("export", run_dir, "--merge").exit_code == 0
+            _WRITTEN["run"] = run_dir, run_dir / "export" / "pretrained"
+            return _WRITTEN["run"]
+    pytest.fail(f"the block was not learnt in {CAP} steps")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from cli_process import invoke
 from conftest import ROOT
-from hf_models import SMALL
+from hf_models import SMALL, written_export
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -63,42 +63,11 @@ def test_plain_transformers_serves_the_export(exported, tmp_path):
     assert written.replace(processor.tokenizer.eos_token, "").strip() == answer["answer"].strip()
 
 
-CAP, INCREMENT = 300, 20  # training steps: at most, and between two checks
-WRITE = ["latents.schedule.k=2", "latents.template=released", "latents.write=true"]
-
-
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny Qwen2.5-VL CrystaL run with ``latents.write``, trained a few steps at a time until
-    greedy decoding writes the template and the block for every test sample (the premise of the
-    parity test below), then exported with --merge."""
-    from crystalkit.evaluation.accuracy import evaluate
-
-    folder = tmp_path_factory.mktemp("hf_written")
-    recipe = load_recipe(
-        ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml",
-        [
-            *SMALL,
-            *WRITE,
-            f"train.steps={CAP}",
-            "train.lr=3e-3",
-            "train.lr_schedule=constant",
-            "train.warmup_ratio=0",
-            "eval.max_samples=8",
-            f"output_dir={folder}",
-            "name=written",
-        ],
-    )
-    generated = recipe.eval.model_copy(update={"latent_block": "generated"})
-    step = 0
-    while step < CAP:
-        step += INCREMENT
-        run_dir = train(recipe, resume=step > INCREMENT, stop_after=step).run_dir
-        _, dataset, backbone, method, _ = load_run(run_dir)
-        if evaluate(backbone, dataset.split("test"), method, generated).wrote_block == 1.0:
-            assert invoke("export", run_dir, "--merge").exit_code == 0
-            return run_dir, run_dir / "export" / "pretrained"
-    pytest.fail(f"the block was not learnt in {CAP} steps")
+    """The exported ``latents.write`` run of ``hf_models.written_export`` (trained once per session;
+    tests/test_lmms_eval.py evaluates the same folder)."""
+    return written_export(tmp_path_factory)
 
 
 def test_plain_generate_writes_the_block_and_the_answer_crystalkit_generates(written, tmp_path):
