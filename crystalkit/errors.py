@@ -133,6 +133,17 @@ def defined_at(obj: Any) -> str:
         return ""
 
 
+def call_plugin(what: str, source: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` for third-party code ``what`` from ``source``: any exception it raises
+    becomes a one-line :class:`PluginError` (:func:`plugin_error`)."""
+    try:
+        return fn(*args)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise plugin_error(what, source, exc, fn) from exc
+
+
 def plugin_error(what: str, source: str, exc: BaseException, obj: Any = None) -> PluginError:
     """A :class:`PluginError` for ``exc`` raised inside ``what`` (``"corruption 'quantize'"``) from
     ``source`` (``"plugin package NAME VERSION"``, ``"file PATH"``): one line with the exception and

@@ -153,6 +153,15 @@ class Registry(Generic[T]):
         except KeyError:
             raise UsageError(self.unknown_message(name)) from None
 
+    def third_party(self, name: str) -> tuple[str, str] | None:
+        """``("KIND 'NAME'", source)`` of a component whose code is not crystalkit's (a plugin
+        package, a file or module): its errors become a ``PluginError`` naming it. ``None`` for
+        a built-in one, whose errors are crystalkit's bugs and keep their traceback."""
+        entry = self.entry(name)
+        if is_builtin(entry.obj):
+            return None
+        return f"{self.kind.removesuffix('s')} {name!r}", source_text(entry)
+
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
         return name in self._entries
@@ -227,11 +236,6 @@ def source_text(entry: Entry[Any]) -> str:
     if target.endswith(".py"):
         return f"file {Path(target).expanduser().resolve()}"
     return f"module {target}"
-
-
-def component_source(entry: Entry[Any]) -> tuple[str, bool]:
-    """``(source_text(entry), built-in?)``: whose code a failure belongs to."""
-    return source_text(entry), is_builtin(entry.obj)
 
 
 def resolve_import_path(spec: str, kind: str = "component") -> Any:

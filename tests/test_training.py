@@ -124,7 +124,7 @@ def test_overwrite_removes_the_previous_runs_checkpoints(tiny_recipe):
 
 
 def test_oversubscription_warning_needs_starved_threads_and_a_busy_machine():
-    from crystalkit.training.trainer import oversubscription_warning as warning
+    from crystalkit.training.threads import oversubscription_warning as warning
 
     # 2 threads got a quarter of 2 cores' time over 10 s while load 3.1 ran on 2 cores
     message = warning(5.0, 10.0, 2, 3.1, 2, 4.9)
@@ -143,9 +143,9 @@ def test_oversubscription_warning_needs_starved_threads_and_a_busy_machine():
 
 def test_oversubscription_is_warned_once_per_run(tiny_recipe, monkeypatch):
     from crystalkit.errors import PerformanceWarning
-    from crystalkit.training import trainer
+    from crystalkit.training import threads
 
-    monkeypatch.setattr(trainer, "oversubscription_warning", lambda *args: "machine is busy")
+    monkeypatch.setattr(threads, "oversubscription_warning", lambda *args: "machine is busy")
     with pytest.warns(PerformanceWarning, match="machine is busy") as caught:
         train(tiny_recipe("name=busy", "train.steps=4", "train.log_every=1"))
     assert len([w for w in caught if w.category is PerformanceWarning]) == 1
@@ -154,7 +154,7 @@ def test_oversubscription_is_warned_once_per_run(tiny_recipe, monkeypatch):
 def test_default_num_threads_is_the_available_cores(tiny_recipe, monkeypatch):
     import os
 
-    from crystalkit.training.trainer import resolve_num_threads
+    from crystalkit.training.threads import resolve_num_threads
 
     applied: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", applied.append)

@@ -23,7 +23,7 @@ from crystalkit.errors import (
     plugin_error,
 )
 from crystalkit.registries import CORRUPTIONS, OBJECTIVES
-from crystalkit.registry import Registry, component_source
+from crystalkit.registry import Registry, source_text
 
 #: components whose contract (:mod:`crystalkit.testing`) is checked on tiny inputs at load time
 CONTRACTS = (CORRUPTIONS, OBJECTIVES)
@@ -63,7 +63,7 @@ def _singular(registry: Registry) -> str:
 
 
 def _source(registry: Registry, name: str) -> str:
-    return component_source(registry.entry(name))[0]
+    return source_text(registry.entry(name))
 
 
 def _contract_breach(

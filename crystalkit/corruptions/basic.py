@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from crystalkit.config.components import config_model
-from crystalkit.errors import PluginError, UsageError, defined_at, plugin_error
+from crystalkit.errors import PluginError, UsageError, call_plugin, defined_at
 from crystalkit.registries import CORRUPTIONS
-from crystalkit.registry import component_source
 from crystalkit.testing import output_breach
 
 Tensor = torch.Tensor
@@ -457,7 +456,7 @@ class Compose:
         self.steps = built
         names = [_spec_name(step) for step in steps]
         #: (what, source) of each third-party step, whose errors are a PluginError naming it
-        self._third_party = [third_party(name) if name else None for name in names]
+        self._third_party = [CORRUPTIONS.third_party(name) if name else None for name in names]
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         for step, blamed in zip(self.steps, self._third_party, strict=True):
@@ -471,25 +470,13 @@ class Compose:
         return f"Compose({self.steps!r})"
 
 
-def third_party(name: str) -> tuple[str, str] | None:
-    """``("corruption 'NAME'", source)`` for a corruption whose code is not crystalkit's (a plugin
-    package, a ``file.py:attr``), ``None`` for a built-in one."""
-    source, builtin = component_source(CORRUPTIONS.entry(name))
-    return None if builtin else (f"corruption {name!r}", source)
-
-
 def call_third_party(
     corruption: Corruption, images: Tensor, generator: torch.Generator, what: str, source: str
 ) -> Tensor:
     """Call a third-party corruption: an exception it raises, or a result of another shape, dtype
     or device than ``images``, becomes a one-line :class:`~crystalkit.errors.PluginError` naming
     ``what`` (``"corruption 'NAME'"``), its ``source`` and the place in its code."""
-    try:
-        out = corruption(images, generator)
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise plugin_error(what, source, exc, corruption) from exc
+    out = call_plugin(what, source, corruption, images, generator)
     breach = output_breach(images, out, values=False)
     if breach is not None:
         where = defined_at(corruption)

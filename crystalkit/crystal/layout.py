@@ -232,7 +232,8 @@ class Packer:
         """Lay out ``samples`` with latent ``block`` ids. ``corrupted_images`` (float ``[B, 3, H,
         W]`` in [0, 1], or a list of ``[3, H, W]`` when sizes differ) adds the corrupted path (B,
         F); when the backbone resizes images itself, each sample's image gets its own grid and
-        placeholder count (the corrupted image must have the intact one's size, so the same); ``blank_latents`` adds D' (no_copy).
+        placeholder count (the corrupted image must have the intact one's size, so the same);
+        ``blank_latents`` adds D' (no_copy).
         ``with_answer=False`` ends every row at the answer cue (generation prompts);
         ``until_question`` ends it at the question, before the latent template (prompts of
         generated latents: the model writes the rest)."""

@@ -25,16 +25,15 @@ import torch
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.sources import Sources, resolve_or_explain
 from crystalkit.corruptions import Corruption, build_corruption
-from crystalkit.corruptions.basic import call_third_party, third_party
+from crystalkit.corruptions.basic import call_third_party
 from crystalkit.crystal.layout import Layout, Packer
 from crystalkit.crystal.paths import STRATEGIES, Needs, PathOutputs, intact_only, resolve_layers
 from crystalkit.data.sample import Sample
-from crystalkit.errors import PluginError, UsageError, plugin_error
+from crystalkit.errors import PluginError, UsageError, call_plugin
 from crystalkit.latents.blocks import LatentBlock
 from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.alignment import Objective
 from crystalkit.registries import CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS
-from crystalkit.registry import component_source
 from crystalkit.training.losses import answer_cross_entropy, pooled_cross_entropy
 from crystalkit.training.sampler import derived_seed
 
@@ -121,17 +120,13 @@ class Method:
         """``("corruption 'NAME'", source)`` of a third-party corruption, whose errors become a
         :class:`~crystalkit.errors.PluginError` naming it; ``None`` for a built-in one (its errors
         are crystalkit's bugs and keep their traceback)."""
-        return third_party(self.recipe.corruption.name)
+        return CORRUPTIONS.third_party(self.recipe.corruption.name)
 
     @functools.cached_property
     def objective_blame(self) -> dict[str, tuple[str, str]]:
         """``("objective 'NAME'", source)`` per key of a third-party objective."""
-        blamed = {}
-        for key, spec in self.recipe.objectives.items() if self.crystal else ():
-            source, builtin = component_source(OBJECTIVES.entry(spec.name))
-            if not builtin:
-                blamed[key] = (f"objective {spec.name!r}", source)
-        return blamed
+        specs = self.recipe.objectives.items() if self.crystal else ()
+        return {k: b for k, s in specs if (b := OBJECTIVES.third_party(s.name)) is not None}
 
     def k_at(self, step: int) -> int:
         return self.schedule(step, self.recipe.train.steps)
@@ -315,12 +310,7 @@ def _call_third_party(
 ) -> torch.Tensor:
     """Call a third-party objective: an exception it raises, or a result that is not a 0-dim
     tensor, becomes a one-line :class:`~crystalkit.errors.PluginError` naming it."""
-    try:
-        value = objective(out)
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise plugin_error(what, source, exc, objective) from exc
+    value = call_plugin(what, source, objective, out)
     if not isinstance(value, torch.Tensor) or value.ndim != 0:
         got = (
             f"shape {list(value.shape)}"

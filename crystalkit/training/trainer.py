@@ -11,12 +11,11 @@ ops an uninterrupted run would have, and ends with the same weights, whatever st
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,7 @@ from crystalkit.training.metrics import MetricsLog
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.sampler import StepSampler, derived_seed
 from crystalkit.training.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
+from crystalkit.training.threads import Window, check_oversubscription, resolve_num_threads
 from crystalkit.training.warm_start import (
     SNAPSHOT_DIR,
     load_source,
@@ -84,91 +84,6 @@ class TrainResult:
 
 def default_run_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
-        return os.cpu_count() or 1
-
-
-def resolve_num_threads(requested: int | None) -> int:
-    """The torch threads a run uses: ``requested``; else ``OMP_NUM_THREADS`` when the environment
-    sets it (``torchrun`` sets 1 for several processes on one machine); else every available core.
-    """
-    if requested:
-        return requested
-    with suppress(ValueError):
-        from_env = int(os.environ.get("OMP_NUM_THREADS", ""))
-        if from_env >= 1:
-            return from_env
-    return available_cores()
-
-
-#: a window in which the process got less than this share of the CPU time its threads could use
-#: (cores shared with other runnable work: the threads wait for each other) ...
-STARVED_SHARE = 0.5
-#: ... and that lasted at least this long (shorter ones are noise), while the machine's load
-#: average exceeded its cores, is reported once per run
-MIN_WINDOW_SECONDS = 1.0
-
-
-def oversubscription_warning(
-    cpu_seconds: float,
-    wall_seconds: float,
-    threads: int,
-    load: float,
-    cores: int,
-    samples_per_s: float,
-) -> str | None:
-    """The warning for a window of training on CPU that took ``wall_seconds`` and
-    ``cpu_seconds`` of this process's CPU time with ``threads`` torch threads while the 1-minute
-    load average was ``load`` on ``cores`` available cores; ``None`` when all was well.
-
-    Several torch threads synchronise after every operation: when other work keeps cores busy,
-    each waits for the descheduled one and a step can take an order of magnitude longer. The
-    signs are both: the process got much less CPU than its threads could use, and more work was
-    runnable than there are cores. One thread has nobody to wait for, so it is not warned about.
-    """
-    if threads <= 1 or cores < 1 or wall_seconds < MIN_WINDOW_SECONDS:
-        return None
-    share = cpu_seconds / (wall_seconds * min(threads, cores))
-    if share >= STARVED_SHARE or load <= cores:
-        return None
-    return (
-        f"training is slowed down by an oversubscribed machine: load average {load:.1f} on "
-        f"{cores} cores, and the run's {threads} torch threads got {share:.0%} of the CPU time "
-        f"they could use ({samples_per_s:.1f} samples/s); set train.num_threads=1 or stop the "
-        "other jobs"
-    )
-
-
-def _check_oversubscription(window: _Window, threads: int, samples_per_s: float) -> str | None:
-    """:func:`oversubscription_warning` for ``window`` on this machine, now."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average (Windows)
-        return None
-    return oversubscription_warning(
-        time.process_time() - window.cpu,
-        time.perf_counter() - window.wall,
-        threads,
-        load,
-        available_cores(),
-        samples_per_s,
-    )
-
-
-@dataclass
-class _Window:
-    """Training steps since a log line (or an evaluation, a checkpoint): their wall-clock and
-    CPU-time start and the samples they trained."""
-
-    wall: float = field(default_factory=time.perf_counter)
-    cpu: float = field(default_factory=time.process_time)
-    samples: int = 0
 
 
 def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
@@ -312,7 +227,7 @@ def train(
     """Train ``recipe`` to completion (or up to step ``stop_after``, for tests and schedulers).
     ``num_threads`` overrides ``train.num_threads`` (a grid runner sharing the machine sets it;
     it is how the run executes, not what it computes, so resuming does not compare it); with
-    neither, the run uses :func:`resolve_num_threads` (the available cores). On CPU, a run whose
+    neither, the run uses :func:`~crystalkit.training.threads.resolve_num_threads` (the available cores). On CPU, a run whose
     threads starve on an oversubscribed machine warns once (:class:`PerformanceWarning`).
 
     Writes ``recipe.yaml`` (fully resolved), ``tokenizer.json`` and other backbone assets,
@@ -447,7 +362,7 @@ def _run(
 
     micro_batches = world.micro_batches(cfg.batch_size, cfg.grad_accum_steps)
     backbone.train()
-    window = _Window()
+    window = Window()
     watch_threads = device.type == "cpu" and world.main  # several threads on a busy machine
     train_start = time.perf_counter()
     stage: Stage | None = None
@@ -499,7 +414,7 @@ def _run(
                 elapsed = time.perf_counter() - window.wall
                 rate = window.samples / max(elapsed, 1e-9)
                 if watch_threads:
-                    slow = _check_oversubscription(window, torch.get_num_threads(), rate)
+                    slow = check_oversubscription(window, torch.get_num_threads(), rate)
                     if slow is not None:
                         warnings.warn(slow, PerformanceWarning, stacklevel=2)
                         watch_threads = False  # once per run
@@ -520,7 +435,7 @@ def _run(
                     metrics.append(record)
                 shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
                 progress.update(task, loss=record["loss"], rate=rate, terms=shown)
-                window = _Window()
+                window = Window()
             progress.update(task, completed=done)
             periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
             if periodic and evaluating:
@@ -530,7 +445,7 @@ def _run(
                         f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
                         f"(chance {result.chance:.1%})"
                     )
-                window = _Window()  # rate: training only
+                window = Window()  # rate: training only
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 weights_state, optimizer_state = parallel.checkpoint_state(backbone, opt.optimizer)
                 if world.main:
@@ -543,7 +458,7 @@ def _run(
                         meta={"stage": stage.name},
                     )
                     outputs.keep()
-                window = _Window()
+                window = Window()
 
     train_time = time.perf_counter() - train_start
     world.barrier()  # rank 0's last checkpoint is complete before any rank returns
