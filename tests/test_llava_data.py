@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -86,6 +87,14 @@ def test_images_are_resized_rgb_squares(data_dir: Path):
     for i, colour in enumerate(COLOURS):  # RGB, RGBA and palette PNGs of three sizes
         image = split.split("val")[i].image
         assert image.dtype == torch.uint8 and image.shape == (3, 24, 24)
+        assert image.flatten(1).T.unique(dim=0).tolist() == [list(COLOURS[colour])]
+
+
+def test_image_size_null_keeps_each_images_native_size(data_dir: Path):
+    split = _dataset(data_dir / "data.json", val=str(data_dir / "data.json"), image_size=None)
+    for i, (colour, size) in enumerate(zip(COLOURS, [(30, 40), (50, 17), (64, 64)], strict=True)):
+        image = split.split("val")[i].image
+        assert image.dtype == torch.uint8 and image.shape == (3, *size)
         assert image.flatten(1).T.unique(dim=0).tolist() == [list(COLOURS[colour])]
 
 
@@ -393,6 +402,34 @@ def test_tiny_recipe_trains_on_llava_data_end_to_end(data_dir: Path, tiny_recipe
         assert p["correct"] == (normalise_answer(p["raw"]) == p["answer"])
     vocab = json.loads((result.run_dir / "tokenizer.json").read_text())["model"]["vocab"]
     assert {"colour", "image", *COLOURS} <= set(vocab)
+
+
+def test_crystal_trains_and_evaluates_on_native_size_images(data_dir: Path, tmp_path: Path):
+    """CrystaL on images of three sizes kept native (``image_size: null``): batches of mixed
+    sizes are corrupted image by image, resized by the backbone, trained on and evaluated, and the
+    saved run evaluates them at their native size again."""
+    from crystalkit.evaluation.runs import load_run, run_image_size
+    from crystalkit.training.trainer import train
+
+    overrides = _llava_overrides(data_dir, "dataset.image_size=null", "train.steps=2")
+    recipe = load_recipe(
+        ROOT / "recipes" / "crystal_scratch.yaml",
+        [*TINY, f"output_dir={tmp_path / 'runs'}", "latents.schedule.k=2", *overrides],
+    )
+    assert recipe.dataset.params["image_size"] is None
+    dataset = LlavaJson(LlavaJson.Config(**recipe.dataset.params))
+    shapes = {tuple(dataset.split("train")[i].image.shape) for i in range(5)}
+    assert len(shapes) > 1  # the premise: a batch holds images of different sizes
+    result = train(recipe)
+    rows = (result.run_dir / "predictions_test.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    metrics = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    corrupted = [m["loss/ce_corrupted"] for m in metrics if "loss/ce_corrupted" in m]
+    assert corrupted and all(math.isfinite(value) for value in corrupted)
+    _, dataset, backbone, _, _ = load_run(result.run_dir)
+    assert run_image_size(dataset, backbone) is None
 
 
 def test_cli_train_fails_in_one_line_without_usable_records(data_dir: Path, tmp_path: Path):

@@ -22,6 +22,8 @@ from crystalkit.crystal.paths import intact_only, layout_inputs
 from crystalkit.errors import RecipeError, UsageError
 from crystalkit.evaluation.benchfiles import read_jsonl
 from crystalkit.evaluation.runs import bench_resolution
+from crystalkit.models.backbone import resize_unit
+from crystalkit.training.sampler import derived_seed
 
 PIXELS = ["backbone.min_pixels=256", "backbone.max_pixels=4096"]
 PROCESSOR = ["backbone.resolution=processor", *PIXELS]
@@ -117,12 +119,14 @@ def test_both_paths_share_the_grid(corrupt_at):
     assert {"ce_intact", "ce_corrupted"} <= set(terms)
 
 
-def test_packed_equals_two_pass_with_grids():
-    """Both strategies cut the same per-image grids: the same losses."""
+@pytest.mark.parametrize("resolution", [PROCESSOR, []], ids=["processor", "fixed"])
+def test_packed_equals_two_pass_with_grids(resolution):
+    """Both strategies cut the same per-image grids (``processor``), or resize the same native
+    images to the square (``fixed``): the same losses."""
     losses = []
     for strategy in ("packed", "two_pass"):
         _, backbone, method, samples = build(
-            "qwen2_5_vl", *PROCESSOR, f"crystal.strategy={strategy}"
+            "qwen2_5_vl", *resolution, f"crystal.strategy={strategy}"
         )
         with torch.no_grad():
             _, terms = method.loss(backbone, method.layout(_native(samples), step=0))
@@ -144,6 +148,29 @@ def test_fixed_is_the_square_image_size():
     assert samples[0].image.shape[-1] == backbone.config.image_size  # the premise
     _, _, other, _ = build("qwen2_5_vl", "crystal.corrupt_at=model_input")
     assert torch.equal(method.corrupt(samples, 3), other.corrupt(samples, 3))
+
+
+def test_native_images_at_fixed_resolution_are_corrupted_then_resized():
+    """Images kept at their native sizes (``llava_json`` with ``image_size: null``) under
+    ``resolution: fixed``: ``corrupt_at: sample`` corrupts each at its own size and the backbone
+    then resizes both paths to its square (the released blur-then-resize), checked against a
+    one-image-at-a-time reference; ``model_input`` resizes first, which changes the corrupted
+    pixels and leaves the intact ones alone."""
+    recipe, backbone, method, samples = build("qwen2_5_vl")
+    samples = _native(samples)
+    size = backbone.config.image_size
+    layout = method.layout(samples, step=0)
+    squares = [resize_unit(s.image[None], size) for s in samples]
+    assert torch.equal(layout.pixel_values, backbone.preprocess_images(torch.cat(squares)))
+    generator = torch.Generator().manual_seed(derived_seed(recipe.seed, 0))
+    corrupted = [method.corruption(s.image[None].float() / 255.0, generator) for s in samples]
+    reference = torch.cat([resize_unit(c, size) for c in corrupted])
+    torch.testing.assert_close(layout.corrupted_pixels, backbone.preprocess_images(reference))
+    _, _, resize_first, _ = build("qwen2_5_vl", "crystal.corrupt_at=model_input")
+    other = resize_first.layout(samples, step=0)
+    assert torch.equal(other.pixel_values, layout.pixel_values)
+    gap = (other.corrupted_pixels - layout.corrupted_pixels).abs().max()
+    assert gap > 0.05  # the order matters: not a rounding difference
 
 
 def test_processor_resolution_is_refused_where_unsupported():

@@ -321,8 +321,8 @@ class Packer:
             regions[segment] = range(start, start + width)
             start += width
         preprocess = backbone.preprocess_images
-        if grids[0] is None:
-            pixels = preprocess(torch.stack([s.image for s in samples]).float() / 255.0)
+        if grids[0] is None:  # at any sizes: resized to the backbone's square
+            pixels = preprocess([s.image.float() / 255.0 for s in samples])
         else:  # at their own sizes: the processor resizes (and rescales) each
             pixels = preprocess([s.image for s in samples])
         return Layout(

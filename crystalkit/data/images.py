@@ -1,10 +1,11 @@
-"""Image files -> the ``uint8 [3, S, S]`` tensors a :class:`~crystalkit.data.sample.Sample` holds.
+"""Image files -> the ``uint8 [3, H, W]`` tensors a :class:`~crystalkit.data.sample.Sample` holds.
 
-Images are converted to RGB and resized to a square, because a batch stacks them; the backbone
-then resizes to its own input size (``preprocess_images``), as for every other dataset. A backbone
-that resizes each image itself (``resolution: processor``) gets them at their native size
-(:func:`sample_tensor` with no size).
-"""
+Images are converted to RGB and resized to a square ``image_size`` by default, so that the
+corruption sees every image at one size; the backbone then resizes to its own input size
+(``preprocess_images``), as for every other dataset. With no size (:func:`sample_tensor` with
+``None``) an image keeps its native size: the corruption sees it there and the backbone resizes
+afterwards (the released code's blur-then-resize), or resizes each itself (``resolution:
+processor``)."""
 
 from __future__ import annotations
 

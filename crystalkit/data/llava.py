@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from crystalkit.data.images import ImageFileError, open_rgb, square_tensor
+from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import Sample
 from crystalkit.errors import DataWarning, UsageError, did_you_mean
 from crystalkit.registries import DATASETS
@@ -166,9 +166,10 @@ def _read(path: Path) -> list[tuple[str, object]]:
 
 
 class LlavaSplit(torch.utils.data.Dataset):
-    """One split of :class:`LlavaJson`; each access decodes and resizes one image."""
+    """One split of :class:`LlavaJson`; each access decodes one image (and squares it to
+    ``image_size`` unless that is ``None``)."""
 
-    def __init__(self, name: str, records: list[Record], image_size: int):
+    def __init__(self, name: str, records: list[Record], image_size: int | None):
         self.name = name
         self.records = records
         self.image_size = image_size
@@ -181,7 +182,7 @@ class LlavaSplit(torch.utils.data.Dataset):
             raise IndexError(f"{self.name} split index {index} out of range [0, {len(self)})")
         record = self.records[index]
         try:
-            image = square_tensor(open_rgb(Path(record.image)), self.image_size)
+            image = sample_tensor(open_rgb(Path(record.image)), self.image_size)
         except ImageFileError as exc:
             raise UsageError(f"{record.source}: {record.where}: {exc}") from None
         return Sample(
@@ -221,8 +222,13 @@ class LlavaJson:
             description="folder the records' image paths are relative to (default: the "
             "folder of the file that lists them)",
         )
-        image_size: int = Field(
-            448, ge=8, description="images are resized to image_size x image_size (RGB)"
+        image_size: int | None = Field(
+            448,
+            ge=8,
+            description="images are resized to image_size x image_size (RGB) when decoded; null "
+            "keeps each at its native size, so the corruption sees it there and the backbone "
+            "resizes afterwards (the released code's blur-then-resize, with crystal.corrupt_at: "
+            "sample)",
         )
         max_samples: int | None = Field(
             None, ge=1, description="keep the first max_samples records of each split"

@@ -59,8 +59,12 @@ DEFAULT_IMAGE_SIZE = 448
 def run_image_size(dataset: object, backbone: Backbone) -> int | None:
     """The square size of the run's samples: its dataset's ``image_size`` (the backbone resizes
     from there, as in training), else the backbone's input size; ``None`` (native size) when the
-    backbone resizes each image itself (``resolution: processor``)."""
+    backbone resizes each image itself (``resolution: processor``) or the dataset keeps native
+    sizes (``image_size: null``)."""
     if backbone.resizes_itself:
+        return None
+    config = getattr(dataset, "config", None)
+    if hasattr(config, "image_size") and config.image_size is None:
         return None
     for component in (dataset, backbone):
         size = getattr(getattr(component, "config", None), "image_size", None)

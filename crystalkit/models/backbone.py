@@ -21,9 +21,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
-def resize_unit(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``uint8`` or [0, 1] float ``[B, 3, H, W]`` -> float [0, 1] at ``size x size`` (antialiased
-    bilinear, whose non-negative weights keep values in [0, 1])."""
+def resize_unit(images: torch.Tensor | Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """``uint8`` or [0, 1] float images -> float [0, 1] ``[B, 3, size, size]`` (antialiased
+    bilinear, whose non-negative weights keep values in [0, 1]). ``images`` is a ``[B, 3, H, W]``
+    batch or a sequence of ``[3, H, W]`` of any sizes (a dataset that keeps native sizes: each is
+    resized on its own, after the corruption)."""
+    if not isinstance(images, torch.Tensor):
+        if len({tuple(image.shape) for image in images}) > 1:
+            return torch.cat([resize_unit(image[None], size) for image in images])
+        images = torch.stack(list(images))
     pixels = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
     if pixels.shape[-2:] != (size, size):
         pixels = nn.functional.interpolate(
@@ -119,9 +125,10 @@ class Backbone(nn.Module, ABC):
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
     @abstractmethod
-    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` images (``uint8``, or float in [0, 1] after a corruption) -> model
-        pixel values (with :attr:`resizes_itself`, a list of ``[3, H, W]`` of any sizes)."""
+    def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[B, 3, H, W]`` images, or a sequence of ``[3, H, W]`` of any sizes (``uint8``, or
+        float in [0, 1] after a corruption) -> model pixel values (:func:`resize_unit` brings each
+        to the backbone's square; with :attr:`resizes_itself`, each keeps its own grid)."""
 
     @abstractmethod
     def embed(

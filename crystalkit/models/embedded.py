@@ -156,7 +156,7 @@ class EmbeddedBackbone(Backbone):
         side = self.config.image_size // self.config.feature_stride
         return side, side
 
-    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         return (resize_unit(images, self.config.image_size) - 0.5) / 0.5
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

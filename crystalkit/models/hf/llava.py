@@ -14,6 +14,7 @@ Positions are ordinary 1-D ids, so the :class:`~crystalkit.models.backbone.Backb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ class LlavaBackbone(HFBackbone):
     def plain_prefix(self) -> str:
         return (self.tokenizer.bos_token or "") + self.default_prefix
 
-    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         pixels = resize_unit(images, self.config.image_size)
         out = self.image_processor(
             images=list(pixels),
@@ -200,7 +201,7 @@ class _Idefics3Family(HFBackbone):
         fake, glob = self.tokenizer.convert_tokens_to_ids([FAKE, GLOBAL])
         return [fake, glob, *super().image_prompt_ids(), fake]
 
-    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """-> ``[B, 1, 3, S, S]`` (one view per image)."""
         pixels = resize_unit(images, self.config.image_size)
         out = self.image_processor(
