@@ -214,13 +214,20 @@ def evaluate_run(
     if probe is not None:
         names = [p.strip() for value in probe for p in value.split(",") if p.strip()]
         summary = probe_run_dir(run_dir, split, names, max_samples, latent_block)
+        written = "probed" in summary  # generated latents: the written block was replaced
         table = Table(title=f"{run_dir} — latent probes on {split}", show_edge=False)
-        for column in ("latents", "accuracy", "drop"):
+        for column in ("latents", "accuracy", "drop", *(("replaced",) if written else ())):
             table.add_column(column, justify="left" if column == "latents" else "right")
         for name, accuracy in summary["accuracy"].items():
             drop = summary["drop"].get(name)
-            table.add_row(name, f"{accuracy:.1%}", "" if drop is None else f"{drop:+.1%}")
+            row = [name, f"{accuracy:.1%}", "" if drop is None else f"{drop:+.1%}"]
+            if written:
+                replaced = summary["probed"].get(name)
+                row.append("" if replaced is None else f"{replaced:.0%}")
+            table.add_row(*row)
         out.print(table)
+        if written:
+            out.print(f"generated latents, {summary['wrote_block']:.0%} wrote the block")
         return
     if bench is not None:
         summary = evaluate_bench(run_dir, bench, max_samples, latent_block, resolution)

@@ -370,11 +370,53 @@ def test_generate_shows_the_written_block(written_run: Path, tmp_path: Path):
     assert table.exit_code == 0 and "written" in table.stdout
 
 
-def test_interventions_on_the_block_refuse_generated_latents(written_run: Path):
-    line = assert_one_error_line(
-        invoke("eval", written_run, "--probe", "zero", "--latent-block", "generated")
-    )
-    assert "forced latent block" in line
+def _evaluate_probe(run_dir: Path, latent_block: str, probe) -> list[dict]:
+    from crystalkit.evaluation.runs import load_run
+
+    recipe, dataset, backbone, method, _ = load_run(run_dir)
+    cfg = recipe.eval.model_copy(update={"latent_block": latent_block})
+    return evaluate(backbone, dataset.split("test"), method, cfg, latent_probe=probe).predictions
+
+
+def test_a_probe_on_the_written_block_is_the_probe_on_the_forced_block(written_run: Path):
+    """The identity probe leaves every generated answer as it was (the replacement lands on the
+    written block's own columns); under ``zero`` and ``shuffle``, a row that goes on to write the
+    closing text and cue exactly answers what the same probe on the forced block answers: the
+    same context, with the block replaced, before the answer."""
+    from crystalkit.evaluation.probes import BUILTIN
+
+    plain = _predictions_of(written_run, "generated")
+    same = _evaluate_probe(written_run, "generated", lambda backbone, layout, kv: kv)
+    assert all(p["probed"] for p in same)
+    assert [p["raw"] for p in same] == [p["raw"] for p in plain]
+    compared = 0
+    for name in ("zero", "shuffle"):
+        generated = _evaluate_probe(written_run, "generated", BUILTIN[name])
+        forced = _evaluate_probe(written_run, "forced", BUILTIN[name])
+        assert all(p["probed"] for p in generated)  # every test sample wrote the block
+        for g, f in zip(generated, forced, strict=True):
+            if g["wrote_block"]:
+                assert g["raw"] == f["raw"], name
+                compared += 1
+    assert compared > 0  # the premise: some rows wrote the whole template after the probe
+
+
+def _predictions_of(run_dir: Path, latent_block: str) -> list[dict]:
+    return _evaluate_probe(run_dir, latent_block, None)
+
+
+def test_eval_probe_with_generated_latents(written_run: Path):
+    result = invoke("eval", written_run, "--probe", "zero", "--latent-block", "generated")
+    assert result.exit_code == 0, result.output
+    assert "wrote the block" in result.stdout and "replaced" in result.stdout
+    summary = json.loads((written_run / "probes_test_generated.json").read_text())
+    assert summary["latent_block"] == "generated" and summary["wrote_block"] == 1.0
+    assert summary["probed"] == {"zero": 1.0}
+    plain = [p for p in _predictions_of(written_run, "generated")]
+    assert summary["accuracy"]["none"] == sum(p["correct"] for p in plain) / len(plain)
+
+
+def test_views_on_the_corrupted_path_refuse_generated_latents(written_run: Path):
     line = assert_one_error_line(
         invoke(
             "eval", written_run, "--corrupted", "--latents", "copied", "--latent-block", "generated"

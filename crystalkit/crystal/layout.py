@@ -213,6 +213,11 @@ class Packer:
     def cue_ids(self) -> list[int]:
         return list(self._cue)
 
+    @property
+    def opening_ids(self) -> list[int]:
+        """The latent template's opening text (before the block), as ids."""
+        return list(self._open)
+
     def written_ids(self, block: Sequence[int]) -> list[int]:
         """What a forced prompt holds after the question and the model writes itself in
         generated mode: opening text, latent ``block``, closing text, answer cue."""

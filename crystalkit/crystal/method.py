@@ -231,6 +231,12 @@ class Method:
         block should write: opening text, the final latent block, closing text, answer cue."""
         return self.packer.written_ids(self.block.ids(self.final_k))
 
+    def written_prefix(self) -> tuple[list[int], int]:
+        """What a model that writes its own block writes up to the block's end (the template's
+        opening text, then the final latent block), and where the block starts in it."""
+        opening = self.packer.opening_ids
+        return [*opening, *self.block.ids(self.final_k)], len(opening)
+
     def control_layout(self, samples: Sequence[Sample], seed: int, blank: bool) -> Layout:
         """A generation prompt with both images (the corrupted one seeded by ``seed``) and the
         final latent block, plus the image-free block D' with ``blank``: what the ``copied`` and

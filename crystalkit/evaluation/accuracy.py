@@ -20,7 +20,7 @@ from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.generation import View, generate_answers, split_written
-from crystalkit.evaluation.probes import LatentProbe
+from crystalkit.evaluation.probes import LatentProbe, written_probe
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
 from crystalkit.training.sampler import derived_seed
@@ -105,10 +105,10 @@ def evaluate(
     each prediction also records the whole generation (``written``, special tokens shown) and
     whether it began with exactly the forced template and block (``wrote_block``)."""
     generated = cfg.latent_block == "generated"
-    if generated and (view != "intact" or latent_probe is not None):
+    if generated and view != "intact":
         raise UsageError(
-            "generated latents: the copied/no_copy views and the latent probes intervene on a "
-            "forced latent block; run them with forced latents"
+            "generated latents: the copied/no_copy views put the intact images' latent block on "
+            "the corrupted path at known columns; run them with forced latents"
         )
     written = method.written_ids() if generated else []
     block = method.block.ids(method.final_k)
@@ -124,8 +124,13 @@ def evaluate(
         samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
         seed = derived_seed(method.recipe.seed, -1 - start)
         corrupt_seed = seed if corrupted else None
+        written_block = None
         if generated:
             layout = method.generated_prompt_layout(samples, corrupt_seed=corrupt_seed)
+            if latent_probe is not None:
+                written_block = written_probe(
+                    backbone, method, samples, latent_probe, corrupt_seed, device
+                )
         elif view == "intact":
             layout = method.prompt_layout(samples, corrupt_seed=corrupt_seed)
         else:
@@ -135,16 +140,19 @@ def evaluate(
             layout.to(device),
             budget,
             [tokenizer.eos_token_id],
-            latent_probe,
+            None if generated else latent_probe,
             view,
+            written_block,
         )
-        for sample, row in zip(samples, answers.tokens.tolist(), strict=True):
+        for i, (sample, row) in enumerate(zip(samples, answers.tokens.tolist(), strict=True)):
             extra: dict[str, Any] = {}
             if generated:
                 stop = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
                 text = tokenizer.decode(row[:stop], skip_special_tokens=False)
                 row, exact = split_written(row, written, method.packer.cue_ids, block_end)
                 extra = {"written": text, "wrote_block": exact}
+                if answers.replaced is not None:
+                    extra["probed"] = bool(answers.replaced[i])
             raw = tokenizer.decode(row, skip_special_tokens=True)
             if sample.options:
                 choice = extract_choice(raw, sample.options)

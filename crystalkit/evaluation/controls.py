@@ -9,9 +9,10 @@ Each control re-evaluates the split under one intervention and reports its accur
 * ``zero`` / ``mean`` / ``shuffle`` / ``swap`` — the intact images with the latent block replaced
   (:mod:`crystalkit.evaluation.probes`).
 
-All corrupted views use the same corrupted images (seeded per batch from the run's seed). Every
-control intervenes on (or reads) a latent block at known columns, so controls always force the
-block into the prompt, whatever ``eval.latent_block`` says.
+All corrupted views use the same corrupted images (seeded per batch from the run's seed). The
+corrupted views put a latent block at known columns, so they always force the block into the
+prompt; the probes follow ``eval.latent_block`` (with ``generated`` they replace the block the
+model writes itself).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset
 
 from crystalkit.config.schema import EvalConfig
 from crystalkit.crystal.method import Method
-from crystalkit.evaluation.accuracy import evaluate
+from crystalkit.evaluation.accuracy import EvalResult, evaluate
 from crystalkit.evaluation.probes import BUILTIN, PROBES, dataset_mean_kv, mean_probe
 from crystalkit.models.backbone import Backbone
 
@@ -33,13 +34,21 @@ CONTROLS = (*VIEWS, *PROBES)
 def control_accuracy(
     backbone: Backbone, data: Dataset, method: Method, cfg: EvalConfig, name: str
 ) -> float:
-    """Accuracy on ``data`` under control ``name`` (one of :data:`CONTROLS`), with forced
-    latents."""
-    cfg = cfg.model_copy(update={"latent_block": "forced"})
-    if name == "corrupted":
-        return evaluate(backbone, data, method, cfg, corrupted=True).accuracy
+    """Accuracy on ``data`` under control ``name`` (one of :data:`CONTROLS`)."""
+    return control_result(backbone, data, method, cfg, name).accuracy
+
+
+def control_result(
+    backbone: Backbone, data: Dataset, method: Method, cfg: EvalConfig, name: str
+) -> EvalResult:
+    """The evaluation of ``data`` under control ``name`` (one of :data:`CONTROLS`); the corrupted
+    views with forced latents, the probes with ``cfg.latent_block``."""
     if name in VIEWS:
-        return evaluate(backbone, data, method, cfg, view=name).accuracy
+        cfg = cfg.model_copy(update={"latent_block": "forced"})
+    if name == "corrupted":
+        return evaluate(backbone, data, method, cfg, corrupted=True)
+    if name in VIEWS:
+        return evaluate(backbone, data, method, cfg, view=name)
     if name == "mean":
         total = min(cfg.max_samples or len(data), len(data))
         device = next(backbone.parameters()).device
@@ -52,7 +61,7 @@ def control_accuracy(
         probe = mean_probe(dataset_mean_kv(backbone.eval(), layouts))
     else:
         probe = BUILTIN[name]
-    return evaluate(backbone, data, method, cfg, latent_probe=probe).accuracy
+    return evaluate(backbone, data, method, cfg, latent_probe=probe)
 
 
 def run_controls(

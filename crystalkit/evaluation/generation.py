@@ -7,7 +7,10 @@ identical than a generation config.
 
 With generated latents (``eval.latent_block: generated``) the prompt ends at the question and the
 same loop writes the latent template, the block and the answer; :func:`split_written` then finds
-the answer after the block.
+the answer after the block. A latent probe acts on the written block (:class:`WrittenBlock`): once
+a row has written the template's opening text and the block exactly, the block's cached keys and
+values are replaced, and the model goes on writing (closing text, cue, answer) from the replaced
+block.
 
 The corrupted path can be decoded too, from a prompt layout that holds both images
 (:meth:`~crystalkit.crystal.method.Method.control_layout`): ``copied`` answers from the corrupted
@@ -27,8 +30,9 @@ import torch
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import CORRUPTED_PATH, INTACT_PATH, Segment
 from crystalkit.crystal.paths import BLANK_PATH, layout_inputs, run_intact
-from crystalkit.crystal.runner import block_kv, run_sequence
+from crystalkit.crystal.runner import KV, block_kv, run_sequence
 from crystalkit.models.backbone import Backbone
+from crystalkit.models.compat import cache_layers_kv
 from crystalkit.models.masks import additive, causal_allowed
 
 
@@ -36,10 +40,40 @@ from crystalkit.models.masks import additive, causal_allowed
 class Generation:
     """``tokens`` ``[B, <= max_new_tokens]`` (pad after each row's stop token) and ``first_logits``
     ``[B, V]``, the distribution the first token was drawn from (the first answer token, unless the
-    prompt ends at the question and the model writes its latent block first)."""
+    prompt ends at the question and the model writes its latent block first). ``replaced`` ``[B]``:
+    the rows whose written block a :class:`WrittenBlock` replaced (``None`` without one)."""
 
     tokens: torch.Tensor
     first_logits: torch.Tensor
+    replaced: torch.Tensor | None = None
+
+
+@dataclass
+class WrittenBlock:
+    """A latent probe on a block the model writes itself: ``prefix`` is what a row must write first
+    (the template's opening text, then the block), the block is ``prefix[start:]``, and ``kv``
+    (per layer ``[B, H_kv, len(block), d]``) replaces its cached keys and values as soon as a row
+    has written ``prefix`` exactly. The first token after the block is still predicted by the
+    block's own last column (computed before the replacement); everything after reads ``kv``, as
+    the answer does under a probe on a forced block."""
+
+    prefix: Sequence[int]
+    start: int
+    kv: KV
+
+    def replace(self, prompt: Prompt, written: torch.Tensor, past: int) -> torch.Tensor:
+        """Write ``kv`` over the block's columns in ``prompt.cache`` for the rows whose
+        ``written`` ``[B, len(prefix)]`` tokens are ``prefix`` (``past``: the columns cached
+        before the first written token); returns those rows."""
+        expected = torch.tensor(list(self.prefix), device=written.device)
+        rows = (written == expected).all(-1)
+        block = slice(past + self.start, past + len(self.prefix))
+        for (keys, values), (k, v) in zip(cache_layers_kv(prompt.cache), self.kv, strict=True):
+            if k.shape[-2] != block.stop - block.start:
+                raise ValueError(f"{k.shape[-2]} replacement columns for a block of {block}")
+            keys[rows, :, block] = k[rows].to(keys.dtype)
+            values[rows, :, block] = v[rows].to(values.dtype)
+        return rows
 
 
 #: which path answers: the intact one, or the corrupted one reading copied / image-free latents
@@ -118,14 +152,19 @@ def generate_answers(
     stop_ids: Iterable[int],
     latent_probe: Callable[..., Any] | None = None,
     view: View = "intact",
+    written_block: WrittenBlock | None = None,
 ) -> Generation:
-    """Greedy answers for a prompt layout, through :func:`run_prompt` (same arguments)."""
+    """Greedy answers for a prompt layout, through :func:`run_prompt` (same arguments);
+    ``written_block``: a probe on the block the model writes (a prompt that ends at the
+    question)."""
     prompt = run_prompt(backbone, layout, latent_probe, view)
+    past = prompt.mask.shape[1]
     logits = prompt.logits
     first_logits = logits.float()
     stop = torch.tensor(sorted(set(stop_ids)), device=logits.device)
     pad_id = backbone.tokenizer.pad_token_id
     generated: list[torch.Tensor] = []
+    replaced = None
     finished = torch.zeros(len(layout), dtype=torch.bool, device=logits.device)
     for index in range(max_new_tokens):
         token = logits.argmax(-1)
@@ -138,7 +177,11 @@ def generate_answers(
         step_logits, cache = feed(backbone, prompt, token[:, None], one)
         logits = step_logits[:, -1]
         prompt = Prompt(cache, torch.cat([prompt.mask, one], 1), prompt.next_positions + 1, logits)
-    return Generation(torch.stack(generated, dim=1), first_logits)
+        if written_block is not None and index + 1 == len(written_block.prefix):
+            replaced = written_block.replace(prompt, torch.stack(generated, dim=1), past)
+    if written_block is not None and replaced is None:  # stopped before the block's end
+        replaced = torch.zeros_like(finished)
+    return Generation(torch.stack(generated, dim=1), first_logits, replaced)
 
 
 def split_written(

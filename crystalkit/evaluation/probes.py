@@ -10,6 +10,11 @@ block's content in both latent families: it is what the answer reads), then deco
 
 A large accuracy drop says the answer depends on what the latents computed; no drop says the
 gain, if any, comes from the template (a critique several follow-up studies raise).
+
+With generated latents the same replacement acts on the block the model writes itself
+(:func:`written_probe`): the replacement is computed from the forced prompt, whose block the model
+writes token for token when it writes the template exactly; a row that does not write it has no
+block to replace and answers as without the probe (``probed: false`` in its prediction).
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from dataclasses import replace
 import torch
 
 from crystalkit.crystal.layout import Layout
+from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import Segment
 from crystalkit.crystal.paths import layout_inputs, run_intact
 from crystalkit.crystal.runner import KV, block_kv
+from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
+from crystalkit.evaluation.generation import WrittenBlock
 from crystalkit.models.backbone import Backbone
 
 PROBES = ("zero", "mean", "shuffle", "swap")
@@ -55,6 +63,22 @@ def _swap(backbone: Backbone, layout: Layout, kv: KV) -> KV:
         )
     other = replace(layout, pixel_values=layout.pixel_values.roll(1, dims=0))
     return latent_kv(backbone, other)
+
+
+def written_probe(
+    backbone: Backbone,
+    method: Method,
+    samples: Sequence[Sample],
+    probe: LatentProbe,
+    corrupt_seed: int | None,
+    device: torch.device,
+) -> WrittenBlock:
+    """``probe`` for the block the model writes in generated mode: its replacement keys and values,
+    computed on the forced prompt of the same samples (images corrupted with ``corrupt_seed`` as
+    the generated prompt's are)."""
+    forced = method.prompt_layout(samples, corrupt_seed=corrupt_seed).to(device)
+    prefix, start = method.written_prefix()
+    return WrittenBlock(prefix, start, probe(backbone, forced, latent_kv(backbone, forced)))
 
 
 def mean_probe(mean: KV) -> LatentProbe:

@@ -212,20 +212,17 @@ def probe_run_dir(
     max_samples: int | None = None,
     latent_block: str | None = None,
 ) -> dict:
-    """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``.
-    Probes replace the content of a block at known columns: the block is always forced (the
-    recipe's ``eval.latent_block`` does not apply; ``latent_block="generated"`` is refused)."""
+    """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``
+    (``probes_SPLIT_generated.json`` ... for another mode than the recipe's). With generated
+    latents the probes replace the block the model writes (:func:`~crystalkit.evaluation.probes.
+    written_probe`) and the summary adds ``wrote_block`` and, per probe, the fraction of samples
+    whose block was replaced (``probed``)."""
     from crystalkit.errors import UsageError
-    from crystalkit.evaluation.controls import control_accuracy
+    from crystalkit.evaluation.controls import control_result
     from crystalkit.evaluation.probes import PROBES
     from crystalkit.io import atomic_write_json
 
     check_latent_block(latent_block)
-    if latent_block == "generated":
-        raise UsageError(
-            "--probe replaces the content of a forced latent block; it cannot run with "
-            "--latent-block generated"
-        )
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
         raise UsageError(
@@ -234,12 +231,22 @@ def probe_run_dir(
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if method.final_k == 0:
         raise UsageError(f"{run_dir}: the run has no latent block (K = 0): nothing to probe")
-    cfg = _eval_config(recipe, max_samples, "forced")
+    cfg = _eval_config(recipe, max_samples, latent_block)
+    if cfg.latent_block == "generated" and method.block.recurrent:
+        raise UsageError(
+            "generated latents need token latents: recurrent latents are hidden states, not "
+            "tokens the model can write (probe with --latent-block forced)"
+        )
     data = dataset.split(split)
     base = evaluate(backbone, data, method, cfg)
     results = {"none": base.accuracy}
+    probed: dict[str, float] = {}
     for name in probes:
-        results[name] = control_accuracy(backbone, data, method, cfg, name)
+        result = control_result(backbone, data, method, cfg, name)
+        results[name] = result.accuracy
+        if result.wrote_block is not None:
+            count = max(len(result.predictions), 1)
+            probed[name] = sum(p["probed"] for p in result.predictions) / count
     summary = {
         "step": step,
         "split": split,
@@ -248,5 +255,8 @@ def probe_run_dir(
         "accuracy": results,
         "drop": {name: results["none"] - acc for name, acc in results.items() if name != "none"},
     }
-    atomic_write_json(run_dir / f"probes_{split}.json", summary)
+    if base.wrote_block is not None:
+        summary |= {"latent_block": "generated", "wrote_block": base.wrote_block, "probed": probed}
+    suffix = _mode_suffix(recipe, latent_block)
+    atomic_write_json(run_dir / f"probes_{split}{suffix}.json", summary)
     return summary
