@@ -238,3 +238,69 @@ def test_packaged_templates_are_the_copied_text_and_the_header_renders_nothing(f
     assert rendered[0] == rendered[1]
     assert "This comment" not in rendered[0]
     assert {path.stem for path in TEMPLATES.glob("*.jinja")} == set(BODY_SHA256)
+
+
+def sentencepiece_tokenizer(
+    corpus: list[str], legacy: bool
+) -> transformers.PreTrainedTokenizerFast:
+    """A Llama-style tokenizer (``▁`` for spaces, bos added on encode) with LLaVA's special tokens
+    at the offline tokenizer's ids: Metaspace with ``prepend_scheme: first`` (transformers'
+    ``LlamaTokenizer``, ``legacy=False``: ``▁`` only where the string starts), or the legacy
+    ``Prepend("▁")`` normalizer (llava-1.5-7b-hf's tokenizer.json: ``▁`` before every span between
+    special tokens)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+
+    core = Tokenizer(models.BPE())
+    if legacy:
+        core.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+    else:
+        core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    alphabet = sorted({c for text in corpus for c in text.replace(" ", "▁")} | {"▁"})
+    specials = ["<pad>", "</s>", "<image>", "<s>"]  # the ids of LLaVA's offline tokenizer
+    trainer = BpeTrainer(
+        vocab_size=200, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    core.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.convert_tokens_to_ids("<s>"))]
+    )
+    return tokenizer
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "legacy_prepend"])
+def test_a_sentencepiece_prompt_is_encoded_as_one_string(tmp_path, legacy):
+    """A tiny LLaVA checkpoint with a SentencePiece-style tokenizer: the prompt equals the
+    processor's, although its pieces encoded one by one would not (the premise, checked: ``▁``
+    at the start of a piece, a suffix that merges with the question)."""
+    _, built, _, samples = build("llava_clip", "latents.schedule.k=0")
+    built.save_pretrained(tmp_path)
+    parts = split_chat_template(built.tokenizer, "<image>", "the tiny checkpoint")
+    questions = [format_question(s.question, s.options) for s in samples]
+    corpus = [*questions, parts.prefix, parts.between, parts.suffix, ANSWER_CUE] * 3
+    tokenizer = sentencepiece_tokenizer(corpus, legacy)
+    tokenizer.chat_template = built.tokenizer.chat_template
+    tokenizer.save_pretrained(tmp_path)
+    config = HFConfig(name_or_path=str(tmp_path), image_size=built.config.image_size)
+    backbone = type(built).create(config, corpus=[])
+    assert type(backbone.tokenizer.backend_tokenizer.normalizer).__name__ == (
+        "Sequence" if legacy else "NoneType"
+    )
+    prompt, _ = generation_prompt(backbone, samples[0])
+    reference = reference_ids(backbone, backbone.tokenizer, questions[0])
+    assert prompt == reference
+    encode = backbone.tokenizer.encode
+    pieces = [
+        *encode(backbone.prompt_prefix, add_special_tokens=False),
+        *backbone.image_prompt_ids(),
+        *encode(backbone.image_suffix + questions[0], add_special_tokens=False),
+        *encode(backbone.question_suffix, add_special_tokens=False),
+    ]
+    assert pieces != reference  # the premise: piece by piece would be wrong

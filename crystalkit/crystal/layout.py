@@ -199,9 +199,7 @@ class Packer:
         self.write = write
         tok = backbone.tokenizer
         self._eos, self._pad = tok.eos_token_id, tok.pad_token_id
-        self._prefix = self._encode(backbone.prompt_prefix)
-        self._between = backbone.image_suffix  # encoded with the question: one text span
-        self._suffix = self._encode(backbone.question_suffix)
+        self._prefix = backbone.prompt_ids("")[0]
         self._image = backbone.image_prompt_ids()
         self._cue = self._encode(ANSWER_CUE)
         self._open, self._close = (self._encode(text) if text else [] for text in template)
@@ -260,9 +258,11 @@ class Packer:
         questions: list[list[int]] = []
         question_labels: list[list[int]] = []
         for s, grid in zip(samples, grids, strict=True):
-            question = self._encode(self._between + format_question(s.question, s.options))
+            prefix, question = backbone.prompt_ids(format_question(s.question, s.options))
+            if prefix != self._prefix:
+                raise ValueError(f"the prompt's prefix depends on the question: {s.question!r}")
             image = self._image if grid is None else backbone.image_prompt_ids(grid)
-            ids = [*image, *question, *self._suffix, *opening]
+            ids = [*image, *question, *opening]
             questions.append(ids)
             question_labels.append([IGNORE_INDEX] * (len(ids) - len(opening)) + opening)
         answers: list[tuple[list[int], list[int]]] = []

@@ -181,6 +181,17 @@ class Backbone(nn.Module, ABC):
         header); the answer ends with ``tokenizer.eos_token``."""
         return ""
 
+    def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
+        """``(ids before the image, ids after it)`` of the prompt around ``question`` (through
+        :attr:`question_suffix`): by default :attr:`prompt_prefix`, then :attr:`image_suffix`
+        with the question, then :attr:`question_suffix`, each encoded on its own."""
+
+        def encode(text: str) -> list[int]:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+        after = [*encode(self.image_suffix + question), *encode(self.question_suffix)]
+        return encode(self.prompt_prefix), after
+
     def image_prompt_ids(self, grid: torch.Tensor | None = None) -> list[int]:
         """The token ids one image occupies in a prompt (placeholders, plus any markers around
         them that the model expects); ``grid``: that image's own (:meth:`image_grid_of`)."""

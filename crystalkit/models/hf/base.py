@@ -15,6 +15,7 @@ A family subclass says where the parts live and how images become tokens; see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -400,8 +401,7 @@ class HFBackbone(Backbone):
                 suffix=self.default_suffix if suffix is None else suffix,
             )
         parts = split_chat_template(self.tokenizer, self.chat_image_markup, source)
-        bos = leading_bos(self.tokenizer, parts.prefix)
-        return PromptParts(bos + parts.prefix, parts.between, parts.suffix)
+        return replace(parts, bos=leading_bos(self.tokenizer, parts.prefix))
 
     @property
     def plain_prefix(self) -> str:
@@ -410,7 +410,32 @@ class HFBackbone(Backbone):
 
     @property
     def prompt_prefix(self) -> str:
-        return self._prompt.prefix
+        return self._prompt.bos + self._prompt.prefix
+
+    def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
+        """Under ``prompt: chat_template``, the prompt encoded as the family's processor encodes
+        ``apply_chat_template``'s text: as one string, with the image markup where the template
+        writes it (split off afterwards), and the bos token added as an id. A SentencePiece
+        tokenizer marks the start of a string (Metaspace) or of every span between special
+        tokens (the legacy ``Prepend`` normalizer), so text encoded in pieces would differ at
+        their seams. ``prompt: plain`` encodes its pieces one by one, as it always has."""
+        if self.config.prompt == "plain":
+            return super().prompt_ids(question)
+        tokenizer, parts, markup = self.tokenizer, self._prompt, self.chat_image_markup
+        text = parts.prefix + markup + parts.between + question + parts.suffix
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        marks = tokenizer.encode(markup, add_special_tokens=False)
+        at = next(
+            (i for i in range(len(ids) - len(marks) + 1) if ids[i : i + len(marks)] == marks),
+            None,
+        )
+        if at is None:
+            raise UsageError(
+                f"backbone.prompt: the tokenizer merges the image markup {markup!r} with the text "
+                "around it (expected special tokens); set backbone.prompt: plain"
+            )
+        lead = [tokenizer.bos_token_id] if parts.bos else []
+        return [*lead, *ids[:at]], ids[at + len(marks) :]
 
     @property
     def image_suffix(self) -> str:

@@ -32,11 +32,14 @@ HINT = "set backbone.prompt: plain for the family's fixed prompt"
 @dataclass(frozen=True)
 class PromptParts:
     """The text around one image and its question: ``prefix`` opens the prompt, ``between`` sits
-    between the image and the question, ``suffix`` ends the user turn and opens the answer."""
+    between the image and the question, ``suffix`` ends the user turn and opens the answer;
+    ``bos`` is the bos token the family's processor adds when it encodes the prompt (the rendered
+    text holds none), else empty."""
 
     prefix: str
     between: str
     suffix: str
+    bos: str = ""
 
 
 def packaged_template(family: str) -> str:
