@@ -195,7 +195,7 @@ def evaluate_run(
         typer.Option(
             help="with --bench: the backbone's resolution — fixed (the recipe's square "
             "image_size) or processor (the image processor's own size per image); default "
-            "processor for a pretrained Qwen-VL checkpoint (name_or_path), else the recipe's"
+            "processor for a pretrained Qwen-VL or LLaVA checkpoint (name_or_path), else the recipe's"
         ),
     ] = None,
 ) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from cli_process import invoke
 from conftest import ROOT
-from hf_models import SMALL, build
+from hf_models import SMALL, build, own_forward
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
@@ -175,12 +176,61 @@ def test_native_images_at_fixed_resolution_are_corrupted_then_resized():
 
 def test_processor_resolution_is_refused_where_unsupported():
     with pytest.raises(UsageError) as caught:
-        build("llava_clip", "backbone.resolution=processor")
+        build("idefics3", "backbone.resolution=processor")
     message = str(caught.value)
     assert "\n" not in message
     assert "backbone.resolution: processor is not supported by" in message
     with pytest.raises(RecipeError, match="min_pixels / max_pixels apply to resolution"):
         build("qwen2_5_vl", *PIXELS)
+    with pytest.raises(UsageError, match="LLaVA's image processor has no pixel bounds"):
+        build("llava_clip", *PROCESSOR)
+
+
+@pytest.mark.parametrize("family", ["llava_clip", "llava_siglip"])
+def test_llava_processor_resolution_is_the_checkpoints_image_processor(family):
+    """LLaVA under ``processor``: two non-square native images go through the family's own image
+    processor (CLIP: shortest edge, then centre crop; SigLIP: to the square), and the packed
+    intact path's logits are the model's own forward on that processor's pixel values; both
+    paths keep the fixed token count, and ``corrupt_at: model_input`` corrupts at the size the
+    processor resizes to before cropping."""
+    _, backbone, method, samples = build(family, "backbone.resolution=processor")
+    backbone.eval()
+    samples = _native(samples)
+    size = backbone.config.image_size
+    if family == "llava_clip":
+        reference = transformers.CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    else:
+        reference = transformers.SiglipImageProcessor(size={"height": size, "width": size})
+    expected = reference(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
+    layout = method.layout(samples, step=0)
+    torch.testing.assert_close(layout.pixel_values, expected)
+    assert layout.corrupted_pixels.shape == expected.shape and layout.image_grid is None
+    per_row = (layout.input_ids == backbone.image_token_id).sum(1)
+    assert per_row.tolist() == [2 * backbone.num_image_tokens] * len(samples)
+    intact, _ = layout.select(INTACT_PATH)
+    queries = intact.answer_queries(Segment.ANSWER_INTACT)
+    with torch.no_grad():
+        ours = intact_only(backbone, layout).intact_logits
+        for row in range(len(samples)):
+            keep = intact.segments[row] != Segment.PAD
+            own = own_forward(backbone, intact.input_ids[row : row + 1, keep], expected[row])
+            kept = torch.nonzero(keep).flatten().tolist()
+            inside = [(i, c) for i, c in enumerate(kept) if queries.start <= c < queries.stop]
+            got = ours[row, [c - queries.start for _, c in inside]]
+            torch.testing.assert_close(got, own[0, [i for i, _ in inside]], atol=1e-5, rtol=1e-4)
+    _, _, model_input, _ = build(
+        family, "backbone.resolution=processor", "crystal.corrupt_at=model_input"
+    )
+    corrupted = model_input.corrupt(samples, seed=0)
+    shapes = [tuple(c.shape[-2:]) for c in corrupted]
+    if family == "llava_clip":  # the shortest edge at image_size, the aspect kept
+        assert [min(shape) for shape in shapes] == [size, size]
+        assert [h > w for h, w in shapes] == [h > w for h, w in SIZES]
+    else:
+        assert shapes == [(size, size)] * 2
+    assert model_input.layout(samples, step=0).corrupted_pixels.shape == expected.shape
 
 
 def _png(width: int, height: int) -> bytes:
@@ -204,12 +254,13 @@ def test_bench_images_keep_their_native_size(tmp_path: Path):
         ({"name": "qwen2_5_vl", "name_or_path": "some/checkpoint"}, None, "processor"),
         ({"name": "qwen2_5_vl", "name_or_path": "some/checkpoint"}, "fixed", "fixed"),
         ({"name": "qwen2_5_vl", "config": {}}, None, None),
-        ({"name": "llava_clip", "name_or_path": "some/checkpoint"}, None, None),
+        ({"name": "llava", "name_or_path": "some/checkpoint"}, None, "processor"),
+        ({"name": "idefics3", "name_or_path": "some/checkpoint"}, None, None),
     ],
 )
 def test_bench_resolution_default(tmp_path: Path, backbone, flag, expected):
-    """``eval --bench``: processor for a pretrained Qwen-VL checkpoint unless forced; otherwise
-    the recipe's."""
+    """``eval --bench``: processor for a pretrained Qwen-VL or LLaVA checkpoint unless forced;
+    otherwise the recipe's."""
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"backbone": backbone}))
     assert bench_resolution(tmp_path, flag) == expected
     with pytest.raises(UsageError, match="--resolution"):

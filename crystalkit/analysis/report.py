@@ -41,7 +41,7 @@ def analyze_run(
     from crystalkit.evaluation.runs import load_run, run_image_size
 
     recipe, dataset, backbone, method, step = load_run(run_dir)
-    if backbone.resizes_itself:
+    if backbone.per_image_grids:
         raise UsageError(
             f"{run_dir}: analyze moves images between samples (a donor image, a blank one); "
             "under backbone.resolution: processor their grids differ (use resolution: fixed)"

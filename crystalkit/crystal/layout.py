@@ -326,10 +326,10 @@ class Packer:
             regions[segment] = range(start, start + width)
             start += width
         preprocess = backbone.preprocess_images
-        if grids[0] is None:  # at any sizes: resized to the backbone's square
-            pixels = preprocess([s.image.float() / 255.0 for s in samples])
-        else:  # at their own sizes: the processor resizes (and rescales) each
+        if backbone.resizes_itself:  # at their own sizes: the processor resizes (and rescales)
             pixels = preprocess([s.image for s in samples])
+        else:  # at any sizes: resized to the backbone's square
+            pixels = preprocess([s.image.float() / 255.0 for s in samples])
         return Layout(
             input_ids=torch.cat(ids_parts, 1),
             segments=torch.cat(seg_parts, 1),

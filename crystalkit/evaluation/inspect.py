@@ -51,7 +51,11 @@ def attention_maps(
     answer, with the run's final latent block)."""
     grid = backbone.image_grid
     if grid is None:
-        raise UsageError("this backbone's image tokens do not form a grid: no attention maps")
+        raise UsageError(
+            "this backbone's image tokens do not form one grid over the whole image (under "
+            "backbone.resolution: processor each image is resized, or cropped, its own way): "
+            "no attention maps"
+        )
     k = method.final_k
     if k == 0:
         raise UsageError("the run has no latent block (K = 0): nothing to inspect")

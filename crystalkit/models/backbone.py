@@ -104,6 +104,12 @@ class Backbone(nn.Module, ABC):
         grid, :meth:`image_grid_of`) instead of one square size for all."""
         return False
 
+    @property
+    def per_image_grids(self) -> bool:
+        """Whether images get grids of their own (:meth:`image_grid_of`), so that two images may
+        hold different numbers of tokens and cannot trade places in a batch."""
+        return False
+
     def input_size(self, height: int, width: int) -> tuple[int, int] | None:
         """``(height, width)`` the vision tower sees for an image of this size (what
         ``crystal.corrupt_at: model_input`` resizes to before corrupting): by default the

@@ -60,8 +60,9 @@ class HFConfig(BaseModel):
     resolution: Literal["fixed", "processor"] = Field(
         "fixed",
         description="fixed: every image squashed to image_size x image_size (the paper's "
-        "recipe); processor: the image processor's own resizing (aspect kept, between "
-        "min_pixels and max_pixels; a grid and token count per image; Qwen-VL families)",
+        "recipe); processor: the image processor's own resizing (Qwen-VL: aspect kept, between "
+        "min_pixels and max_pixels, a grid and token count per image; LLaVA: CLIP's shortest "
+        "edge and centre crop, SigLIP's square)",
     )
     min_pixels: int | None = Field(
         None, ge=1, description="resolution: processor — fewest pixels; null = the processor's"

@@ -2,7 +2,10 @@
 
 * ``llava`` — ``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower (whichever
   ``vision_config.model_type`` names). CLIP's class token is dropped
-  (``vision_feature_select_strategy: default``); SigLIP has none (``full``).
+  (``vision_feature_select_strategy: default``); SigLIP has none (``full``). Under ``resolution:
+  processor`` each image keeps its native size until the image processor resizes it as the
+  checkpoint's processor does (CLIP: shortest edge to ``image_size``, then a centre crop; SigLIP:
+  to the square); every image still gets the same ``image_size`` square and token count.
 * ``idefics3`` / ``smolvlm`` — ``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration``:
   a SigLIP encoder and a pixel-shuffle connector. crystalkit feeds one global view per image
   (no tiling), so every image has the same tokens:
@@ -57,6 +60,40 @@ class LlavaBackbone(HFBackbone):
     chat_family = "llava"
     default_prefix = "USER: "
     default_suffix = " ASSISTANT:"
+    processor_resolution = True
+
+    @classmethod
+    def check_resolution(cls, config: HFConfig) -> None:
+        super().check_resolution(config)
+        if config.min_pixels is not None or config.max_pixels is not None:
+            raise UsageError(
+                "backbone.min_pixels / max_pixels: LLaVA's image processor has no pixel bounds "
+                "(it resizes to image_size; remove them)"
+            )
+
+    @property
+    def resizes_itself(self) -> bool:
+        return self.config.resolution == "processor"
+
+    @property
+    def _crops(self) -> bool:
+        """Whether the image processor centre-crops after its resize (CLIP; SigLIP squashes)."""
+        return not isinstance(self.image_processor, SiglipImageProcessor)
+
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """``None`` under ``processor``: the grid covers the centre crop, not the whole image."""
+        return None if self.resizes_itself and self._crops else super().image_grid
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """``processor``: the size the image processor resizes to before its crop (CLIP: the
+        shortest edge to ``image_size``, as ``get_resize_output_image_size`` computes it)."""
+        size = self.config.image_size
+        if not (self.resizes_itself and self._crops):
+            return size, size
+        short, long = sorted((height, width))
+        resized = (size, int(size * long / short))
+        return resized if height <= width else resized[::-1]
 
     @classmethod
     def token_fields(cls) -> list[tuple[str, str]]:
@@ -110,15 +147,29 @@ class LlavaBackbone(HFBackbone):
         return (self.tokenizer.bos_token or "") + self.default_prefix
 
     def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        pixels = resize_unit(images, self.config.image_size)
-        out = self.image_processor(
-            images=list(pixels),
-            do_resize=False,
-            do_center_crop=False,
-            do_rescale=False,
-            return_tensors="pt",
-        )
-        return out["pixel_values"]
+        """-> ``[B, 3, S, S]``: resized to the square by crystalkit (``fixed``), or, under
+        ``processor``, by the image processor itself, one image at a time (``uint8`` or [0, 1]
+        float, any size)."""
+        if not self.resizes_itself:
+            pixels = resize_unit(images, self.config.image_size)
+            out = self.image_processor(
+                images=list(pixels),
+                do_resize=False,
+                do_center_crop=False,
+                do_rescale=False,
+                return_tensors="pt",
+            )
+            return out["pixel_values"]
+        rows = []
+        for image in images:
+            rescale = image.dtype == torch.uint8
+            out = self.image_processor(
+                images=[image if rescale else image.float()],
+                do_rescale=rescale,
+                return_tensors="pt",
+            )
+            rows.append(out["pixel_values"])
+        return torch.cat(rows)
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cfg = self.model.config

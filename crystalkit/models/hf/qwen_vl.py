@@ -172,6 +172,10 @@ class QwenVLBackbone(HFBackbone):
     def resizes_itself(self) -> bool:
         return self.config.resolution == "processor"
 
+    @property
+    def per_image_grids(self) -> bool:
+        return self.resizes_itself
+
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         if not self.resizes_itself:
             return self.config.image_size, self.config.image_size
