@@ -27,7 +27,6 @@ from transformers.utils import is_flash_attn_2_available
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
-from crystalkit.models.masks import as_additive
 from crystalkit.models.hf.chat import (
     PromptParts,
     checkpoint_chat_template,
@@ -36,6 +35,7 @@ from crystalkit.models.hf.chat import (
     split_chat_template,
 )
 from crystalkit.models.hf.offline import train_bpe_tokenizer
+from crystalkit.models.masks import as_additive
 
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "image_processor"
