@@ -251,7 +251,7 @@ class HFBackbone(Backbone):
         ):
             raise UsageError(
                 "backbone.vision_attn_implementation: flash_attention_2 needs the flash-attn "
-                "package (>= 2.3.3) and a CUDA GPU, which this machine lacks; use sdpa"
+                "package (>= 2.3.3) on a CUDA GPU, and transformers cannot load it here; use sdpa"
             )
 
     @classmethod
