@@ -11,13 +11,17 @@ import copy
 
 import pytest
 import torch
+from cli_process import assert_one_error_line, invoke
+from conftest import ROOT
 from hf_models import FAMILIES, build, chunked_forward, own_forward
 
 from crystalkit.crystal.packing import INTACT_PATH, Segment, packed_allowed
 from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed
 from crystalkit.crystal.runner import run_sequence
+from crystalkit.errors import UsageError
 from crystalkit.evaluation.generation import generate_answers
-from crystalkit.models.compat import cache_kwargs, output_cache
+from crystalkit.models.attention_probe import PREFIX
+from crystalkit.models.hf import base
 from crystalkit.models.masks import additive
 
 
@@ -127,71 +131,92 @@ def _one_sample(family: str):
 
 def test_stale_rope_deltas_do_not_shift_positions():
     """Given only embeddings, the top-level forward cannot compute M-RoPE positions: it falls back
-    to a range plus whatever ``rope_deltas`` an earlier call left on the model. crystalkit computes
-    positions itself, so its result is the model's own with any value left there."""
+    to a range plus whatever ``rope_deltas`` an earlier call left on the model (transformers 5.24).
+    crystalkit computes positions itself, so its result is the model's own with any value left
+    there, whether or not a release still reads it."""
     backbone, layout = _one_sample("qwen2_5_vl")
     ids, pixels = layout.input_ids, layout.pixel_values[0]
     cue = layout.regions[Segment.ANSWER_INTACT]
     with torch.no_grad():
         reference = own_forward(backbone, ids, pixels)[0, cue.start : cue.stop - 1]
-        embeds = backbone.embed(ids, layout.pixel_values)
         results = []
         for stale in (None, torch.tensor([[-7]]), torch.tensor([[5]])):
             backbone.model.model.rope_deltas = stale
-            naive = backbone.model(inputs_embeds=embeds).logits[0, cue.start : cue.stop - 1]
-            assert (naive - reference).abs().max() > 1e-4  # the pitfall is real
             results.append(intact_only(backbone, layout).intact_logits[0])
+            assert backbone.model.model.rope_deltas is stale  # it ran with the value in place
     for ours in results:
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
         assert torch.equal(ours, results[0])
 
 
 def test_cache_with_explicit_mask_and_positions_equals_one_forward():
-    """A 2-D mask over all keys + a KV cache + automatic positions raises in the model; the
-    explicit 4-D mask and sliced M-RoPE positions crystalkit passes continue a cache exactly."""
+    """A 2-D mask over all keys + a KV cache + automatic positions raises a size mismatch in the
+    model (transformers 5.24); the explicit 4-D mask and sliced M-RoPE positions crystalkit passes
+    continue a cache exactly, whatever a release does with the 2-D form."""
     backbone, layout = _one_sample("qwen2_5_vl")
-    ids, pixels = layout.input_ids, layout.pixel_values[0]
-    width = ids.shape[1]
     with torch.no_grad():
-        reference = own_forward(backbone, ids, pixels)
-        head = backbone.model(
-            input_ids=ids[:, :-3],
-            pixel_values=pixels,
-            image_grid_thw=backbone._grid_thw[None],
-            mm_token_type_ids=(ids[:, :-3] == backbone.image_token_id).int(),
-            use_cache=True,
-        )
-        with pytest.raises(RuntimeError, match="size"):
-            backbone.model(
-                inputs_embeds=backbone.embed(ids[:, -3:]),
-                attention_mask=torch.ones(1, width),
-                use_cache=True,
-                **cache_kwargs(backbone.model, output_cache(head)),
-            )
+        reference = own_forward(backbone, layout.input_ids, layout.pixel_values[0])
         logits, _ = chunked_forward(backbone, layout, tail=3)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_eager_attention_needs_an_additive_mask():
-    """Under eager attention a boolean 4-D mask is silently wrong; crystalkit's additive float
-    mask gives the model's own result under eager and SDPA alike."""
+def test_boolean_and_additive_masks_give_the_models_own_result():
+    """A boolean "may attend" mask (misread by eager attention in transformers 5.24) and
+    crystalkit's additive float mask give the model's own result under eager and SDPA alike:
+    the backbone converts a boolean mask itself instead of casting it to a +1 / 0 bias."""
     backbone, layout = _one_sample("qwen2_5_vl")
-    ids = layout.input_ids
     eager = copy.deepcopy(backbone)
     eager.model.set_attn_implementation("eager")
     with torch.no_grad():
-        reference = own_forward(backbone, ids, layout.pixel_values[0])
+        reference = own_forward(backbone, layout.input_ids, layout.pixel_values[0])
         inputs = layout_inputs(backbone, layout)
         allowed = packed_allowed(layout.segments)
-        boolean = eager.language_model(
-            inputs_embeds=inputs.embeds,
-            attention_mask=allowed[:, None],
-            position_ids=inputs.positions,
-        ).last_hidden_state
         for model in (backbone, eager):
-            out = model(inputs.embeds, additive(allowed, inputs.embeds.dtype), inputs.positions)
-            torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=1e-4)
-    assert (eager.model.lm_head(boolean) - reference).abs().max() > 1e-2
+            for mask in (allowed[:, None], additive(allowed, inputs.embeds.dtype)):
+                out = model(inputs.embeds, mask, inputs.positions)
+                torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=1e-4)
+        cast = backbone(inputs.embeds, allowed[:, None].float(), inputs.positions).logits
+    assert (cast - reference).abs().max() > 1e-2  # the premise: a +1 / 0 bias masks nothing
+
+
+def test_flash_attention_is_refused_for_the_language_model_in_one_line(tmp_path):
+    result = invoke(
+        "train",
+        ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml",
+        "backbone.attn_implementation=flash_attention_2",
+        f"output_dir={tmp_path}",
+    )
+    line = assert_one_error_line(result)
+    assert "backbone.attn_implementation: flash_attention_2 cannot run the language model" in line
+    assert "2-D padding mask" in line and "use sdpa" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_vision_flash_attention_without_flash_attn_is_one_line(monkeypatch):
+    """Where transformers cannot load FlashAttention-2 (no flash-attn package or no CUDA GPU), a
+    request for it in the vision tower stops with one line before the model is built."""
+    monkeypatch.setattr(base, "is_flash_attn_2_available", lambda: False)
+    with pytest.raises(UsageError) as caught:
+        build("qwen2_5_vl", "backbone.vision_attn_implementation=flash_attention_2")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("backbone.vision_attn_implementation: flash_attention_2 needs")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_siglip", "smolvlm"])
+def test_vision_tower_takes_its_own_attention_kernel(family):
+    """``vision_attn_implementation`` reaches the vision tower's sub-config only; the language
+    model keeps ``attn_implementation``, and the image features are the single-kernel model's."""
+    _, backbone, method, samples = build(family)
+    _, mixed, _, _ = build(family, "backbone.vision_attn_implementation=eager")
+    assert mixed.model.config.vision_config._attn_implementation == "eager"
+    # (the attention objective wraps the language model's kernel in the recording probe)
+    assert mixed.language_model.config._attn_implementation.removeprefix(PREFIX) == "sdpa"
+    assert backbone.model.config.vision_config._attn_implementation == "sdpa"
+    pixels = method.layout(samples, step=0).pixel_values
+    with torch.no_grad():
+        ours, theirs = mixed.image_features(pixels)[0], backbone.image_features(pixels)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])

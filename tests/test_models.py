@@ -120,6 +120,25 @@ def test_padding_does_not_change_a_samples_logits(parts):
             )
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_boolean_mask_means_what_the_additive_one_means(parts, kernel):
+    """A boolean "may attend" mask gives the additive mask's logits under either kernel (eager
+    attention would add it as a +1 / 0 bias were it passed through), padded rows included."""
+    backbone, split = parts
+    backbone.lm.set_attn_implementation(kernel)
+    layout = Packer(backbone)([split[i] for i in range(3)])
+    valid = _valid(layout)
+    allowed = causal_allowed(valid)
+    with torch.no_grad():
+        embeds = backbone.embed(layout.input_ids, layout.pixel_values)
+        positions = positions_from_mask(valid)
+        additive_out = backbone(embeds, additive(allowed, embeds.dtype), positions).logits
+        boolean_out = backbone(embeds, allowed[:, None], positions).logits
+        cast = backbone(embeds, allowed[:, None].float(), positions).logits
+    torch.testing.assert_close(boolean_out, additive_out, atol=1e-6, rtol=1e-5)
+    assert (cast - additive_out).abs().max() > 1e-2  # the premise: a +1 / 0 bias masks nothing
+
+
 def test_hidden_states_per_layer(parts):
     backbone, split = parts
     layout = Packer(backbone)([split[0]])

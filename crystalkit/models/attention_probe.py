@@ -118,7 +118,7 @@ def _probing(base: str) -> Callable[..., Any]:
 
 def enable_attention_probe(model: nn.Module) -> None:
     """Route ``model``'s attention through the recording wrapper around its current kernel
-    (SDPA, FlashAttention, ...). Forwards outside :func:`record_attention` are unchanged."""
+    (SDPA, or eager). Forwards outside :func:`record_attention` are unchanged."""
     base = model.config._attn_implementation
     if base.startswith(PREFIX):
         return

@@ -215,7 +215,8 @@ class Backbone(nn.Module, ABC):
         output_hidden_states: bool = False,
         layer_inputs: torch.Tensor | None = None,
     ) -> BackboneOutput:
-        """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]``;
+        """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]`` (a boolean
+        "may attend" mask is converted, :func:`~crystalkit.models.masks.as_additive`);
         ``position_ids`` as :meth:`position_ids` gives them; ``layer_inputs`` as
         :meth:`embed_inputs` gives them (for these columns)."""
 

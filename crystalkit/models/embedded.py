@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone, BackboneOutput, resize_unit, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
+from crystalkit.models.masks import as_additive
 from crystalkit.models.tokenizer import (
     IMAGE_TOKEN,
     TOKENIZER_FILE,
@@ -189,7 +190,7 @@ class EmbeddedBackbone(Backbone):
             raise ValueError("the embedded backbone has no per-layer inputs")
         out = self.lm(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=as_additive(attention_mask, inputs_embeds.dtype),
             position_ids=position_ids,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,

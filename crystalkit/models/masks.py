@@ -1,9 +1,12 @@
 """4-D additive attention masks.
 
 crystalkit always hands the language model an explicit ``[batch, 1, query, key]`` float mask: the
-packed CrystaL sequence needs a block mask that no 2-D padding mask can express, and an additive
-float mask means the same thing under SDPA, eager and flash-style kernels (a boolean 4-D mask is
-silently misread by eager attention in some transformers releases).
+packed CrystaL sequence needs a block mask that no 2-D padding mask can express. An additive float
+mask means the same thing under SDPA and eager attention (a boolean 4-D mask is silently misread by
+eager attention in some transformers releases, so backbones convert one with :func:`as_additive`).
+FlashAttention-2 kernels take no such mask at all: transformers reads the mask it hands them as a
+2-D ``[batch, key]`` padding mask, so the language model refuses ``flash_attention_2``
+(``HFConfig.attn_implementation``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1) if mask.dim() == 3 else mask
+
+
+def as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` as an additive mask in ``dtype``. A boolean "may attend" mask is converted with
+    :func:`additive`: cast as it is, it would add 1 to the allowed scores and 0 to the masked ones,
+    i.e. mask nothing."""
+    return additive(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
 
 
 def causal_allowed(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:

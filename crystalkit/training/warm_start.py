@@ -37,7 +37,7 @@ SNAPSHOT_DIR = "warm_start"
 SOURCE_FILE = "source.json"
 WEIGHTS_FILE = "model.safetensors"
 #: backbone keys that do not change the weights (a warm start may set them differently)
-_FREE_KEYS = frozenset({"init", "dtype", "attn_implementation"})
+_FREE_KEYS = frozenset({"init", "dtype", "attn_implementation", "vision_attn_implementation"})
 
 
 def snapshot_dir(recipe: Recipe, run_dir: Path | None) -> Path | None:

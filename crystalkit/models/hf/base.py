@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.utils import is_flash_attn_2_available
 
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
@@ -35,6 +36,7 @@ from crystalkit.models.hf.chat import (
     split_chat_template,
 )
 from crystalkit.models.hf.offline import train_bpe_tokenizer
+from crystalkit.models.masks import as_additive
 
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "image_processor"
@@ -73,8 +75,16 @@ class HFConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weight dtype (autocast is set by train.precision)"
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention kernel the language model runs"
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="attention kernel the language model runs (flash_attention_2 is refused: "
+        "it reads the mask as 2-D padding, not crystalkit's 4-D block mask)",
+    )
+    vision_attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None,
+        description="attention kernel the vision tower runs; null = attn_implementation "
+        "(flash_attention_2 needs the flash-attn package and a CUDA GPU; not yet run on a GPU "
+        "by crystalkit's tests)",
     )
     prompt: Literal["chat_template", "plain"] = Field(
         "chat_template",
@@ -101,6 +111,17 @@ class HFConfig(BaseModel):
         "lets a small from-scratch model learn to attend to image tokens)",
     )
 
+    @field_validator("attn_implementation", mode="before")
+    @classmethod
+    def _no_flash_language_model(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("flash_attention"):
+            raise ValueError(
+                f"{value} cannot run the language model: it reads the attention mask as a 2-D "
+                "padding mask and would misread the packed sequence's 4-D block mask; use sdpa "
+                "(backbone.vision_attn_implementation: flash_attention_2 for the vision tower)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> HFConfig:
         if (self.name_or_path is None) == (self.config is None):
@@ -123,6 +144,17 @@ class HFConfig(BaseModel):
                 "set prompt: plain to use them"
             )
         return self
+
+    @property
+    def attention_kernels(self) -> str | dict[str, str]:
+        """``attn_implementation`` as ``from_pretrained`` takes it: one kernel for the whole
+        model, or the language model's and the vision tower's (transformers dispatches a dict
+        per sub-config; every family here names its parts ``text_config``, ``vision_config``)."""
+        vision = self.vision_attn_implementation
+        if vision is None or vision == self.attn_implementation:
+            return self.attn_implementation
+        language = self.attn_implementation
+        return {"": language, "text_config": language, "vision_config": vision}
 
 
 class HFBackbone(Backbone):
@@ -173,6 +205,7 @@ class HFBackbone(Backbone):
         cls, config: HFConfig, *, corpus: Sequence[str], assets: Path | None = None
     ) -> HFBackbone:
         cls.check_resolution(config)
+        cls.check_kernels(config)
         saved = assets is not None and (assets / TOKENIZER_DIR).is_dir()
         if config.name_or_path is not None:
             return cls.load_pretrained(config, assets if saved else None)
@@ -187,7 +220,7 @@ class HFBackbone(Backbone):
             model = cls.model_class._from_config(
                 model_config,
                 dtype=DTYPES[config.dtype],
-                attn_implementation=config.attn_implementation,
+                attn_implementation=config.attention_kernels,
             )
         except (ValueError, RuntimeError, TypeError) as exc:
             name = cls.model_class.__name__
@@ -208,6 +241,19 @@ class HFBackbone(Backbone):
             raise UsageError(
                 f"backbone.resolution: processor is not supported by {cls.__name__}: it feeds "
                 "one fixed image_size to every image (use resolution: fixed)"
+            )
+
+    @classmethod
+    def check_kernels(cls, config: HFConfig) -> None:
+        """One line when FlashAttention-2 is asked for where transformers cannot load it (before
+        anything is loaded): transformers itself raises an ``ImportError`` from inside the
+        model's constructor."""
+        if config.vision_attn_implementation == "flash_attention_2" and not (
+            is_flash_attn_2_available()
+        ):
+            raise UsageError(
+                "backbone.vision_attn_implementation: flash_attention_2 needs the flash-attn "
+                "package (>= 2.3.3) on a CUDA GPU, and transformers cannot load it here; use sdpa"
             )
 
     @classmethod
@@ -262,7 +308,7 @@ class HFBackbone(Backbone):
             model = cls.model_class.from_pretrained(
                 source,
                 dtype=DTYPES[config.dtype],
-                attn_implementation=config.attn_implementation,
+                attn_implementation=config.attention_kernels,
             )
         except (OSError, ValueError) as exc:  # missing files, no hub access, wrong model type
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -495,7 +541,7 @@ class HFBackbone(Backbone):
         lm = self.language_model
         out = lm(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.to(inputs_embeds.dtype),
+            attention_mask=as_additive(attention_mask, inputs_embeds.dtype),
             position_ids=position_ids,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,

@@ -261,12 +261,14 @@ class _Idefics3Family(HFBackbone):
         return out["pixel_values"]
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # the model drops all-zero views as padding; a corruption may produce one (a uniform
-        # mid-grey image normalises to zeros), so nudge such views by an invisible epsilon
+        # the model casts the views to its dtype, then drops all-zero ones as padding; a
+        # corruption may produce one (a uniform mid-grey image normalises to zeros), so nudge such
+        # views by the smallest normal number *of the model's dtype*: float32's would become 0 in
+        # float16 (still far below one 8-bit grey level, ~8e-3 after normalisation)
         flat = pixel_values.flatten(2).abs().amax(-1) == 0
         if bool(flat.any()):
             pixel_values = pixel_values.clone()
-            pixel_values[flat] = torch.finfo(pixel_values.dtype).tiny
+            pixel_values[flat] = torch.finfo(self.model.dtype).tiny
         out = self.model.model.get_image_features(pixel_values)
         return torch.cat(list(out.pooler_output)), []
 
