@@ -81,6 +81,9 @@ def build_model(
         load_snapshot(backbone, warm)
     else:
         backbone = build_backbone(recipe, dataset, assets=None if recipe.lora.enabled else assets)
+    bind = getattr(dataset, "bind_tokenizer", None)  # optional: datasets that count tokens
+    if bind is not None:
+        bind(backbone.tokenizer)
     inherited = set(backbone.tokenizer.get_vocab()) if warm is not None else set()
     methods, introduced, seen = [], [], set(inherited)
     for stage in plan_stages(recipe):
