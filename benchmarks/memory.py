@@ -193,34 +193,44 @@ def main() -> None:
         rows.append((name, seconds, tokens, saved, activations, fixed, rss, full_act, full_fixed))
 
     threads = torch.get_num_threads()
+    weights = next(iter(backbone.parameters())).dtype
     print(
         f"recipe {args.recipe}  device {device}  threads {threads}  precision "
-        f"{base.train.precision}  weights {next(iter(backbone.parameters())).dtype}  "
-        f"build {build_s:.0f} s, then resident {built_rss / GB:.1f} GB"
+        f"{base.train.precision}  weights {weights}  build {build_s:.0f} s, then resident "
+        f"{built_rss / GB:.2f} GiB"
     )
     print(
-        f"parameters {total_params / GB:.2f} GB, trainable {trainable / MB:.1f} MB "
-        f"(full model: {full_params / GB:.2f} GB, {full_trainable / MB:.1f} MB)"
+        f"parameters {total_params / GB:.2f} GiB, trainable {trainable / MB:.1f} MiB "
+        f"(full model: {full_params / GB:.2f} GiB, {full_trainable / MB:.1f} MiB)"
     )
+    last = max((k for k in named if k.startswith("llm.")), key=lambda k: int(k[4:]))
+    print(f"\nCut model, MiB (saved for backward by scope; {last} is the last layer)")
     print(
-        f"\n{'variant':18} {'step s':>7} {'tokens':>6} {'saved MB':>9} {'per layer':>9} "
-        f"{'KB/tok/layer':>12} {'vision':>7} {'head+rest':>9} {'+ params etc':>12} "
-        f"{'lower bound':>11} {'peak RSS':>8} | {'full: act GB':>12} {'bound GB':>8}"
+        f"{'variant':18} {'step s':>6} {'tokens':>6} {'saved':>6} {'llm.0':>6} "
+        f"{last:>6} {'vision':>6} {'lm_head':>7} {'rest':>6} {'params+grads+AdamW':>18} "
+        f"{'lower bound':>11} {'peak RSS':>8}"
     )
-    for name, seconds, tokens, saved, act, fixed, rss, full_act, full_fixed in rows:
-        layer = saved["llm.0"]
+    for name, seconds, tokens, saved, act, fixed, rss, _, _ in rows:
         vision = sum(v for k, v in saved.items() if k.startswith("vision."))
         print(
-            f"{name:18} {seconds:7.1f} {tokens:6d} {act / MB:9.0f} {layer / MB:9.0f} "
-            f"{layer / tokens / 1024:12.0f} {vision / MB:7.0f} "
-            f"{(saved.get('lm_head', 0) + saved.get(OTHER, 0)) / MB:9.0f} "
-            f"{fixed / MB:12.0f} {(act + fixed) / MB:11.0f} "
-            f"{rss / MB:8.0f} | {full_act / GB:12.1f} {(full_act + full_fixed) / GB:8.1f}"
+            f"{name:18} {seconds:6.1f} {tokens:6d} {act / MB:6.0f} {saved['llm.0'] / MB:6.0f} "
+            f"{saved[last] / MB:6.0f} {vision / MB:6.0f} {saved.get('lm_head', 0) / MB:7.0f} "
+            f"{saved.get(OTHER, 0) / MB:6.0f} {fixed / MB:18.0f} {(act + fixed) / MB:11.0f} "
+            f"{rss / MB:8.0f}"
         )
     print(
-        "\nsaved MB, lower bound and peak RSS: MB on the cut model; full: extrapolated to "
-        f"{args.layers} layers, {args.vision_blocks} vision blocks ({args.full_blocks} full)"
+        f"\nFull model, GiB ({args.layers} layers, {args.vision_blocks} vision blocks of which "
+        f"{args.full_blocks} full attention)"
     )
+    print(
+        f"{'variant':18} {'saved':>6} {'params+grads+AdamW':>18} {'lower bound':>11} "
+        f"{'KiB per token and layer':>23}"
+    )
+    for name, _, tokens, saved, _, _, _, full_act, full_fixed in rows:
+        print(
+            f"{name:18} {full_act / GB:6.1f} {full_fixed / GB:18.1f} "
+            f"{(full_act + full_fixed) / GB:11.1f} {saved['llm.0'] / tokens / 1024:23.0f}"
+        )
 
 
 def extent(args: argparse.Namespace) -> tuple[int, int, int]:
