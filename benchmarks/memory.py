@@ -46,7 +46,7 @@ VARIANTS = {
     "crystal two-pass": ["crystal.strategy=two_pass"],
 }
 OTHER = "rest"  # embeddings, projector, norms, loss: everything outside a layer or block
-MB, GB = 2**20, 2**30
+MIB, GIB = 2**20, 2**30
 
 
 def scopes(backbone: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -173,6 +173,7 @@ def main() -> None:
                 loss, _ = method.loss(backbone, layout)
             loss.backward()
             optimizer.step()
+            saved.clear()
             saved.update(totals)
 
         step()  # warm-up: AdamW allocates its state
@@ -197,11 +198,11 @@ def main() -> None:
     print(
         f"recipe {args.recipe}  device {device}  threads {threads}  precision "
         f"{base.train.precision}  weights {weights}  build {build_s:.0f} s, then resident "
-        f"{built_rss / GB:.2f} GiB"
+        f"{built_rss / GIB:.2f} GiB"
     )
     print(
-        f"parameters {total_params / GB:.2f} GiB, trainable {trainable / MB:.1f} MiB "
-        f"(full model: {full_params / GB:.2f} GiB, {full_trainable / MB:.1f} MiB)"
+        f"parameters {total_params / GIB:.2f} GiB, trainable {trainable / MIB:.1f} MiB "
+        f"(full model: {full_params / GIB:.2f} GiB, {full_trainable / MIB:.1f} MiB)"
     )
     last = max((k for k in named if k.startswith("llm.")), key=lambda k: int(k[4:]))
     print(f"\nCut model, MiB (saved for backward by scope; {last} is the last layer)")
@@ -213,10 +214,10 @@ def main() -> None:
     for name, seconds, tokens, saved, act, fixed, rss, _, _ in rows:
         vision = sum(v for k, v in saved.items() if k.startswith("vision."))
         print(
-            f"{name:18} {seconds:6.1f} {tokens:6d} {act / MB:6.0f} {saved['llm.0'] / MB:6.0f} "
-            f"{saved[last] / MB:6.0f} {vision / MB:6.0f} {saved.get('lm_head', 0) / MB:7.0f} "
-            f"{saved.get(OTHER, 0) / MB:6.0f} {fixed / MB:18.0f} {(act + fixed) / MB:11.0f} "
-            f"{rss / MB:8.0f}"
+            f"{name:18} {seconds:6.1f} {tokens:6d} {act / MIB:6.0f} {saved['llm.0'] / MIB:6.0f} "
+            f"{saved[last] / MIB:6.0f} {vision / MIB:6.0f} {saved.get('lm_head', 0) / MIB:7.0f} "
+            f"{saved.get(OTHER, 0) / MIB:6.0f} {fixed / MIB:18.0f} {(act + fixed) / MIB:11.0f} "
+            f"{rss / MIB:8.0f}"
         )
     print(
         f"\nFull model, GiB ({args.layers} layers, {args.vision_blocks} vision blocks of which "
@@ -228,8 +229,8 @@ def main() -> None:
     )
     for name, _, tokens, saved, _, _, _, full_act, full_fixed in rows:
         print(
-            f"{name:18} {full_act / GB:6.1f} {full_fixed / GB:18.1f} "
-            f"{(full_act + full_fixed) / GB:11.1f} {saved['llm.0'] / tokens / 1024:23.0f}"
+            f"{name:18} {full_act / GIB:6.1f} {full_fixed / GIB:18.1f} "
+            f"{(full_act + full_fixed) / GIB:11.1f} {saved['llm.0'] / tokens / 1024:23.0f}"
         )
 
 

@@ -1,15 +1,19 @@
-"""``benchmarks/gpu_check.py``: without a GPU it checks the test-size Qwen2.5-VL on CPU, writes its
-JSON and exits 0 — what CI runs of the script the 7B run's GPU check uses."""
+"""The benchmarks' own machinery: ``gpu_check.py`` without a GPU (it checks the test-size
+Qwen2.5-VL on CPU, writes its JSON and exits 0 — what CI runs of the 7B run's GPU check) and
+``memory.py``'s attribution of saved bytes."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import ROOT, THREADS
+from torch import nn
 
 
 def test_gpu_check_falls_back_to_cpu_and_its_checks_hold(tmp_path: Path):
@@ -46,3 +50,29 @@ def test_gpu_check_falls_back_to_cpu_and_its_checks_hold(tmp_path: Path):
     assert training["losses"][-1] < training["losses"][0]
     assert tiny["ok"] is True and report["ok"] is True
     assert "tiny_qwen2_5_vl (float32" in result.stdout and "ok" in result.stdout
+
+
+def _benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (they import their siblings by name)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_memory_benchmark_attributes_every_saved_storage_once():
+    memory, step_cost = _benchmark("memory"), _benchmark("step_cost")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    x = torch.randn(5, 16, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with memory.saved_bytes_by_scope({"first": model[0], "last": model[2]}, weights) as totals:
+        loss = model(x).square().sum()
+    loss.backward()
+    # by hand: the first layer keeps its input x; tanh keeps its output, which the last layer
+    # also saves (counted once, for tanh, outside any scope); square keeps the model's output
+    assert dict(totals) == {"first": 5 * 16 * 4, memory.OTHER: (5 * 32 + 5 * 8) * 4}
+    # the slow reference: every distinct saved storage, the layers' weights included
+    everything = step_cost.saved_activation_bytes(lambda: model(x).square().sum())
+    assert everything == sum(totals.values()) + (16 * 32 + 32 * 8) * 4
