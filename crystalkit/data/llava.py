@@ -334,7 +334,7 @@ class LlavaJson:
         if limit is None:
             return
         long: list[str] = []
-        total = 0
+        total = truncated = 0
         for split in self._splits.values():
             records, kept = split.records, []
             total += len(records)
@@ -355,6 +355,7 @@ class LlavaJson:
                     continue
                 kept.append(replace(record, answer=cut))
                 self.truncated.append(where)
+                truncated += 1
             if not kept:
                 raise UsageError(
                     f"dataset.max_text_tokens: {limit} leaves no {split.name} record (all "
@@ -364,8 +365,8 @@ class LlavaJson:
         if long:
             warnings.warn(
                 DataWarning(
-                    f"dataset.max_text_tokens {limit}: skipped {len(long) - len(self.truncated)} "
-                    f"and truncated the answers of {len(self.truncated)} of {total} records "
+                    f"dataset.max_text_tokens {limit}: skipped {len(long) - truncated} and "
+                    f"truncated the answers of {truncated} of {total} records "
                     f"(the first: {long[0]})"
                 ),
                 stacklevel=2,
