@@ -76,3 +76,29 @@ def test_memory_benchmark_attributes_every_saved_storage_once():
     # the slow reference: every distinct saved storage, the layers' weights included
     everything = step_cost.saved_activation_bytes(lambda: model(x).square().sum())
     assert everything == sum(totals.values()) + (16 * 32 + 32 * 8) * 4
+
+
+def test_the_7b_slice_is_the_paper_recipe_at_the_real_widths():
+    """What memory.py and gpu_check.py measure stays the paper recipe, cut in depth only."""
+    from crystalkit.config.loader import load_recipe
+
+    cut = load_recipe(ROOT / "benchmarks" / "qwen2_5_vl_7b_slice.yaml")
+    paper = load_recipe(ROOT / "recipes" / "paper" / "qwen2_5_vl_7b_crystal.yaml")
+    for section in ("method", "latents", "crystal", "objectives", "lora", "corruption", "prompt"):
+        assert getattr(cut, section) == getattr(paper, section), section
+    assert cut.train.precision == paper.train.precision == "bf16"
+    backbone = cut.backbone.params
+    for key in ("dtype", "attn_implementation", "image_size"):
+        assert backbone[key] == paper.backbone.params[key], key
+    text, vision = backbone["config"]["text_config"], backbone["config"]["vision_config"]
+    assert (text["hidden_size"], text["intermediate_size"], text["vocab_size"]) == (
+        3584,
+        18944,
+        152064,
+    )
+    assert (text["num_attention_heads"], text["num_key_value_heads"]) == (28, 4)
+    assert (vision["hidden_size"], vision["out_hidden_size"], vision["patch_size"]) == (
+        1280,
+        3584,
+        14,
+    )
