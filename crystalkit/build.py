@@ -69,7 +69,9 @@ def build_model(
     vocabulary the model is built with and so its init); the checkpoint's base fingerprint
     checks the result. A warm-started run is built from its snapshot of the source
     (:mod:`crystalkit.training.warm_start`) under ``assets``. Every stage's latent tokens are added
-    before LoRA: peft must see the resized token matrices to keep the new rows trainable.
+    before LoRA: peft must see the resized token matrices to keep the new rows trainable. A
+    dataset with ``bind_tokenizer`` gets the backbone's tokenizer first (``llava_json`` bounds its
+    records' token counts with it), so training and evaluation read the same bounded splits.
     """
     from crystalkit.training.stages import plan_stages
     from crystalkit.training.warm_start import load_snapshot, snapshot_dir
@@ -81,6 +83,9 @@ def build_model(
         load_snapshot(backbone, warm)
     else:
         backbone = build_backbone(recipe, dataset, assets=None if recipe.lora.enabled else assets)
+    bind = getattr(dataset, "bind_tokenizer", None)  # optional: datasets that count tokens
+    if bind is not None:
+        bind(backbone.tokenizer)
     inherited = set(backbone.tokenizer.get_vocab()) if warm is not None else set()
     methods, introduced, seen = [], [], set(inherited)
     for stage in plan_stages(recipe):

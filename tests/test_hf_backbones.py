@@ -274,3 +274,17 @@ def test_generation_runs_the_training_latent_computation(family, latents):
     with torch.no_grad():
         alone = generate_answers(backbone, method.prompt_layout(samples[:1]), 3, [-1])
     torch.testing.assert_close(alone.first_logits[0], out.first_logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_larger_config_vocab_size_gives_spare_token_rows():
+    """``text_config.vocab_size`` above the offline tokenizer's size is kept (spare rows, as the 7B
+    checkpoint's 152,064 for 151,665 tokens); below it, the tokenizer's size wins."""
+    _, backbone, method, samples = build(
+        "qwen2_5_vl", "backbone.config.text_config.vocab_size=3000"
+    )
+    assert len(backbone.tokenizer) < 3000  # latent tokens included: they fit in the spare rows
+    assert {m.shape[0] for m in backbone.token_matrices()} == {3000}
+    out = intact_only(backbone, method.layout(samples, 0))
+    assert out.intact_logits.shape[-1] == 3000
+    _, small, _, _ = build("qwen2_5_vl", "backbone.config.text_config.vocab_size=64")
+    assert {m.shape[0] for m in small.token_matrices()} == {len(small.tokenizer)}

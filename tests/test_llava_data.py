@@ -19,7 +19,7 @@ from PIL import Image
 from crystalkit.build import build_backbone, build_dataset
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.layout import Packer
-from crystalkit.data.llava import IMAGE_PLACEHOLDER, LlavaJson, RecordError, first_turn
+from crystalkit.data.llava import IMAGE_PLACEHOLDER, SPLITS, LlavaJson, RecordError, first_turn
 from crystalkit.data.prompt import format_question
 from crystalkit.data.sample import Sample
 from crystalkit.errors import DataWarning, RecipeError, UsageError
@@ -444,3 +444,76 @@ def test_cli_train_fails_in_one_line_without_usable_records(data_dir: Path, tmp_
     line = assert_one_error_line(result)
     assert f"{data_dir / 'data.jsonl'}: no usable record (all 1 skipped, the first: line 1" in line
     assert "'conversations' is missing" in line
+
+
+def _texts(question: str, answer: str, i: int) -> dict:
+    turns = [
+        {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+        {"from": "gpt", "value": answer},
+    ]
+    return {"id": f"t{i}", "image": "images/red.png", "conversations": turns}
+
+
+#: (question, answer) in whitespace words: one token each for the word-level tokenizer
+LENGTHS = [
+    ("what colour is this ?", "red"),  # 5 + 1 tokens: fits a bound of 6
+    ("what colour ?", "a b c d e f g h"),  # 3 + 8: the answer can be cut to 3 words
+    ("q1 q2 q3 q4 q5 q6 q7 q8", "blue"),  # 8 + 1: the question alone is over the bound
+]
+
+
+@pytest.mark.parametrize("mode", ["skip", "truncate"])
+def test_long_records_are_skipped_or_truncated_with_a_count(data_dir: Path, mode: str):
+    from crystalkit.models.tokenizer import build_word_tokenizer
+
+    path = data_dir / "long.json"
+    path.write_text(json.dumps([_texts(q, a, i) for i, (q, a) in enumerate(LENGTHS)]))
+    files = {"val": str(path), "test": str(path), "max_text_tokens": 6, "on_long_record": mode}
+    dataset = _dataset(path, holdout=None, **files)
+    tokenizer = build_word_tokenizer(dataset.corpus())
+    assert all(len(dataset.split(s)) == 3 for s in ("train", "val", "test"))  # bound not yet
+    with pytest.warns(DataWarning) as caught:
+        dataset.bind_tokenizer(tokenizer)
+    (warning,) = caught
+    cut = 1 if mode == "truncate" else 0
+    assert str(warning.message) == (
+        f"dataset.max_text_tokens 6: skipped {3 * (2 - cut)} and truncated the answers of "
+        f'{3 * cut} of 9 records (the first: {path}: record 1 (id "t1"): 3 + 8 tokens)'
+    )
+    for name in ("train", "val", "test"):
+        split = dataset.split(name)
+        answers = [split[i].answer for i in range(len(split))]
+        assert answers == (["red", "a b c"] if cut else ["red"])
+        for i in range(len(split)):
+            question = tokenizer.encode(split[i].question, add_special_tokens=False)
+            answer = tokenizer.encode(split[i].answer, add_special_tokens=False)
+            assert len(question) + len(answer) <= 6
+    assert len(dataset.skipped) == 3 * (2 - cut) and len(dataset.truncated) == 3 * cut
+    assert all("over max_text_tokens 6" in line for line in dataset.skipped)
+
+
+def test_a_bound_that_leaves_no_record_is_one_line(data_dir: Path):
+    from crystalkit.models.tokenizer import build_word_tokenizer
+
+    dataset = _dataset(data_dir / "data.json", max_text_tokens=3)
+    with pytest.raises(UsageError) as info:
+        dataset.bind_tokenizer(build_word_tokenizer(dataset.corpus()))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("dataset.max_text_tokens: 3 leaves no train record (all 5 are")
+
+
+def test_build_model_bounds_the_records_with_the_backbones_tokenizer(data_dir: Path, tiny_recipe):
+    from crystalkit.build import build_model
+
+    long = _texts("what colour is image 9 ? " + "please " * 20, "red", 9)
+    (data_dir / "data.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [*_records(6), long])
+    )
+    recipe = tiny_recipe(*_llava_overrides(data_dir, "dataset.max_text_tokens=12"))
+    dataset = build_dataset(recipe)
+    assert sum(len(dataset.split(s)) for s in SPLITS) == 7
+    with pytest.warns(DataWarning, match="skipped 1 and truncated the answers of 0 of 7"):
+        build_model(recipe, dataset)
+    kept = [split[i] for split in map(dataset.split, SPLITS) for i in range(len(split))]
+    assert len(kept) == 6 and "please" not in " ".join(s.question for s in kept)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -239,6 +239,18 @@ class LlavaJson:
             "counts them, or fail on the first one",
         )
         seed: int = Field(0, ge=0, description="seed of the holdout draw")
+        max_text_tokens: int | None = Field(
+            None,
+            ge=2,
+            description="most question + answer tokens of a record, counted with the "
+            "backbone's tokenizer (image tokens and the prompt come on top); a longer record "
+            "follows on_long_record; null = no bound",
+        )
+        on_long_record: Literal["skip", "truncate"] = Field(
+            "skip",
+            description="a record over max_text_tokens: skip it, or cut its answer to fit (one "
+            "whose question alone fills the bound is skipped); one warning counts them",
+        )
 
         @field_validator("train", "val", "test", "image_root")
         @classmethod
@@ -270,6 +282,7 @@ class LlavaJson:
     def __init__(self, config: LlavaJson.Config):
         self.config = config
         self.skipped: list[str] = []
+        self.truncated: list[str] = []
         files = {"train": config.train, "val": config.val, "test": config.test}
         records = {name: self._load(Path(f)) for name, f in files.items() if f is not None}
         missing = [s for s in SPLITS if s not in records]
@@ -317,6 +330,53 @@ class LlavaJson:
                 stacklevel=2,
             )
         return records
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Apply ``max_text_tokens`` with the backbone's tokenizer (called once it exists): a
+        sequence's length is then bounded before training starts, not found by running out
+        of memory. Every split is bounded (after ``max_samples``); skipped records join
+        :attr:`skipped`, truncated ones are listed in :attr:`truncated`."""
+        limit = self.config.max_text_tokens
+        if limit is None:
+            return
+        long: list[str] = []
+        total = truncated = 0
+        for split in self._splits.values():
+            records, kept = split.records, []
+            total += len(records)
+            questions = tokenizer([r.question for r in records], add_special_tokens=False)
+            answers = tokenizer([r.answer for r in records], add_special_tokens=False)
+            for record, question, answer in zip(
+                records, questions["input_ids"], answers["input_ids"], strict=True
+            ):
+                if len(question) + len(answer) <= limit:
+                    kept.append(record)
+                    continue
+                where = f"{record.source}: {record.where}: {len(question)} + {len(answer)} tokens"
+                long.append(where)
+                room = limit - len(question) if self.config.on_long_record == "truncate" else 0
+                cut = tokenizer.decode(answer[:room]).strip() if room > 0 else ""
+                if not cut:  # skipping, or no room left for an answer
+                    self.skipped.append(f"{where} (over max_text_tokens {limit})")
+                    continue
+                kept.append(replace(record, answer=cut))
+                self.truncated.append(where)
+                truncated += 1
+            if not kept:
+                raise UsageError(
+                    f"dataset.max_text_tokens: {limit} leaves no {split.name} record (all "
+                    f"{len(records)} are longer, e.g. {long[-1]})"
+                )
+            split.records = kept
+        if long:
+            warnings.warn(
+                DataWarning(
+                    f"dataset.max_text_tokens {limit}: skipped {len(long) - truncated} and "
+                    f"truncated the answers of {truncated} of {total} records "
+                    f"(the first: {long[0]})"
+                ),
+                stacklevel=2,
+            )
 
     def _carve(
         self, train: list[Record], splits: list[str]

@@ -321,12 +321,14 @@ class HFBackbone(Backbone):
     @classmethod
     def random_config(cls, fields: dict[str, Any], tokenizer: Any) -> PretrainedConfig:
         """The family config from a recipe's ``config:`` block, with the vocabulary and the
-        special token ids filled in from the offline tokenizer."""
+        special token ids filled in from the offline tokenizer. A larger
+        ``text_config.vocab_size`` is kept: spare token rows, as pretrained checkpoints carry
+        (Qwen2.5-VL-7B: 152,064 rows), so a random model's output head has the real width."""
         ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in cls.token_fields()}
         fields = {**fields, **ids}
         text = dict(fields.get("text_config") or {})
         text.update(
-            vocab_size=len(tokenizer),
+            vocab_size=max(len(tokenizer), int(text.get("vocab_size") or 0)),
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
