@@ -188,6 +188,16 @@ def test_sharded_run_matches_one_process_and_resumes_exactly(tmp_path):
     _assert_same_run(run_dir, reference)
 
 
+def test_sharded_qwen2_5_vl_matches_one_process(tmp_path):
+    """FSDP on a transformers backbone: the embedding and the vision tower's patch embedding and
+    merger sit in the root group and are used outside ``forward`` (``embed_inputs``)."""
+    launched = _torchrun(QWEN, tmp_path, "train.fsdp=true")
+    reference = train(_recipe(tmp_path, QWEN, "name=one")).run_dir
+    done = _finish(launched)
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(tmp_path / "runs" / "qwen2_5_vl", reference)
+
+
 def _model(recipe: Recipe) -> tuple[Backbone, Method, list]:
     dataset = build_dataset(recipe)
     model = build_model(recipe, dataset)

@@ -139,7 +139,9 @@ class Backbone(nn.Module, ABC):
         outputs of its first ``L`` decoder layers (Qwen3-VL's deepstack visual features; zero off
         the image tokens), or ``None``. Both are column-aligned with ``input_ids``, so a layout
         can cut paths and chunks out of them and hand them to :meth:`forward`. ``image_grid``
-        ``[N, 3]``: each image's grid, when images have their own (:attr:`resizes_itself`)."""
+        ``[N, 3]``: each image's grid, when images have their own (:attr:`resizes_itself`).
+        The one embedding entry point crystalkit calls: FSDP registers it as a forward, so the
+        weights it reads outside :meth:`forward` are gathered first."""
         if image_grid is not None:
             raise ValueError(f"{type(self).__name__} has no per-image grids")
         return self.embed(input_ids, pixel_values), None

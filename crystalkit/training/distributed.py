@@ -306,7 +306,9 @@ class Sharded(Replicas):
         for block in reversed(blocks):  # innermost first
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        register_fsdp_forward_method(model, "embed")  # called outside forward
+        # the one method outside forward that reads weights (the embedding matrix, the vision
+        # tower's patch embedding and merger): every embedding call goes through it
+        register_fsdp_forward_method(model, "embed_inputs")
         # FSDP warns at every forward that returns a view (hidden_states[0] is a slice of the
         # packed embeddings) because an in-place op on it would skip a hook; none is done here
         warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
