@@ -67,10 +67,19 @@ class Backbone(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def create(
-        cls, config: BaseModel, *, corpus: Sequence[str], assets: Path | None = None
+        cls,
+        config: BaseModel,
+        *,
+        corpus: Sequence[str],
+        assets: Path | None = None,
+        device: torch.device | None = None,
     ) -> Backbone:
         """Build the model. ``assets`` is a run directory whose saved assets (tokenizer, ...) must
-        be reused; otherwise fresh ones are made (``corpus`` lists the dataset's words)."""
+        be reused; otherwise fresh ones are made (``corpus`` lists the dataset's words).
+        ``device``: where the caller will move the model; a backbone that reads pretrained
+        weights may read them straight onto it, so that no process holds a host copy of a
+        model it trains on a GPU (randomly initialised weights are built on the CPU, whose
+        seeded init does not depend on the device)."""
 
     @abstractmethod
     def save_assets(self, directory: Path) -> None:
