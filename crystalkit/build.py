@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -29,12 +30,18 @@ def build_dataset(recipe: Recipe) -> Any:
     return cls(_params(cls, recipe.dataset))
 
 
-def build_backbone(recipe: Recipe, dataset: Any, assets: Path | None = None) -> Backbone:
-    """A fresh backbone, reusing the run's saved assets (tokenizer, ...) when ``assets`` has them."""
+def build_backbone(
+    recipe: Recipe, dataset: Any, assets: Path | None = None, device: torch.device | None = None
+) -> Backbone:
+    """A fresh backbone, reusing the run's saved assets (tokenizer, ...) when ``assets`` has them;
+    pretrained weights read straight onto ``device`` (see :meth:`Backbone.create`)."""
     cls = BACKBONES.get(recipe.backbone.name)
     latent = recipe.latents.template
     corpus = [*dataset.corpus(), template_text(latent.open, latent.close)]
-    return cls.create(_params(cls, recipe.backbone), corpus=corpus, assets=assets)
+    kwargs: dict[str, Any] = {"corpus": corpus, "assets": assets}
+    if device is not None and "device" in signature(cls.create).parameters:
+        kwargs["device"] = device  # a plugin whose create() predates it is built on the CPU
+    return cls.create(_params(cls, recipe.backbone), **kwargs)
 
 
 class Model(NamedTuple):
@@ -56,6 +63,7 @@ def build_model(
     assets: Path | None = None,
     training: bool = True,
     sources: Sources | None = None,
+    device: torch.device | None = None,
 ) -> Model:
     """The model of a run, built the same way for training, evaluation and export.
 
@@ -72,6 +80,7 @@ def build_model(
     before LoRA: peft must see the resized token matrices to keep the new rows trainable. A
     dataset with ``bind_tokenizer`` gets the backbone's tokenizer first (``llava_json`` bounds its
     records' token counts with it), so training and evaluation read the same bounded splits.
+    ``device``: where training will run; pretrained weights are read straight onto it.
     """
     from crystalkit.training.stages import plan_stages
     from crystalkit.training.warm_start import load_snapshot, snapshot_dir
@@ -79,10 +88,12 @@ def build_model(
     torch.manual_seed(recipe.seed)
     warm = snapshot_dir(recipe, assets)
     if warm is not None:
-        backbone = build_backbone(recipe, dataset, assets=warm)
+        backbone = build_backbone(recipe, dataset, assets=warm, device=device)
         load_snapshot(backbone, warm)
     else:
-        backbone = build_backbone(recipe, dataset, assets=None if recipe.lora.enabled else assets)
+        backbone = build_backbone(
+            recipe, dataset, assets=None if recipe.lora.enabled else assets, device=device
+        )
     bind = getattr(dataset, "bind_tokenizer", None)  # optional: datasets that count tokens
     if bind is not None:
         bind(backbone.tokenizer)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from cli_process import assert_one_error_line, invoke
 from conftest import ROOT, TINY
@@ -32,6 +34,7 @@ from crystalkit.training import checkpoint as ckpt
 from crystalkit.training.distributed import (
     ShardLoss,
     World,
+    broadcast_module,
     data_parallel,
     unit_counts,
 )
@@ -186,6 +189,49 @@ def test_sharded_run_matches_one_process_and_resumes_exactly(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr and ckpt.latest_checkpoint(run_dir).step == 3
     _assert_same_run(run_dir, reference)
+
+
+def test_sharded_qwen2_5_vl_matches_one_process(tmp_path):
+    """FSDP on a transformers backbone: the embedding and the vision tower's patch embedding and
+    merger sit in the root group and are used outside ``forward`` (``embed_inputs``)."""
+    launched = _torchrun(QWEN, tmp_path, "train.fsdp=true")
+    reference = train(_recipe(tmp_path, QWEN, "name=one")).run_dir
+    done = _finish(launched)
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(tmp_path / "runs" / "qwen2_5_vl", reference)
+
+
+def _broadcast_worker(rank: int, init_method: str) -> None:
+    """Rank 0 and 1 with different trainable weights, and frozen weights that agree, then not."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    world = World(rank=rank, size=2)
+
+    def model(frozen_seed: int) -> torch.nn.Sequential:
+        torch.manual_seed(frozen_seed)
+        frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+        torch.manual_seed(100 + rank)  # what trains differs per rank until broadcast
+        return torch.nn.Sequential(frozen, torch.nn.Linear(4, 4))
+
+    same = model(frozen_seed=0)
+    frozen = same[0].weight.clone()
+    broadcast_module(same, world)
+    trained = [torch.empty(4, 4) for _ in range(2)]
+    dist.all_gather(trained, same[1].weight.detach())
+    assert torch.equal(trained[0], trained[1])  # rank 0's everywhere
+    assert torch.equal(same[0].weight, frozen)
+    try:
+        broadcast_module(model(frozen_seed=rank), world)
+    except UsageError as exc:
+        assert str(exc).startswith("backbone: rank 1 built other frozen weights than rank 0")
+    else:
+        raise AssertionError("frozen weights that differ between ranks were not refused")
+    dist.destroy_process_group()
+
+
+def test_broadcast_sends_what_trains_and_checks_what_is_frozen(tmp_path):
+    """Frozen weights stay each rank's own (memory-mapped and shared on a node, not copied), so
+    ranks whose frozen weights differ are refused in one line."""
+    mp.spawn(_broadcast_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2)
 
 
 def _model(recipe: Recipe) -> tuple[Backbone, Method, list]:

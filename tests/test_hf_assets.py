@@ -6,8 +6,10 @@ import pytest
 import torch
 from cli_process import assert_one_error_line, invoke
 from conftest import ROOT
-from hf_models import build
+from hf_models import SMALL, build
 
+from crystalkit.build import build_backbone, build_dataset, build_model
+from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.paths import intact_only
 from crystalkit.latents.blocks import END, START, slot_token
 from crystalkit.models.hf.base import HFConfig
@@ -82,6 +84,21 @@ def test_preprocessing_accepts_uint8_and_float_and_resizes_to_the_recipe_size():
     assert as_uint8.shape == (len(samples), patches, 3 * 2 * 8 * 8)
     larger = torch.nn.functional.interpolate(images.float() / 255, size=(96, 80))
     assert backbone.preprocess_images(larger).shape == as_uint8.shape
+
+
+def test_pretrained_weights_are_read_straight_onto_the_training_device(tmp_path):
+    """A training process reads a checkpoint onto its own device (a GPU: no host copy of the
+    whole model per process); ``meta`` stands in for it here, as a device the weights could
+    only reach by being placed there while loading."""
+    recipe, backbone, _, _ = build("qwen2_5_vl")
+    folder = tmp_path / "checkpoint"
+    backbone.save_pretrained(folder)
+    pretrained = [f"backbone.name_or_path={folder}", "~backbone.config", "backbone.init=default"]
+    recipe = load_recipe(TINY_QWEN, [*SMALL, *pretrained])
+    dataset = build_dataset(recipe)
+    on_meta = build_model(recipe, dataset, device=torch.device("meta")).backbone
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+    assert {p.device.type for p in build_backbone(recipe, dataset).parameters()} == {"cpu"}
 
 
 def test_from_pretrained_folder_and_saved_assets_reproduce_the_model(tmp_path):

@@ -245,3 +245,20 @@ def test_every_prompt_word_is_in_the_vocabulary(parts):
     backbone, split = parts
     layout = Packer(backbone, answer="text")([split[i] for i in range(20)])
     assert backbone.tokenizer.unk_token_id not in layout.input_ids.tolist()
+
+
+def test_a_backbone_whose_create_takes_no_device_is_built_on_the_cpu(tiny_recipe, tmp_path):
+    """Plugin backbones written before ``create(..., device=...)`` still build (and the trainer
+    moves them), instead of failing on an unexpected keyword."""
+    plugin = tmp_path / "older.py"
+    plugin.write_text(
+        "from crystalkit.models.embedded import EmbeddedBackbone\n\n\n"
+        "class Older(EmbeddedBackbone):\n"
+        "    @classmethod\n"
+        "    def create(cls, config, *, corpus, assets=None):\n"
+        "        return super().create(config, corpus=corpus, assets=assets)\n"
+    )
+    recipe = tiny_recipe(f"backbone.name={plugin}:Older")
+    backbone = build_backbone(recipe, build_dataset(recipe), device=torch.device("meta"))
+    assert type(backbone).__name__ == "Older"
+    assert {p.device.type for p in backbone.parameters()} == {"cpu"}

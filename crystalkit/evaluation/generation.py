@@ -132,7 +132,7 @@ def feed(
     logits ``[B, L, V]`` and the extended cache."""
     past = prompt.mask.shape[1]
     mask = torch.cat([prompt.mask, valid.long()], dim=1)
-    embeds = backbone.embed(tokens)
+    embeds, _ = backbone.embed_inputs(tokens)  # the entry point FSDP registers
     offsets = torch.arange(tokens.shape[1], device=tokens.device)
     out = backbone(
         embeds,

@@ -73,10 +73,19 @@ class Backbone(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def create(
-        cls, config: BaseModel, *, corpus: Sequence[str], assets: Path | None = None
+        cls,
+        config: BaseModel,
+        *,
+        corpus: Sequence[str],
+        assets: Path | None = None,
+        device: torch.device | None = None,
     ) -> Backbone:
         """Build the model. ``assets`` is a run directory whose saved assets (tokenizer, ...) must
-        be reused; otherwise fresh ones are made (``corpus`` lists the dataset's words)."""
+        be reused; otherwise fresh ones are made (``corpus`` lists the dataset's words).
+        ``device``: where the caller will move the model; a backbone that reads pretrained
+        weights may read them straight onto it, so that no process holds a host copy of a
+        model it trains on a GPU (randomly initialised weights are built on the CPU, whose
+        seeded init does not depend on the device)."""
 
     @abstractmethod
     def save_assets(self, directory: Path) -> None:
@@ -152,7 +161,9 @@ class Backbone(nn.Module, ABC):
         outputs of its first ``L`` decoder layers (Qwen3-VL's deepstack visual features; zero off
         the image tokens), or ``None``. Both are column-aligned with ``input_ids``, so a layout
         can cut paths and chunks out of them and hand them to :meth:`forward`. ``image_grid``
-        ``[N, 3]``: each image's grid, when images have their own (:attr:`resizes_itself`)."""
+        ``[N, 3]``: each image's grid, when images have their own (:attr:`resizes_itself`).
+        The one embedding entry point crystalkit calls: FSDP registers it as a forward, so the
+        weights it reads outside :meth:`forward` are gathered first."""
         if image_grid is not None:
             raise ValueError(f"{type(self).__name__} has no per-image grids")
         return self.embed(input_ids, pixel_values), None

@@ -119,7 +119,12 @@ class EmbeddedBackbone(Backbone):
 
     @classmethod
     def create(
-        cls, config: EmbeddedConfig, *, corpus: Sequence[str], assets: Path | None = None
+        cls,
+        config: EmbeddedConfig,
+        *,
+        corpus: Sequence[str],
+        assets: Path | None = None,
+        device: torch.device | None = None,
     ) -> EmbeddedBackbone:
         if assets is not None and (assets / TOKENIZER_FILE).is_file():
             tokenizer = load_word_tokenizer(assets)

@@ -21,8 +21,8 @@ moment leaves either the previous checkpoint or the new one, never a broken ``la
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from crystalkit.errors import CheckpointError
-from crystalkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from crystalkit.io import atomic_write_json, atomic_write_text, fsync_dir
 
 WEIGHTS = "model.safetensors"
 TRAINABLE = "trainable.safetensors"
@@ -67,9 +67,12 @@ def save_checkpoint(
     try:
         _save_weights(model, tmp)
         if trainer_state is not None:
-            buffer = io.BytesIO()
-            torch.save(trainer_state, buffer)
-            atomic_write_bytes(tmp / STATE, buffer.getvalue())
+            # streamed to the file, not serialised in memory first: a full finetune's optimizer
+            # state is twice its fp32 weights (the folder is renamed into place once complete)
+            with (tmp / STATE).open("wb") as handle:
+                torch.save(trainer_state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
         atomic_write_json(tmp / META, {"step": step, **(meta or {})})
         if final.exists():
             shutil.rmtree(final)
@@ -196,7 +199,9 @@ def load_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
             "cannot resume"
         )
     try:
-        return torch.load(checkpoint.path / STATE, map_location="cpu", weights_only=True)
+        # memory-mapped: the optimizer state of a full finetune is twice the fp32 weights, and
+        # every rank of a node reads the same file; the pages are shared, not copied per rank
+        return torch.load(checkpoint.path / STATE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # pickle/zip errors have no common base class
         raise CheckpointError(
             f"{checkpoint.path / STATE}: cannot load trainer state: {exc}"

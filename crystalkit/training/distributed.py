@@ -49,6 +49,7 @@ from crystalkit.crystal.packing import Segment
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.errors import UsageError
 from crystalkit.objectives.alignment import AnswerKL, AttentionAlignment, HiddenCosine
+from crystalkit.training.checkpoint import base_fingerprint
 from crystalkit.training.sampler import derived_seed
 
 #: how long a rank waits at a collective, e.g. while rank 0 evaluates alone (the default is 10 min)
@@ -137,11 +138,29 @@ def process_group(world: World, device: str) -> Iterator[None]:
 
 
 def broadcast_module(module: nn.Module, world: World) -> None:
-    """Copy rank 0's parameters and buffers to every rank (as DDP does at construction), so a
-    nondeterministic initialisation cannot make the replicas diverge."""
-    if world.size > 1:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, 0)
+    """Copy rank 0's trainable parameters and buffers to every rank (as DDP does at construction),
+    so a nondeterministic initialisation cannot make the replicas diverge.
+
+    Frozen parameters (a LoRA run's base) are not sent: every rank reads them from the same
+    checkpoint, memory-mapped, so the ranks of a node share one copy in the page cache, which a
+    broadcast into them would turn into a private copy per rank (or they come from the recipe's
+    seeded init, which a LoRA checkpoint's base fingerprint already requires to be reproducible).
+    That every rank holds rank 0's base is checked by comparing those fingerprints instead."""
+    if world.size == 1:
+        return
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for tensor in [*trainable, *module.buffers()]:
+        dist.broadcast(tensor.data, 0)
+    if len(trainable) == len(list(module.parameters())):
+        return
+    bases: list[str | None] = [None] * world.size
+    dist.all_gather_object(bases, base_fingerprint(module))
+    other = next((rank for rank, base in enumerate(bases) if base != bases[0]), None)
+    if other is not None:
+        raise UsageError(
+            f"backbone: rank {other} built other frozen weights than rank 0; every process must "
+            "load the same checkpoint (is name_or_path another revision on its node?)"
+        )
 
 
 def all_reduce_gradients(params: Iterable[nn.Parameter], world: World) -> None:
@@ -306,7 +325,9 @@ class Sharded(Replicas):
         for block in reversed(blocks):  # innermost first
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        register_fsdp_forward_method(model, "embed")  # called outside forward
+        # the one method outside forward that reads weights (the embedding matrix, the vision
+        # tower's patch embedding and merger): every embedding call goes through it
+        register_fsdp_forward_method(model, "embed_inputs")
         # FSDP warns at every forward that returns a view (hidden_states[0] is a slice of the
         # packed embeddings) because an in-place op on it would skip a hook; none is done here
         warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")

@@ -324,7 +324,9 @@ def _run(
             )
     world.barrier()  # the warm-start snapshot is complete before any rank reads it
     # latent tokens of every stage, then LoRA: all before the optimizer sees the parameters
-    model = build_model(recipe, dataset, assets=run_dir if checkpoint or warm else None)
+    model = build_model(
+        recipe, dataset, assets=run_dir if checkpoint or warm else None, device=device
+    )
     backbone = model.backbone
     if cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()

@@ -202,13 +202,18 @@ class HFBackbone(Backbone):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, config: HFConfig, *, corpus: Sequence[str], assets: Path | None = None
+        cls,
+        config: HFConfig,
+        *,
+        corpus: Sequence[str],
+        assets: Path | None = None,
+        device: torch.device | None = None,
     ) -> HFBackbone:
         cls.check_resolution(config)
         cls.check_kernels(config)
         saved = assets is not None and (assets / TOKENIZER_DIR).is_dir()
         if config.name_or_path is not None:
-            return cls.load_pretrained(config, assets if saved else None)
+            return cls.load_pretrained(config, assets if saved else None, device)
         if saved and assets is not None:
             tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
             source = f"the tokenizer saved in {assets}"
@@ -293,9 +298,15 @@ class HFBackbone(Backbone):
         return f"the offline {cls.chat_family or cls.__name__} tokenizer"
 
     @classmethod
-    def load_pretrained(cls, config: HFConfig, assets: Path | None) -> HFBackbone:
+    def load_pretrained(
+        cls, config: HFConfig, assets: Path | None, device: torch.device | None = None
+    ) -> HFBackbone:
         """Model, tokenizer and image processor from ``name_or_path`` (the tokenizer and
-        processor from a run's ``assets`` when given: they hold the latent tokens)."""
+        processor from a run's ``assets`` when given: they hold the latent tokens). The weights
+        are memory-mapped and read tensor by tensor onto ``device`` (default: CPU), converted
+        to ``dtype`` on the way: with the checkpoint's own dtype on the CPU they stay in the
+        page cache, shared by every process of a node; any other dtype is a copy, which on a
+        GPU device never sits in host memory as a whole."""
         source = str(config.name_or_path)
         where = f"the tokenizer saved in {assets}" if assets else source
         try:
@@ -309,6 +320,7 @@ class HFBackbone(Backbone):
                 source,
                 dtype=DTYPES[config.dtype],
                 attn_implementation=config.attention_kernels,
+                device_map=device,
             )
         except (OSError, ValueError) as exc:  # missing files, no hub access, wrong model type
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
