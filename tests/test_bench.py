@@ -135,8 +135,6 @@ def test_tsv_rows_decode_including_image_lists_and_index_references(tsv_file):
 
 def test_tsv_missing_columns_is_one_line(tmp_path: Path):
     bad = _tsv(tmp_path / "bad.tsv", [["1", "q"]], header=["index", "question"])
-    from crystalkit.errors import UsageError
-
     with pytest.raises(UsageError, match=r"missing column\(s\) answer, A, B, image or image_path"):
         read_tsv(bad, 16)
 
