@@ -142,7 +142,9 @@ class TensorBoardLogger(MetricLogger):
         if not run.start_step:
             shutil.rmtree(folder, ignore_errors=True)  # an overwritten run's events are stale
         # purge_step: TensorBoard drops the events a crashed run wrote after its checkpoint
-        self.writer = SummaryWriter(str(folder), purge_step=run.start_step or None)
+        self.writer = SummaryWriter(
+            str(folder), purge_step=run.start_step + 1 if run.start_step else None
+        )
         self.stage: str | None = None
         if not run.start_step:
             for summary in hparams(hyperparameters(run.config), {}):
