@@ -199,7 +199,7 @@ class WandbLogger(MetricLogger):
         mode: online, offline or disabled; default: ``WANDB_MODE`` if set, else online when an API
             key is found (``WANDB_API_KEY`` or `wandb login`), else offline (`wandb sync` uploads
             the run later).
-        tags: tags of the run.
+        tags: tags of the run (none by default).
     """
 
     wants_images = True
@@ -209,9 +209,9 @@ class WandbLogger(MetricLogger):
         project: str | None = None,
         entity: str | None = None,
         mode: Literal["online", "offline", "disabled"] | None = None,
-        tags: Sequence[str] = (),
+        tags: list[str] | None = None,
     ):
-        self.project, self.entity, self.mode, self.tags = project, entity, mode, list(tags)
+        self.project, self.entity, self.mode, self.tags = project, entity, mode, tags or []
 
     def open(self, run: LogRun) -> None:
         import wandb
