@@ -19,8 +19,10 @@ from cli_process import assert_one_error_line, invoke
 from conftest import ROOT, TINY
 from rich.console import Console
 
+from crystalkit.ablation.grid import load_grid
+from crystalkit.ablation.runner import cell_dir, run_local
 from crystalkit.config.loader import load_recipe
-from crystalkit.errors import PluginError
+from crystalkit.errors import PluginError, UsageError
 from crystalkit.registries import LOGGERS
 from crystalkit.training import trainer
 from crystalkit.training.loggers import WANDB_ID_FILE, hyperparameters, scalars
@@ -280,6 +282,34 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path):
     terminal = Console(file=text, width=80, force_terminal=True)
     trainer.train(recipe, overwrite=True, console=terminal)
     assert " step 2/4 loss" not in text.getvalue()  # a terminal keeps the live bar
+
+
+def test_a_grids_cells_share_a_wandb_group_and_log_plain_lines(tmp_path):
+    spec = {
+        "base": str(ROOT / "recipes" / "direct_finetune.yaml"),
+        "overrides": [*TINY, "train.steps=2", "eval.max_samples=4", "train.loggers=[wandb]"],
+        "grid": {"train.lr": [0.001, 0.003]},
+        "output_dir": "out",
+    }
+    path = tmp_path / "lr_sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    grid = load_grid(path)
+    outcome = run_local(grid, jobs=2, console=Console(file=io.StringIO()))
+    assert len(outcome.done) == 2 and not outcome.failed
+    for cell in grid.cells():
+        ((run, history),) = _wandb_runs(cell_dir(grid, cell))
+        assert (run.run_group, run.display_name) == ("lr_sweep", cell.id)
+        assert sorted(history) == [2]
+        log = (cell_dir(grid, cell) / "train.log").read_text()
+        assert f"{cell.id} step 2/2 loss " in log  # the cell's log file gets plain lines
+
+
+def test_a_missing_logger_package_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails
+    recipe = _recipe(tmp_path, "method=finetune", "train.steps=2", "train.loggers=[wandb]")
+    with pytest.raises(UsageError, match=r"^logger 'wandb' needs the wandb package: pip install"):
+        trainer.train(recipe)
+    assert not (tmp_path / "runs" / recipe.name).exists()  # the failed start left nothing
 
 
 def test_hyperparameters_are_flat_values():

@@ -14,6 +14,7 @@ them, W&B resumes the same run id), so the resumed history has no duplicates.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import netrc
@@ -135,6 +136,7 @@ class TensorBoardLogger(MetricLogger):
         self.dir = dir
 
     def open(self, run: LogRun) -> None:
+        _require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -170,6 +172,17 @@ class TensorBoardLogger(MetricLogger):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _require(package: str, logger: str) -> None:
+    """A logger whose library is not installed is a usage error, named, not a traceback."""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise UsageError(
+            f"logger {logger!r} needs the {package} package: pip install {package} "
+            '(or pip install "crystalkit[loggers]")'
+        ) from None
 
 
 #: the W&B run id of a run dir, kept so that ``--resume`` continues the same W&B run
@@ -214,6 +227,7 @@ class WandbLogger(MetricLogger):
         self.project, self.entity, self.mode, self.tags = project, entity, mode, tags or []
 
     def open(self, run: LogRun) -> None:
+        _require("wandb", "wandb")
         import wandb
 
         id_file = run.run_dir / WANDB_ID_FILE
