@@ -34,6 +34,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch.utils.data import Dataset
 
 from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import dump_recipe
@@ -46,6 +47,7 @@ from crystalkit.evaluation.controls import run_controls
 from crystalkit.evaluation.inspect import attention_maps, figure
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.latents.blocks import reset_token_rows
+from crystalkit.models.backbone import Backbone
 from crystalkit.training.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -571,13 +573,12 @@ def _plain_line(
     name: str, step: int, steps: int, record: dict[str, Any], terms: str, left: float
 ) -> str:
     """One progress line for a log file: step, loss and its terms, lr, samples/s, ETA."""
-    return (
-        f"{name} step {step}/{steps} loss {record['loss']:.4f} {terms} lr {record['lr']:.3g} "
-        f"{record['samples_per_s']:.0f} samples/s ETA {timedelta(seconds=round(left))}"
-    ).replace("  ", " ")
+    parts = [f"{name} step {step}/{steps} loss {record['loss']:.4f}", terms]
+    parts += [f"lr {record['lr']:.3g}", f"{record['samples_per_s']:.0f} samples/s"]
+    return " ".join([*filter(None, parts), f"ETA {timedelta(seconds=round(left))}"])
 
 
-def _inspect_figure(backbone: Any, method: Method, split: Any) -> bytes:
+def _inspect_figure(backbone: Backbone, method: Method, split: Dataset) -> bytes:
     """`crystalkit inspect`'s figure of the split's first sample: where the latents look."""
     sample = split[0]
     training = backbone.training
