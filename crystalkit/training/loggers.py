@@ -231,8 +231,8 @@ class WandbLogger(MetricLogger):
         import wandb
 
         id_file = run.run_dir / WANDB_ID_FILE
-        if not run.start_step or not id_file.is_file():
-            shutil.rmtree(run.run_dir / "wandb", ignore_errors=True)  # an overwritten run's
+        if not run.start_step or not id_file.is_file():  # a new W&B run
+            shutil.rmtree(run.run_dir / "wandb", ignore_errors=True)  # an overwritten run's files
             id_file.write_text(uuid.uuid4().hex[:16] + "\n", encoding="utf-8")
         mode = (
             self.mode
