@@ -23,6 +23,7 @@ from crystalkit.ablation.grid import load_grid
 from crystalkit.ablation.runner import cell_dir, run_local
 from crystalkit.config.loader import load_recipe
 from crystalkit.errors import PluginError, UsageError
+from crystalkit.evaluation.runs import evaluate_run_dir
 from crystalkit.registries import LOGGERS
 from crystalkit.training import trainer
 from crystalkit.training.loggers import WANDB_ID_FILE, hyperparameters, scalars
@@ -257,6 +258,9 @@ def test_a_plugin_logger_gets_the_jsonl_records_and_its_errors_name_it(tmp_path)
     run_dir = trainer.train(recipe).run_dir
     module = sys.modules[LOGGERS.get(f"{plugin}:Recording").__module__]
     assert MetricsLog(run_dir / "metrics.jsonl").read() == module.SEEN
+    plugin.rename(tmp_path / "elsewhere.py")  # evaluating the run needs no logger
+    assert evaluate_run_dir(run_dir, "test", max_samples=4).num_samples == 4
+    plugin.write_text(PLUGIN)
     failing = _recipe(
         tmp_path,
         "name=failing",
