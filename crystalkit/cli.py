@@ -146,14 +146,28 @@ def train(
     run_dir: Annotated[
         Path | None, typer.Option(help="output folder (default OUTPUT_DIR/NAME)")
     ] = None,
+    logger: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="also log metrics to tensorboard, wandb or a plugin's logger, besides the "
+            "recipe's train.loggers (repeat for several; see `crystalkit list loggers`)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a recipe; prints held-out accuracy at the end."""
     from crystalkit.config import load_recipe
+    from crystalkit.training.loggers import named_loggers
     from crystalkit.training.trainer import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
     result = run_training(
-        resolved, run_dir=run_dir, resume=resume, overwrite=overwrite, console=err
+        resolved,
+        run_dir=run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        console=err,
+        loggers=named_loggers(logger or []),
     )
     if result.final is not None:
         _print_eval(result.final, resolved.eval.final_split, result.run_dir)

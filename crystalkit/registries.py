@@ -17,7 +17,8 @@ CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",
 OBJECTIVES: Registry = Registry("objectives", ("crystalkit.objectives.alignment",))
 SCHEDULES: Registry = Registry("schedules", ("crystalkit.latents.schedules",))
 WEIGHTS: Registry = Registry("weights", ("crystalkit.objectives.weights",))
+LOGGERS: Registry = Registry("loggers", ("crystalkit.training.loggers",))
 
 ALL: dict[str, Registry] = {
-    r.kind: r for r in (BACKBONES, DATASETS, CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS)
+    r.kind: r for r in (BACKBONES, DATASETS, CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS, LOGGERS)
 }

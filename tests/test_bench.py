@@ -5,13 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_process import assert_one_error_line, invoke
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
+from crystalkit.data.sample import LETTERS, OptionKeyError, ordered_options
+from crystalkit.errors import UsageError
 from crystalkit.evaluation.benchfiles import read_jsonl, read_tsv
 from crystalkit.evaluation.harness import score
 
@@ -130,8 +135,6 @@ def test_tsv_rows_decode_including_image_lists_and_index_references(tsv_file):
 
 def test_tsv_missing_columns_is_one_line(tmp_path: Path):
     bad = _tsv(tmp_path / "bad.tsv", [["1", "q"]], header=["index", "question"])
-    from crystalkit.errors import UsageError
-
     with pytest.raises(UsageError, match=r"missing column\(s\) answer, A, B, image or image_path"):
         read_tsv(bad, 16)
 
@@ -165,6 +168,49 @@ def test_jsonl_rows_with_image_root(tmp_path: Path):
     assert [s.answer for s in samples] == ["A", "B"]
     assert [b.index for b in bad] == ["q3", "q4", "line 5"]
     assert "not found" in bad[0].reason
+
+
+@given(st.lists(st.text(min_size=1), min_size=1, max_size=len(LETTERS)), st.randoms())
+def test_options_mapping_in_any_key_order_is_the_list_in_letter_order(texts, random):
+    keys = list(LETTERS[: len(texts)])
+    random.shuffle(keys)
+    mapping = {key: texts[LETTERS.index(key)] for key in keys}
+    assert ordered_options(mapping) == texts
+    assert ordered_options(texts) is texts  # a list is taken as it is
+
+
+@given(
+    st.dictionaries(st.sampled_from(LETTERS), st.text(), min_size=1),
+    st.text(min_size=1).filter(lambda key: key not in LETTERS or len(key) != 1),
+)
+def test_options_mapping_with_another_key_or_a_gap_is_refused(mapping, key):
+    with pytest.raises(OptionKeyError, match=f"'options' key {re.escape(repr(key))} is not"):
+        ordered_options({**mapping, key: "x"})
+    missing = [letter for letter in LETTERS[: len(mapping)] if letter not in mapping]
+    if missing:  # letters, but not A, B, ... without a gap
+        with pytest.raises(OptionKeyError, match=f"skip {missing[0]} "):
+            ordered_options(mapping)
+    else:
+        assert ordered_options(mapping) == [mapping[k] for k in sorted(mapping)]
+
+
+def test_jsonl_options_as_a_mapping(tmp_path: Path):
+    (tmp_path / "a.png").write_bytes(_png((255, 0, 0)))
+    row = {"id": "q1", "image": "a.png", "question": "colour ?", "answer": "B"}
+    listed = {**row, "options": ["blue", "red", "green"]}
+    keyed = {**row, "id": "q2", "options": {"C": "green", "A": "blue", "B": "red"}}
+    path = tmp_path / "bench.jsonl"
+    path.write_text(f"{json.dumps(listed)}\n{json.dumps(keyed)}\n")
+    (first, second), bad = read_jsonl(path, tmp_path, 8)
+    assert not bad
+    assert second.options == first.options == ["blue", "red", "green"]
+    assert second.answer_text == "red"
+    wrong = {**row, "id": "q3", "options": {"A": "blue", "b": "red"}}
+    path.write_text(f"{json.dumps(listed)}\n{json.dumps(wrong)}\n")
+    with pytest.raises(UsageError) as error:
+        read_jsonl(path, tmp_path, 8)
+    assert str(error.value).startswith(f"{path}: line 2 (id q3): 'options' key 'b' is not")
+    assert "\n" not in str(error.value)
 
 
 def _pred(correct: bool, category="", raw="", answer_text=""):

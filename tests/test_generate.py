@@ -13,6 +13,8 @@ from PIL import Image
 from crystalkit.build import build_dataset
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.method import Method
+from crystalkit.errors import UsageError
+from crystalkit.evaluation.predict import read_queries
 
 NUM = 6  # queries compared against evaluation (one evaluation batch)
 
@@ -154,3 +156,20 @@ def test_bad_queries_are_one_error_line(run, tmp_path: Path):
     assert f"{rows}: line 1: image file {tmp_path / 'missing.png'} not found" in line
     line = assert_one_error_line(invoke("generate", tmp_path, "--image", image, "--question", "q"))
     assert "not a crystalkit run directory" in line
+
+
+def test_input_options_as_a_list_or_a_letter_mapping(tmp_path: Path):
+    rows = tmp_path / "rows.jsonl"
+    listed = {"image": "a.png", "question": "colour ?", "options": ["red", "blue", "green"]}
+    keyed = {**listed, "options": {"B": "blue", "C": "green", "A": "red"}}
+    rows.write_text(f"{json.dumps(listed)}\n{json.dumps(keyed)}\n")
+    first, second = read_queries(rows)
+    assert first.options == second.options == ("red", "blue", "green")
+    for options, expected in (
+        ({"A": "red", "option B": "blue"}, "'options' key 'option B' is not an option letter"),
+        ({"A": "red", "C": "blue"}, "'options' keys A, C skip B"),
+    ):
+        rows.write_text(f"{json.dumps(listed)}\n{json.dumps({**listed, 'options': options})}\n")
+        with pytest.raises(UsageError) as error:
+            read_queries(rows)
+        assert str(error.value).startswith(f"{rows}: line 2: {expected}")

@@ -130,6 +130,7 @@ def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict
                 resume=True,
                 console=Console(file=sys.stderr, width=120),
                 num_threads=num_threads,
+                log_group=grid.path.stem,  # a grid's cells share a W&B group
             )
         except BaseException as exc:
             traceback.print_exc()

@@ -37,6 +37,7 @@ from crystalkit.registries import (
     BACKBONES,
     CORRUPTIONS,
     DATASETS,
+    LOGGERS,
     OBJECTIVES,
     SCHEDULES,
     WEIGHTS,
@@ -206,7 +207,7 @@ def _get(tree: Any, loc: Path_) -> Any:
 
 
 #: sections only training uses: a saved run is evaluated without resolving them
-TRAINING_ONLY = frozenset({"corruption", "objectives", "crystal"})
+TRAINING_ONLY = frozenset({"corruption", "objectives", "crystal", "loggers"})
 
 
 def validate_recipe(
@@ -323,6 +324,11 @@ def _validate(
         for part in loc[:-1]:
             parent = getattr(parent, part)
         setattr(parent, loc[-1], resolve(getattr(parent, loc[-1]), registry, loc))
+    if "loggers" not in skip:
+        recipe.train.loggers = [
+            resolve(spec, LOGGERS, ("train", "loggers", str(i)))
+            for i, spec in enumerate(recipe.train.loggers)
+        ]
     if "objectives" in skip:
         return recipe
     objectives = {}
@@ -442,6 +448,9 @@ def recipe_json_schema() -> dict[str, Any]:
         alternative["required"] = [r for r in alternative["required"] if r != "name"]
     schema["properties"]["objectives"]["additionalProperties"] = objective
     defs["CrystalConfig"]["properties"]["ce_weight"] = weight
+    loggers = defs["TrainConfig"]["properties"]["loggers"]
+    named = {"type": "string", "enum": LOGGERS.names()}
+    loggers["items"] = {"anyOf": [named, *alternatives(LOGGERS, "")["anyOf"]]}
     schema["required"] = [key for key in schema.get("required", []) if key != "name"]
     schema["properties"]["inherit"] = {
         "description": "base recipe(s), relative to this file",

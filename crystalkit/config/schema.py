@@ -184,6 +184,15 @@ class CrystalConfig(_Strict):
     )
 
 
+def _logger_names(value: Any) -> Any:
+    """Before validation: a logger may be given by its name alone (``[tensorboard, wandb]``)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [{"name": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
 class TrainConfig(_Strict):
     steps: int = Field(600, ge=1, description="optimizer steps")
     batch_size: int = Field(
@@ -225,6 +234,11 @@ class TrainConfig(_Strict):
         ge=1,
         description="torch CPU threads (1 on a machine shared with busy jobs); null = "
         "OMP_NUM_THREADS if set, else the cores this process may use",
+    )
+    loggers: Annotated[list[ComponentSpec], BeforeValidator(_logger_names)] = Field(
+        default_factory=list,
+        description="where metrics go besides metrics.jsonl (LOGGERS): names or "
+        "{name: ..., params}, e.g. [tensorboard, {name: wandb, project: p}]; main process only",
     )
 
 

@@ -20,6 +20,7 @@ from crystalkit.registries import (
     BACKBONES,
     CORRUPTIONS,
     DATASETS,
+    LOGGERS,
     OBJECTIVES,
     SCHEDULES,
     WEIGHTS,
@@ -35,6 +36,8 @@ def _components(recipe: Recipe) -> Iterator[tuple[str, Registry, str]]:
     """(recipe key, registry, name) of every component the recipe names, stages included."""
     yield "backbone", BACKBONES, recipe.backbone.name
     yield "dataset", DATASETS, recipe.dataset.name
+    for i, logger in enumerate(recipe.train.loggers):
+        yield f"train.loggers.{i}", LOGGERS, logger.name
     sections = [("", recipe)] + [(f"stages.{s.name}.", s) for s in recipe.stages]
     for prefix, section in sections:
         schedule = section.latents.schedule if section.latents else None

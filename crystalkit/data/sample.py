@@ -9,6 +9,34 @@ import torch
 LETTERS = "ABCDEFGH"
 
 
+class OptionKeyError(ValueError):
+    """Options given as a mapping whose keys are not the letters A, B, ...: how the file writes its
+    options is misread, which no row of it escapes (unlike one row's bad value)."""
+
+
+def ordered_options(options: object) -> object:
+    """Options as benchmark files write them, in letter order: a list stays as it is; a mapping
+    keyed by the letters ``A`` to ``H`` in any order (``{"B": "blue", "A": "red"}``) becomes the
+    list of its values from ``A`` on. Any other value is returned unchanged for the caller to
+    check; a mapping with another key, or a letter gap, raises :class:`OptionKeyError`."""
+    if not isinstance(options, dict):
+        return options
+    for key in options:
+        if not (isinstance(key, str) and len(key) == 1 and key in LETTERS):
+            raise OptionKeyError(
+                f"'options' key {key!r} is not an option letter (expected keys A to "
+                f'{LETTERS[-1]}, e.g. {{"A": "red", "B": "blue"}}, or a list of options)'
+            )
+    expected = LETTERS[: len(options)]
+    missing = [letter for letter in expected if letter not in options]
+    if missing:
+        raise OptionKeyError(
+            f"'options' keys {', '.join(sorted(options))} skip {missing[0]} (expected "
+            "consecutive letters from A)"
+        )
+    return [options[letter] for letter in expected]
+
+
 @dataclass
 class Sample:
     """A visual question, multiple choice or open-ended.

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
-from crystalkit.data.sample import LETTERS, Sample
+from crystalkit.data.sample import LETTERS, OptionKeyError, Sample, ordered_options
 from crystalkit.errors import UsageError
 
 OPTION_COLUMNS = tuple(LETTERS[:5])  # VLMEvalKit: A ... E
@@ -171,8 +171,9 @@ def read_jsonl(
     path: Path, image_root: Path, image_size: int | None
 ) -> tuple[list[Sample], list[BadRow]]:
     """One JSON object per line: ``id``, ``image`` or ``images`` (paths relative to
-    ``image_root``), ``question``, ``options`` (list), ``answer`` (letter or option text),
-    ``category``."""
+    ``image_root``), ``question``, ``options`` (a list, or a mapping keyed by the letters A-H in
+    any order), ``answer`` (letter or option text), ``category``. Options keyed by anything else
+    are one :class:`~crystalkit.errors.UsageError` naming the row."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -195,6 +196,9 @@ def read_jsonl(
             samples.append(_jsonl_sample(record, len(samples), image_root, image_size))
         except _RowError as exc:
             bad.append(BadRow(index, str(exc)))
+        except OptionKeyError as exc:
+            row = f"line {number}" + (f" (id {index})" if index != f"line {number}" else "")
+            raise UsageError(f"{path}: {row}: {exc}") from None
     return samples, bad
 
 
@@ -204,13 +208,15 @@ def _jsonl_sample(record: object, position: int, root: Path, size: int | None) -
     paths = record.get("images") or ([record["image"]] if record.get("image") else [])
     if not paths or not all(isinstance(p, str) for p in paths):
         raise _RowError("needs 'image' (a path) or 'images' (a list of paths)")
-    options = record.get("options")
+    options = ordered_options(record.get("options"))
     if (
         not isinstance(options, list)
         or len(options) < 2
         or not all(isinstance(o, str) for o in options)
     ):
-        raise _RowError("'options' must be a list of at least two strings")
+        raise _RowError(
+            "'options' must be a list of at least two strings, or a mapping of letters to them"
+        )
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise _RowError("'question' must be a non-empty string")

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from crystalkit.data.images import open_rgb, sample_tensor
-from crystalkit.data.sample import LETTERS, Sample
+from crystalkit.data.sample import LETTERS, OptionKeyError, Sample, ordered_options
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
 from crystalkit.evaluation.runs import check_latent_block, load_run, run_image_size
@@ -42,7 +42,10 @@ def _checked(where: str, image: Path, question: object, options: object) -> Quer
     if not isinstance(options, list | tuple) or not all(
         isinstance(o, str) and o.strip() for o in options
     ):
-        raise UsageError(f"{where}: options must be a list of non-empty strings")
+        raise UsageError(
+            f"{where}: options must be a list of non-empty strings, or a mapping of the letters "
+            "A, B, ... to them"
+        )
     if len(options) == 1 or len(options) > len(LETTERS):
         raise UsageError(
             f"{where}: {len(options)} options (expected none for an open-ended question, or "
@@ -70,7 +73,8 @@ def queries_from_args(images: list[Path], questions: list[str], options: list[st
 
 
 def read_queries(path: Path) -> list[Query]:
-    """A JSONL file of ``{"image", "question", "options"?}`` rows, images relative to the file."""
+    """A JSONL file of ``{"image", "question", "options"?}`` rows, images relative to the file;
+    ``options`` is a list or a mapping keyed by the letters A-H in any order."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -91,9 +95,11 @@ def read_queries(path: Path) -> list[Query]:
                 f"{where}: expected an object with 'image' (a path), 'question' and optional "
                 "'options'"
             )
-        queries.append(
-            _checked(where, path.parent / row["image"], row.get("question"), row.get("options", []))
-        )
+        try:
+            options = ordered_options(row.get("options", []))
+        except OptionKeyError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        queries.append(_checked(where, path.parent / row["image"], row.get("question"), options))
     if not queries:
         raise UsageError(f"--input: {path}: no queries (expected one JSON object per line)")
     return queries

@@ -14,8 +14,10 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext, suppress
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +34,20 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch.utils.data import Dataset
 
 from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import dump_recipe
-from crystalkit.config.schema import Recipe
+from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.sources import write_sources
 from crystalkit.crystal.method import Method
 from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
+from crystalkit.evaluation.inspect import attention_maps, figure
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.latents.blocks import reset_token_rows
+from crystalkit.models.backbone import Backbone
 from crystalkit.training.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -57,7 +62,7 @@ from crystalkit.training.distributed import (
     process_group,
     unit_counts,
 )
-from crystalkit.training.metrics import MetricsLog
+from crystalkit.training.loggers import METRICS_FILE, Loggers, LogRun
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.sampler import StepSampler, derived_seed
 from crystalkit.training.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
@@ -71,7 +76,6 @@ from crystalkit.training.warm_start import (
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
-METRICS_FILE = "metrics.jsonl"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -105,6 +109,9 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
     with suppress(ValidationError):  # recipe keys added since that run take their defaults
         previous = Recipe.model_validate(previous).to_dict()
     current = recipe.to_dict()
+    for tree in (previous, current):  # where metrics go is not what the run computes
+        if isinstance(tree, dict) and isinstance(tree.get("train"), dict):
+            tree["train"].pop("loggers", None)
     diff = _first_difference(previous, current)
     if diff is not None:
         key, old, new = diff
@@ -223,6 +230,8 @@ def train(
     console: Console | None = None,
     stop_after: int | None = None,
     num_threads: int | None = None,
+    loggers: Sequence[ComponentSpec] = (),
+    log_group: str | None = None,
 ) -> TrainResult:
     """Train ``recipe`` to completion (or up to step ``stop_after``, for tests and schedulers).
     ``num_threads`` overrides ``train.num_threads`` (a grid runner sharing the machine sets it;
@@ -232,6 +241,10 @@ def train(
 
     Writes ``recipe.yaml`` (fully resolved), ``tokenizer.json`` and other backbone assets,
     ``metrics.jsonl``, ``checkpoints/`` and, once finished, ``results.json`` into the run dir.
+    ``loggers`` are added to ``train.loggers`` (the command line's ``--logger``) and
+    ``log_group`` groups the run with others (an ablation grid's cells) in loggers that group
+    runs; like ``num_threads``, neither changes what the run computes.
+
     A run that starts at step 0 and fails (any exception, Ctrl-C included) before its first
     complete checkpoint removes what it wrote (the run dir, if it created it); a run dir that a
     killed run left with ``recipe.yaml`` but no checkpoint and no ``results.json`` is reused.
@@ -254,6 +267,8 @@ def train(
             console=console,
             stop_after=stop_after,
             num_threads=num_threads,
+            loggers=[*recipe.train.loggers, *loggers],
+            log_group=log_group,
         )
 
 
@@ -267,6 +282,8 @@ def _train(
     console: Console | None,
     stop_after: int | None,
     num_threads: int | None,
+    loggers: list[ComponentSpec],
+    log_group: str | None,
 ) -> TrainResult:
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
@@ -276,15 +293,17 @@ def _train(
     torch.set_num_threads(resolve_num_threads(num_threads or recipe.train.num_threads))
     outputs = _FreshOutputs(run_dir)
     try:
-        return _run(
-            recipe,
-            parallel,
-            run_dir=run_dir,
-            resume=resume and not leftover,
-            console=console,
-            stop_after=stop_after,
-            outputs=outputs,
-        )
+        with ExitStack() as closing:  # the loggers _run opens: closed before outputs.discard()
+            return _run(
+                recipe,
+                parallel,
+                run_dir=run_dir,
+                resume=resume and not leftover,
+                console=console,
+                stop_after=stop_after,
+                outputs=outputs,
+                observers=(loggers, log_group, closing),
+            )
     except BaseException:
         outputs.discard()
         raise
@@ -299,6 +318,7 @@ def _run(
     console: Console,
     stop_after: int | None,
     outputs: _FreshOutputs,
+    observers: tuple[list[ComponentSpec], str | None, ExitStack],
 ) -> TrainResult:
     cfg, world = recipe.train, parallel.world
     device = world.device(recipe.device)
@@ -337,18 +357,21 @@ def _run(
     plan = plan_stages(recipe)
     _check_stages(recipe, plan, model.introduced)
     frozen_rows = backbone.token_matrices() if recipe.latents.train_new_rows_only else []
-    metrics = MetricsLog(run_dir / METRICS_FILE)
     start, state = 0, None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         start = checkpoint.step
         if world.main:
-            metrics.truncate_after(start)
             console.print(f"resuming {run_dir} from step {start}")
     elif world.main:
         atomic_write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
         write_sources(run_dir, recipe)  # what to install if a plugin is missing later
         backbone.save_assets(run_dir)
+    log: Loggers | None = None
+    if world.main:  # only the main process logs; a resumed run continues its logs at `start`
+        specs, group, closing = observers
+        run_info = LogRun(run_dir, recipe.name, recipe.to_dict(), start, group)
+        log = closing.enter_context(Loggers(specs, run_info))
 
     train_split = dataset.split("train")
     sampler = StepSampler(len(train_split), cfg.batch_size, recipe.seed)
@@ -356,10 +379,14 @@ def _run(
     evaluating = world.main or parallel.collective_forward  # a sharded model evaluates together
 
     def run_eval(step: int, split_name: str, stage: Stage, method: Method) -> EvalResult:
-        result = evaluate(backbone, dataset.split(split_name), method, recipe.eval)
-        if world.main:
+        split = dataset.split(split_name)
+        result = evaluate(backbone, split, method, recipe.eval)
+        if log is not None:
             record = {"step": step, "stage": stage.name, "split": split_name}
-            metrics.append(record | result.summary())
+            log.log(record | result.summary())
+            drawable = method.final_k and backbone.image_grid is not None and len(split)
+            if log.wants_images and drawable and not parallel.collective_forward:
+                log.image(step, f"inspect/{split_name}", _inspect_figure(backbone, method, split))
         return result
 
     micro_batches = world.micro_batches(cfg.batch_size, cfg.grad_accum_steps)
@@ -368,7 +395,9 @@ def _run(
     watch_threads = device.type == "cpu" and world.main  # several threads on a busy machine
     train_start = time.perf_counter()
     stage: Stage | None = None
-    with _progress(console, disable=not world.main) as progress:
+    # a log file (cluster job, nohup) gets plain lines; a live bar would leave one truncated line
+    plain = world.main and not (console.is_terminal or console.is_jupyter)
+    with _progress(console, disable=plain or not world.main) as progress:
         task = progress.add_task(
             escape(recipe.name),
             total=cfg.steps,
@@ -433,10 +462,19 @@ def _run(
                     "grad_norm": grad_norm,
                     "samples_per_s": rate,
                 }
-                if world.main:
-                    metrics.append(record)
+                if log is not None:
+                    log.log(record)
                 shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
                 progress.update(task, loss=record["loss"], rate=rate, terms=shown)
+                if plain:
+                    left = (time.perf_counter() - train_start) / (done - start) * (end - done)
+                    name = recipe.name + (f" [{stage.name}]" if len(plan) > 1 else "")
+                    console.print(
+                        _plain_line(name, done, cfg.steps, record, shown, left),
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
                 window = Window()
             progress.update(task, completed=done)
             periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
@@ -531,6 +569,28 @@ class _StageOptimizer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+
+
+def _plain_line(
+    name: str, step: int, steps: int, record: dict[str, Any], terms: str, left: float
+) -> str:
+    """One progress line for a log file: step, loss and its terms, lr, samples/s, ETA."""
+    parts = [f"{name} step {step}/{steps} loss {record['loss']:.4f}", terms]
+    parts += [f"lr {record['lr']:.3g}", f"{record['samples_per_s']:.0f} samples/s"]
+    return " ".join([*filter(None, parts), f"ETA {timedelta(seconds=round(left))}"])
+
+
+def _inspect_figure(backbone: Backbone, method: Method, split: Dataset) -> bytes:
+    """`crystalkit inspect`'s figure of the split's first sample: where the latents look."""
+    sample = split[0]
+    training = backbone.training
+    backbone.eval()
+    try:
+        (maps,) = attention_maps(backbone, method, [sample])
+        corrupted = method.corrupt([sample], derived_seed(method.recipe.seed, -1))[0]
+        return figure(sample, corrupted, maps)
+    finally:
+        backbone.train(training)
 
 
 def _stage_line(stage: Stage, method: Method, stages: int) -> str:

@@ -54,6 +54,7 @@ USED_BY = {
     "corruptions": ("`corruption:` section (the corrupted path)", "corruptions.md"),
     "objectives": ("`objectives:` section (alignment terms)", "objectives.md"),
     "schedules": ("`latents.schedule:`", "schedules.md"),
+    "loggers": ("`train.loggers:` (where metrics go)", "logging.md"),
     "weights": (
         "an objective's `weight:`, `crystal.ce_weight:`",
         "schedules.md#weight-schedules",
