@@ -149,9 +149,12 @@ def train(
 ) -> None:
     """Train a recipe; prints held-out accuracy at the end."""
     from crystalkit.config import load_recipe
+    from crystalkit.training.trainer import check_resumable
     from crystalkit.training.trainer import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
+    if resume:
+        check_resumable(resolved, run_dir)
     result = run_training(
         resolved, run_dir=run_dir, resume=resume, overwrite=overwrite, console=err
     )

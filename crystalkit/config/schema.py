@@ -4,6 +4,8 @@ and in the JSON Schema editors use for autocompletion)."""
 from __future__ import annotations
 
 import itertools
+import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,7 +21,9 @@ from pydantic import (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors; so are ``.nan`` and ``.inf``, which no recipe number means."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _weight_shape(value: Any) -> Any:
@@ -38,8 +42,8 @@ def _weight_shape(value: Any) -> Any:
 
 
 def _check_weight(weight: float | ComponentSpec) -> float | ComponentSpec:
-    if isinstance(weight, float) and not weight >= 0:
-        raise ValueError(f"must be >= 0 (a number, or a weight schedule), got {weight}")
+    if isinstance(weight, float) and not 0 <= weight < math.inf:
+        raise ValueError(f"must be a finite number >= 0 (or a weight schedule), got {weight}")
     return weight
 
 
@@ -380,9 +384,18 @@ class Recipe(_Strict):
 
     name: str = Field(description="run name; outputs go to OUTPUT_DIR/NAME (defaults to file stem)")
     description: str = Field("", description="free text, kept with the run")
-    seed: int = Field(0, description="seeds model init, data order and every random op")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="seeds model init, data order and every random op (0 <= seed < 2**32)",
+    )
     output_dir: str = Field("runs", description="parent folder of run directories")
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'")
+    device: str = Field(
+        "cpu",
+        description="torch device, e.g. 'cpu', 'cuda' or 'cuda:1' (checked against this "
+        "machine's devices when a run starts)",
+    )
     backbone: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="embedded"), description="model (BACKBONES)"
     )
@@ -423,9 +436,27 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError("must be a plain folder name (no slashes)")
+        if not name or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+            raise ValueError("must be a plain folder name (no slashes, no NUL characters)")
+        if len(name.encode("utf-8")) > 200:  # file systems cap a name at 255 bytes
+            raise ValueError("must be a folder name of at most 200 bytes")
         return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _check_output_dir(cls, output_dir: str) -> str:
+        if not output_dir or "\0" in output_dir:
+            raise ValueError("must be a folder path (not empty, no NUL characters)")
+        return output_dir
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        """Only the spelling: whether this machine has the device is checked when a run starts
+        (:func:`crystalkit.build.resolve_device`), so a recipe validates on any machine."""
+        if not re.fullmatch(r"[a-z_]+(:\d{1,6})?", device):
+            raise ValueError("expected a torch device such as cpu, cuda, cuda:1 or mps")
+        return device
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:
