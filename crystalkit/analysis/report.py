@@ -38,8 +38,9 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyse a run; writes ``analysis_SPLIT.json`` and ``analysis_SPLIT.png`` (``analysis_bench_
     NAME.*`` with a benchmark file) and returns the report."""
-    from crystalkit.evaluation.runs import load_run, run_image_size
+    from crystalkit.evaluation.runs import check_max_samples, load_run, run_image_size
 
+    check_max_samples(max_samples)
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if backbone.resizes_itself:
         raise UsageError(

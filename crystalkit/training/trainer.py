@@ -100,6 +100,8 @@ def check_resumable(recipe: Recipe, run_dir: Path | None = None) -> None:
 def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
     """Refuse to train over an existing run unless told how; ``True`` for the leftovers of a run
     that stopped before its first checkpoint, which a new run reuses as if it were empty."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: exists and is not a folder (expected a run directory)")
     saved = run_dir / RECIPE_FILE
     if not saved.exists():
         return False
@@ -115,7 +117,7 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
     previous = read_yaml(saved, CheckpointError)
     if not isinstance(previous, dict):
         raise CheckpointError(
-            f"{saved}: not a recipe (expected a mapping of keys, got {type(previous).__name__}); "
+            f"{saved}: not a recipe (expected a mapping of keys, got {'an empty file' if previous is None else type(previous).__name__}); "
             "pass --overwrite to start the run over"
         )
     with suppress(ValidationError):  # recipe keys added since that run take their defaults

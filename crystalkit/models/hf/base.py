@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from crystalkit.errors import UsageError
+from crystalkit.errors import CheckpointError, UsageError, one_line
 from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.hf.chat import (
@@ -175,7 +175,13 @@ class HFBackbone(Backbone):
         if config.name_or_path is not None:
             return cls.load_pretrained(config, assets if saved else None)
         if saved and assets is not None:
-            tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
+            except Exception as exc:  # transformers and tokenizers raise many kinds
+                raise CheckpointError(
+                    f"{assets / TOKENIZER_DIR}: the run's saved tokenizer does not load "
+                    f"({type(exc).__name__}: {one_line(exc)})"
+                ) from None
             source = f"the tokenizer saved in {assets}"
         else:
             tokenizer = cls.offline_tokenizer(config, corpus)
