@@ -40,6 +40,16 @@ class _RowError(Exception):
     pass
 
 
+def json_problem(exc: BaseException) -> str:
+    """Why ``json.loads`` refused a line, in a few words (it also raises ``ValueError`` for
+    numbers of thousands of digits and ``RecursionError`` for deep nesting)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    return str(exc).split(";")[0]
+
+
 def _decode_base64(text: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
@@ -95,7 +105,7 @@ def read_tsv(path: Path, image_size: int | None) -> tuple[list[Sample], list[Bad
     try:
         with path.open(encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except (OSError, ValueError, csv.Error) as exc:  # ValueError: undecodable, NUL in path
         raise UsageError(f"{path}: cannot read as a TSV file ({exc})") from None
     columns = set(rows[0]) if rows else set()
     missing = [c for c in ("index", "question", "answer", "A", "B") if c not in columns]
@@ -126,10 +136,10 @@ def _tsv_image(row: dict[str, str], by_index: dict[str, dict[str, str]], root: P
     if text.startswith("["):
         try:
             parts = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise _RowError(
-                "image looks like a list but is not a valid list of base64 strings"
-            ) from None
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            parts = None
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+            raise _RowError("image looks like a list but is not a list of base64 strings")
         return _tile([_decode_base64(p) for p in parts])
     if text:
         return _decode_base64(text)
@@ -175,7 +185,7 @@ def read_jsonl(
     ``category``."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in the path
         raise UsageError(f"{path}: cannot read ({exc})") from None
     samples, bad = [], []
     for number, line in enumerate(lines, start=1):
@@ -183,8 +193,8 @@ def read_jsonl(
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(BadRow(f"line {number}", f"not valid JSON ({exc.msg})"))
+        except (ValueError, RecursionError) as exc:
+            bad.append(BadRow(f"line {number}", f"not valid JSON ({json_problem(exc)})"))
             continue
         index = (
             str(record.get("id", f"line {number}"))
@@ -207,10 +217,10 @@ def _jsonl_sample(record: object, position: int, root: Path, size: int | None) -
     options = record.get("options")
     if (
         not isinstance(options, list)
-        or len(options) < 2
+        or not 2 <= len(options) <= len(LETTERS)
         or not all(isinstance(o, str) for o in options)
     ):
-        raise _RowError("'options' must be a list of at least two strings")
+        raise _RowError(f"'options' must be a list of 2 to {len(LETTERS)} strings")
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise _RowError("'question' must be a non-empty string")

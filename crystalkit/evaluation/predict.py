@@ -22,6 +22,7 @@ from crystalkit.data.images import open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
+from crystalkit.evaluation.benchfiles import json_problem
 from crystalkit.evaluation.runs import check_latent_block, load_run, run_image_size
 
 
@@ -84,8 +85,8 @@ def read_queries(path: Path) -> list[Query]:
         where = f"{path}: line {number}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:
+            raise UsageError(f"{where}: not valid JSON ({json_problem(exc)})") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise UsageError(
                 f"{where}: expected an object with 'image' (a path), 'question' and optional "
