@@ -14,6 +14,16 @@ import yaml
 from crystalkit.errors import UsageError, one_line
 
 
+def json_problem(exc: BaseException) -> str:
+    """Why ``json.loads`` refused a line, in a few words (it also raises ``ValueError`` for
+    numbers of thousands of digits and ``RecursionError`` for deep nesting)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    return str(exc).split(";")[0]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then ``os.replace`` into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +37,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_user_file(path: Path, data: bytes, option: str) -> None:
+    """:func:`atomic_write_bytes` to a path the user chose (``option`` names it): a folder or a
+    place that cannot be written is one line, not an ``OSError`` traceback."""
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a folder (expected a file path)")
+    try:
+        atomic_write_bytes(path, data)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise UsageError(
+            f"{option}: cannot write {path} ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

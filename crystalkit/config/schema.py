@@ -189,10 +189,11 @@ class CrystalConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(600, ge=1, description="optimizer steps")
+    steps: int = Field(600, ge=1, le=10_000_000, description="optimizer steps")
     batch_size: int = Field(
         32,
         ge=1,
+        le=1_000_000,
         description="samples per optimizer step, over all processes and micro-batches (the "
         "global batch); divisible by processes x grad_accum_steps",
     )
@@ -212,8 +213,8 @@ class TrainConfig(_Strict):
         description="shard weights, gradients and optimizer state over the processes (FSDP2); "
         "needs several processes",
     )
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
+    lr: float = Field(1e-3, gt=0, le=100, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, le=100, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="decay after warmup (transformers' schedulers)"
@@ -227,6 +228,7 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(
         None,
         ge=1,
+        le=4096,
         description="torch CPU threads (1 on a machine shared with busy jobs); null = "
         "OMP_NUM_THREADS if set, else the cores this process may use",
     )
@@ -236,8 +238,10 @@ class EvalConfig(_Strict):
     split: str = Field("val", description="split evaluated periodically during training")
     final_split: str = Field("test", description="split evaluated once training finishes")
     max_samples: int | None = Field(None, ge=1, description="cap on evaluated samples per split")
-    batch_size: int = Field(128, ge=1, description="samples per evaluation batch")
-    max_new_tokens: int = Field(4, ge=1, description="greedy decoding budget for the answer")
+    batch_size: int = Field(128, ge=1, le=1_000_000, description="samples per evaluation batch")
+    max_new_tokens: int = Field(
+        4, ge=1, le=65_536, description="greedy decoding budget for the answer"
+    )
     latent_block: Literal["forced", "generated"] = Field(
         "forced",
         description="forced: the prompt holds the latent template and block, the model writes "
@@ -316,8 +320,10 @@ class StageTrain(_Strict):
     """The optimisation keys a stage may set; the others (steps, batch size, precision, ...)
     belong to the whole run."""
 
-    lr: float | None = Field(None, gt=0, description="peak learning rate of this stage")
-    weight_decay: float | None = Field(None, ge=0, description="AdamW decoupled weight decay")
+    lr: float | None = Field(None, gt=0, le=100, description="peak learning rate of this stage")
+    weight_decay: float | None = Field(
+        None, ge=0, le=100, description="AdamW decoupled weight decay"
+    )
     betas: tuple[float, float] | None = Field(None, description="AdamW betas")
     lr_schedule: Literal["cosine", "linear", "constant"] | None = Field(
         None, description="decay after warmup, within the stage"

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
+from crystalkit.io import json_problem
 
 OPTION_COLUMNS = tuple(LETTERS[:5])  # VLMEvalKit: A ... E
 
@@ -38,16 +39,6 @@ class BadRow:
 
 class _RowError(Exception):
     pass
-
-
-def json_problem(exc: BaseException) -> str:
-    """Why ``json.loads`` refused a line, in a few words (it also raises ``ValueError`` for
-    numbers of thousands of digits and ``RecursionError`` for deep nesting)."""
-    if isinstance(exc, json.JSONDecodeError):
-        return exc.msg
-    if isinstance(exc, RecursionError):
-        return "nested too deep"
-    return str(exc).split(";")[0]
 
 
 def _decode_base64(text: str) -> Image.Image:

@@ -22,8 +22,8 @@ from crystalkit.data.images import open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
-from crystalkit.evaluation.benchfiles import json_problem
 from crystalkit.evaluation.runs import check_latent_block, load_run, run_image_size
+from crystalkit.io import json_problem
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ from crystalkit.registries import BACKBONES
 class EmbeddedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_size: int = Field(64, ge=16, description="images are resized to this square size")
+    image_size: int = Field(
+        64, ge=16, le=4096, description="images are resized to this square size"
+    )
     encoder: str = Field("resnet10t", description="timm model name (built without weights)")
     encoder_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"channels": [32, 64, 128, 256]},

@@ -100,8 +100,11 @@ def check_resumable(recipe: Recipe, run_dir: Path | None = None) -> None:
 def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
     """Refuse to train over an existing run unless told how; ``True`` for the leftovers of a run
     that stopped before its first checkpoint, which a new run reuses as if it were empty."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: exists and is not a folder (expected a run directory)")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(
+            f"{run_dir}: {existing} is a file, not a folder (expected a run directory)"
+        )
     saved = run_dir / RECIPE_FILE
     if not saved.exists():
         return False

@@ -54,7 +54,7 @@ class HFConfig(BaseModel):
         "architecture from these config fields (text_config, vision_config, ...)",
     )
     image_size: int = Field(
-        448, ge=8, description="resolution: fixed — images are resized to this square size"
+        448, ge=8, le=4096, description="resolution: fixed — images are resized to this square size"
     )
     resolution: Literal["fixed", "processor"] = Field(
         "fixed",
