@@ -394,7 +394,7 @@ class Recipe(_Strict):
         0,
         ge=0,
         lt=2**32,
-        description="seeds model init, data order and every random op (0 <= seed < 2**32)",
+        description="seeds model init, data order and every random op",
     )
     output_dir: str = Field("runs", description="parent folder of run directories")
     device: str = Field(
