@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 
-def resolve_device(name: str, where: str = "device") -> torch.device:
-    """The torch device ``name`` if this machine has it, else a one-line :class:`UsageError`
-    (``where`` names the key): torch would only fail at the first tensor moved there, deep in a
-    traceback. Device kinds torch offers no availability check for are left to torch."""
+def check_device(name: str, where: str = "device") -> None:
+    """A one-line :class:`UsageError` (``where`` names the key) unless this machine has the torch
+    device ``name``: torch would only fail at the first tensor moved there, deep in a traceback.
+    Device kinds torch offers no availability check for are left to torch."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -35,7 +35,7 @@ def resolve_device(name: str, where: str = "device") -> torch.device:
     is_available = getattr(backend, "is_available", None)
     device_count = getattr(backend, "device_count", None)
     if is_available is None or device_count is None:
-        return device
+        return
     if not is_available():
         raise UsageError(
             f"{where}: {name!r} is not available on this machine (torch finds no "
@@ -43,11 +43,11 @@ def resolve_device(name: str, where: str = "device") -> torch.device:
         )
     count = device_count()
     if device.index is not None and device.index >= count:
+        has = f"{device.type}:0" + (f" to {device.type}:{count - 1}" if count > 1 else "")
         raise UsageError(
             f"{where}: {name!r} is not available on this machine: it has {count} {device.type} "
-            f"device{'s' if count != 1 else ''} ({device.type}:0 to {device.type}:{count - 1})"
+            f"device{'s' if count != 1 else ''} ({has})"
         )
-    return device
 
 
 def _params(obj: Any, spec: ComponentSpec) -> Any:
@@ -104,7 +104,7 @@ def build_model(
     from crystalkit.training.stages import plan_stages
     from crystalkit.training.warm_start import load_snapshot, snapshot_dir
 
-    resolve_device(recipe.device)
+    check_device(recipe.device)
     torch.manual_seed(recipe.seed)
     warm = snapshot_dir(recipe, assets)
     if warm is not None:

@@ -372,6 +372,27 @@ def test_the_corpus_is_broad():
     assert kinds >= {"recipe", "override", "grid", "bench", "generate", "run", "train"}
 
 
+def test_device_is_checked_against_the_machine(monkeypatch: pytest.MonkeyPatch):
+    """A machine with two GPUs (torch's answers stand in for them): cuda:1 is there, cuda:7 is
+    not; a misspelt device kind is not a device anywhere."""
+    from crystalkit.build import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    check_device("cuda")
+    check_device("cpu")
+    with pytest.raises(
+        UsageError, match=r"'cuda:7' is not available .* 2 cuda devices \(cuda:0 to"
+    ):
+        check_device("cuda:7")
+    with pytest.raises(UsageError, match="'gpu' is not a torch device"):
+        check_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="torch finds no cuda device"):
+        check_device("cuda")
+
+
 # -- the alias bomb and the missing GPU, as real processes ------------------------------------
 
 

@@ -459,7 +459,7 @@ class Recipe(_Strict):
     @classmethod
     def _check_device(cls, device: str) -> str:
         """Only the spelling: whether this machine has the device is checked when a run starts
-        (:func:`crystalkit.build.resolve_device`), so a recipe validates on any machine."""
+        (:func:`crystalkit.build.check_device`), so a recipe validates on any machine."""
         if not re.fullmatch(r"[a-z_]+(:\d{1,6})?", device):
             raise ValueError("expected a torch device such as cpu, cuda, cuda:1 or mps")
         return device

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from crystalkit.build import Model, build_dataset, build_model, resolve_device
+from crystalkit.build import Model, build_dataset, build_model, check_device
 from crystalkit.config.loader import TRAINING_ONLY, load_recipe
 from crystalkit.config.schema import EvalConfig, Recipe
 from crystalkit.config.sources import read_sources, require
@@ -47,7 +47,7 @@ def load_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe, ob
         )
     require(run_dir, tree, sources)
     recipe = load_recipe(run_dir / RECIPE_FILE, overrides, skip=TRAINING_ONLY)
-    resolve_device(recipe.device, f"{run_dir / RECIPE_FILE}: device")  # trained elsewhere?
+    check_device(recipe.device, f"{run_dir / RECIPE_FILE}: device")  # trained elsewhere?
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")

@@ -32,7 +32,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from crystalkit.build import build_dataset, build_model, resolve_device
+from crystalkit.build import build_dataset, build_model, check_device
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import Recipe
 from crystalkit.config.sources import write_sources
@@ -262,7 +262,7 @@ def train(
     global ``train.batch_size``. Rank 0 alone writes, prints and evaluates; the other ranks
     return ``final=None`` once rank 0 is done.
     """
-    resolve_device(recipe.device)  # before any data is read or model built
+    check_device(recipe.device)  # before any data is read or model built
     world = World.from_env()
     parallel = data_parallel(recipe, world)
     _check_checkpointing(recipe)
