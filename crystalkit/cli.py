@@ -29,7 +29,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crystalkit.errors import DataWarning, PerformanceWarning, PluginError, UsageError, did_you_mean
+from crystalkit.errors import (
+    DataWarning,
+    PerformanceWarning,
+    PluginError,
+    UsageError,
+    did_you_mean,
+    one_line,
+)
 from crystalkit.registry import PluginWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,8 +116,8 @@ def user_errors(func: F) -> F:
             except (UsageError, PluginError) as exc:
                 if debugging():
                     raise
-                err.print(
-                    f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+                err.print(  # one line even where a message quotes a library's several
+                    f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True
                 )
                 raise typer.Exit(3 if isinstance(exc, PluginError) else 2) from None
 

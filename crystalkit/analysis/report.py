@@ -214,6 +214,7 @@ def write_grouped(
 def load_cached(run_dir: Path, split: str) -> dict[str, Any] | None:
     """A run's saved analysis for ``split``, if any (grids reuse it instead of recomputing)."""
     try:
-        return json.loads((run_dir / f"analysis_{split}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        report = json.loads((run_dir / f"analysis_{split}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return report if isinstance(report, dict) else None
