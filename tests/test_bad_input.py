@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli_process import ROOT, assert_one_error_line, finish, invoke, start
+from cli_process import ROOT, assert_one_error_line, finish, invoke, start, stderr_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -370,6 +370,37 @@ def test_the_corpus_is_broad():
     kinds = {case.name.split(":")[0] for case in CASES}
     assert len(CASES) >= 60
     assert kinds >= {"recipe", "override", "grid", "bench", "generate", "run", "train"}
+
+
+def test_grid_report_leaves_out_hand_edited_cells(tmp_path: Path):
+    """Cell files edited into nonsense: unreadable results are a warning and an unfinished cell,
+    odd sections are ignored, an unknown state or a pid that is not a process is pending."""
+    from crystalkit.ablation.grid import load_grid
+    from crystalkit.ablation.runner import cell_dir, cell_state
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"base: {DIRECT}\noutput_dir: out\nseeds: [0, 1, 2]\n")
+    grid = load_grid(path)
+    broken, odd, unknown = (cell_dir(grid, cell) for cell in grid.cells())
+    for directory, status, results in (
+        (broken, '{"state": "done"}', "{bad"),
+        (odd, '{"state": "done"}', '{"accuracy": 0.5, "per_category": [1], "controls": 3}'),
+        (unknown, '{"state": [1], "pid": -1}', None),
+    ):
+        directory.mkdir(parents=True)
+        (directory / "status.json").write_text(status)
+        if results is not None:
+            (directory / "results.json").write_text(results)
+    assert cell_state(unknown) == "pending"
+    result = invoke("ablate", "report", path)
+    assert result.exit_code == 0, result.output
+    warning = stderr_of(result).strip().splitlines()[0]
+    assert warning == (
+        f"warning: {broken / 'results.json'}: unreadable (Expecting property name enclosed in "
+        "double quotes); cell left out"
+    )
+    rows = (grid.output_dir / "report_seeds.csv").read_text().splitlines()
+    assert rows == ["seed,accuracy", "1,0.5"]  # seed 1 alone finished
 
 
 def test_device_is_checked_against_the_machine(monkeypatch: pytest.MonkeyPatch):
