@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from cli_process import ROOT, assert_one_error_line, finish, invoke, start, stderr_of
+from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -67,8 +68,6 @@ def _imported() -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-step run of the tiny recipe (what the run-level cases corrupt copies of)."""
-    from conftest import TINY
-
     folder = tmp_path_factory.mktemp("bad_input_run") / "run"
     overrides = [*TINY, "train.steps=1", "train.num_threads=1", "eval.max_samples=4"]
     result = invoke("train", DIRECT, *overrides, "--run-dir", folder)
@@ -336,6 +335,19 @@ CASES = [
         ("device", MISSING_GPU, "not available on this machine"),
     ),
     Case(
+        "train:init_from",
+        lambda f, r: [
+            *("train", DIRECT, *TINY, "latents.schedule.k=2", "latents.init_from=nope"),
+            *("--run-dir", f / "run"),
+        ],
+        ("latents.init_from", "'nope' is not a token"),
+    ),
+    Case(
+        "train:lm_type",
+        lambda f, r: ["train", DIRECT, *TINY, "backbone.lm_type=nosuch", "--run-dir", f / "run"],
+        ("backbone.lm_type", "Unrecognized model identifier: nosuch"),
+    ),
+    Case(
         "train:under_a_file",
         lambda f, r: ["train", DIRECT, "--run-dir", _file("a_file", "x")(f) / "run"],
         ("is a file, not a folder",),
@@ -451,8 +463,6 @@ def test_bomb_and_missing_gpu_as_subprocesses(tmp_path: Path):
 def test_resume_still_continues_a_run_that_exists(run_dir: Path, tmp_path: Path):
     """The refusal is for a run that never existed: a saved run resumes (here: already done, so
     the recipe must match and nothing trains)."""
-    from conftest import TINY
-
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     overrides = [*TINY, "train.steps=1", "train.num_threads=1", "eval.max_samples=4"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -292,7 +293,7 @@ class HFBackbone(Backbone):
         fields["text_config"] = text
         try:
             return cls.config_class(**fields)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, StrictDataclassError) as exc:
             raise UsageError(
                 f"backbone.config: {cls.config_class.__name__} rejected it: {exc}"
             ) from None
