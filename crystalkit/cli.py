@@ -29,14 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crystalkit.errors import (
-    DataWarning,
-    PerformanceWarning,
-    PluginError,
-    UsageError,
-    did_you_mean,
-    one_line,
-)
+from crystalkit.errors import DataWarning, PerformanceWarning, PluginError, UsageError, did_you_mean
 from crystalkit.registry import PluginWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,8 +109,8 @@ def user_errors(func: F) -> F:
             except (UsageError, PluginError) as exc:
                 if debugging():
                     raise
-                err.print(  # one line even where a message quotes a library's several
-                    f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True
+                err.print(
+                    f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
                 )
                 raise typer.Exit(3 if isinstance(exc, PluginError) else 2) from None
 

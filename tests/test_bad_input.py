@@ -415,6 +415,17 @@ def test_grid_report_leaves_out_hand_edited_cells(tmp_path: Path):
     assert rows == ["seed,accuracy", "1,0.5"]  # seed 1 alone finished
 
 
+def test_error_messages_quoting_several_lines_print_as_one():
+    from crystalkit.errors import CheckpointError, PluginError
+
+    hub = "cannot load 'x': We couldn't connect.\n\nCheck your connection   or  cache."
+    assert str(CheckpointError(hub)) == "cannot load 'x': We couldn't connect. Check your " + (
+        "connection or cache."
+    )
+    assert str(PluginError("a\n  b")) == "a b"
+    assert str(UsageError("got 'a  b'")) == "got 'a  b'"  # one line already: kept as written
+
+
 def test_device_is_checked_against_the_machine(monkeypatch: pytest.MonkeyPatch):
     """A machine with two GPUs (torch's answers stand in for them): cuda:1 is there, cuda:7 is
     not; a misspelt device kind is not a device anywhere."""
