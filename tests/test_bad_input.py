@@ -13,7 +13,9 @@ import base64
 import io
 import json
 import shutil
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,18 @@ def _b64_png() -> str:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bomb_png() -> bytes:
+    """A PNG whose header claims 100,000 x 100,000 pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+    return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,6 +153,7 @@ def queries(name: str, content: str, *expect: str) -> Case:
         _png(folder / "ok.png")
         (folder / "not_an_image.png").write_text("hello")
         (folder / "zero.png").write_bytes(b"")
+        (folder / "bomb.png").write_bytes(_bomb_png())
         return ["generate", run, "--input", write(folder)]
 
     return Case(f"generate:{name}", build, (name, *expect), needs_run=True)
@@ -241,6 +256,11 @@ CASES = [
         "no usable rows (3 skipped; first: 1: image is not a decodable base64 image",
     ),
     bench(
+        "bomb.tsv",
+        TSV_HEADER + f"1\t{base64.b64encode(_bomb_png()).decode()}\tq\tx\ty\tA\n",
+        "first: 1: image is not a decodable base64 image (DecompressionBombError)",
+    ),
+    bench(
         "answers.tsv", TSV_HEADER + "1\tB64\tq\tx\ty\tZ\n", "answer 'Z' is not among the options"
     ),
     bench(
@@ -270,6 +290,7 @@ CASES = [
     queries("number.jsonl", "1" + "0" * 5000 + "\n", "line 1", "not valid JSON"),
     queries("text.jsonl", '{"image": "not_an_image.png", "question": "q"}\n', "not a readable"),
     queries("zero.jsonl", '{"image": "zero.png", "question": "q"}\n', "not a readable image"),
+    queries("bomb.jsonl", '{"image": "bomb.png", "question": "q"}\n', "(DecompressionBombError)"),
     queries("missing.jsonl", '{"image": "nope.png", "question": "q"}\n', "not found"),
     queries("options.jsonl", '{"image": "ok.png", "question": "q", "options": "ab"}\n', "options"),
     Case(

@@ -44,7 +44,13 @@ class _RowError(Exception):
 def _decode_base64(text: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
+    except (
+        binascii.Error,
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        Image.DecompressionBombError,  # a header claiming billions of pixels
+    ) as exc:
         raise _RowError(f"image is not a decodable base64 image ({type(exc).__name__})") from None
 
 
