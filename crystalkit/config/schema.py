@@ -43,7 +43,7 @@ def _weight_shape(value: Any) -> Any:
 
 def _check_weight(weight: float | ComponentSpec) -> float | ComponentSpec:
     if isinstance(weight, float) and not 0 <= weight < math.inf:
-        raise ValueError(f"must be a finite number >= 0 (or a weight schedule), got {weight}")
+        raise ValueError(f"must be >= 0 and finite (a number, or a weight schedule), got {weight}")
     return weight
 
 

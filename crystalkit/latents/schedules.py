@@ -32,7 +32,7 @@ class Fixed:
 
     def __init__(self, k: int = 8):
         if not 0 <= k <= MAX_K:
-            raise ValueError(f"k must be in [0, {MAX_K}], got {k}")
+            raise ValueError(f"k must be >= 0 and <= {MAX_K}, got {k}")
         self.k = k
 
     def __call__(self, step: int, total_steps: int) -> int:
