@@ -41,9 +41,10 @@ def load_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe, ob
     sources = read_sources(run_dir)
     tree = read_yaml(run_dir / RECIPE_FILE, CheckpointError)
     if not isinstance(tree, dict):
+        found = "an empty file" if tree is None else type(tree).__name__
         raise CheckpointError(
             f"{run_dir / RECIPE_FILE}: not a recipe (expected the run's resolved recipe, a "
-            f"mapping of keys; got {'an empty file' if tree is None else type(tree).__name__})"
+            f"mapping of keys; got {found})"
         )
     require(run_dir, tree, sources)
     recipe = load_recipe(run_dir / RECIPE_FILE, overrides, skip=TRAINING_ONLY)

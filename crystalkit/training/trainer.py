@@ -119,9 +119,10 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
         )
     previous = read_yaml(saved, CheckpointError)
     if not isinstance(previous, dict):
+        found = "an empty file" if previous is None else type(previous).__name__
         raise CheckpointError(
-            f"{saved}: not a recipe (expected a mapping of keys, got {'an empty file' if previous is None else type(previous).__name__}); "
-            "pass --overwrite to start the run over"
+            f"{saved}: not a recipe (expected a mapping of keys, got {found}); pass --overwrite "
+            "to start the run over"
         )
     with suppress(ValidationError):  # recipe keys added since that run take their defaults
         previous = Recipe.model_validate(previous).to_dict()
