@@ -158,9 +158,12 @@ def train(
     """Train a recipe; prints held-out accuracy at the end."""
     from crystalkit.config import load_recipe
     from crystalkit.training.loggers import named_loggers
+    from crystalkit.training.trainer import check_resumable
     from crystalkit.training.trainer import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
+    if resume:
+        check_resumable(resolved, run_dir)
     result = run_training(
         resolved,
         run_dir=run_dir,
@@ -287,7 +290,7 @@ def inspect_run(
     """Draw where the latents look for one sample; score their grounding over a split."""
     from crystalkit.evaluation.inspect import attention_maps, figure, split_grounding
     from crystalkit.evaluation.runs import load_run
-    from crystalkit.io import atomic_write_bytes, atomic_write_json
+    from crystalkit.io import atomic_write_json, write_user_file
     from crystalkit.training.sampler import derived_seed
 
     recipe, dataset, backbone, method, step = load_run(run_dir)
@@ -299,7 +302,7 @@ def inspect_run(
     (maps,) = attention_maps(backbone, method, [chosen], layer)
     corrupted = method.corrupt([chosen], derived_seed(recipe.seed, -1 - sample))[0]
     target = out_png or run_dir / f"inspect_{split}_{sample}.png"
-    atomic_write_bytes(target, figure(chosen, corrupted, maps))
+    write_user_file(target, figure(chosen, corrupted, maps), "--out")
     err.print(f"figure: {target}")
     if grounding:
         total = min(max_samples or recipe.eval.max_samples or len(data), len(data))
@@ -594,13 +597,13 @@ def recipe_schema(
 ) -> None:
     """Emit the recipe JSON Schema (for editor autocompletion and validation)."""
     from crystalkit.config.loader import recipe_json_schema
-    from crystalkit.io import atomic_write_text
+    from crystalkit.io import write_user_file
 
     text = json.dumps(recipe_json_schema(), indent=2)
     if output is None:
         out.print(text, highlight=False, markup=False, soft_wrap=True)
     else:
-        atomic_write_text(output, text + "\n")
+        write_user_file(output, (text + "\n").encode("utf-8"), "--output")
 
 
 @ablate_app.callback()

@@ -26,6 +26,9 @@ from typing import Any
 class UsageError(Exception):
     """A mistake in user input, reported as a single line (CLI exit code 2)."""
 
+    def __str__(self) -> str:  # one line even where a message quotes a library's several
+        return _single_line(super().__str__())
+
 
 class RecipeError(UsageError):
     """A recipe (or a CLI override of it) that does not validate."""
@@ -40,6 +43,9 @@ class PluginError(Exception):
     a ``file.py:attr`` or ``module:attr`` component), reported as a single line naming the
     component, its source and the place in its code (CLI exit code 3). Not a :class:`UsageError`:
     the fix belongs in the component, not in the recipe."""
+
+    def __str__(self) -> str:
+        return _single_line(super().__str__())
 
 
 class DataWarning(UserWarning):
@@ -59,6 +65,11 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines included) collapsed to one space."""
     return " ".join(str(text).split())
+
+
+def _single_line(text: str) -> str:
+    """``text`` as it is, or :func:`one_line` when it spans several lines."""
+    return one_line(text) if len(text.splitlines()) > 1 else text
 
 
 def is_builtin(obj: Any) -> bool:

@@ -141,8 +141,13 @@ def load_adapter(directory: Path) -> Model:
 @contextmanager
 def _staged(target: Path) -> Iterator[Path]:
     """A temporary folder next to ``target`` that replaces it once the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    except (OSError, ValueError) as exc:  # a read-only place, a file on the path, a NUL
+        raise UsageError(
+            f"{target}: cannot create the export folder ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
     try:
         yield folder
         if target.exists():

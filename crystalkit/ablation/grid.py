@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,8 @@ class WarmStartSource(_Strict):
 
 #: the axis a grid's ``variants:`` add
 VARIANT = "variant"
+#: most cells one grid may expand to (before ``exclude``)
+MAX_CELLS = 10_000
 
 
 class GridFile(_Strict):
@@ -104,6 +107,14 @@ class GridFile(_Strict):
             if not values:
                 raise ValueError(f"{key}: needs at least one value")
         return grid
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:  # two cells would share one run directory
+            raise ValueError(f"each seed once; {repeated[0]} repeats")
+        return seeds
 
     @field_validator("zip")
     @classmethod
@@ -146,6 +157,24 @@ class GridFile(_Strict):
                     f"compare: {key}={value!r} is not one of the grid's values "
                     f"({', '.join(map(str, values[key]))})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GridFile:
+        """A grid is expanded (and every cell's recipe validated) up front: a product of a few
+        long lists must fail at once, not after minutes of expansion."""
+        lengths = [
+            *(len(values) for values in self.grid.values()),
+            *(len(next(iter(group.values()))) for group in self.zip),
+            len(self.variants) or 1,
+            len(self.seeds),
+        ]
+        total = math.prod(lengths)
+        if total > MAX_CELLS:
+            raise ValueError(
+                f"the grid expands to {total:,} cells (axes x seeds: "
+                f"{' x '.join(map(str, lengths))}); at most {MAX_CELLS:,}"
+            )
         return self
 
 
@@ -326,6 +355,8 @@ def load_grid(path: str | Path) -> Grid:
         *(o for c in spec.cells for o in c.overrides),
         *(o for variant in spec.variants.values() for o in variant),
         *(spec.warm_start.overrides if spec.warm_start else []),
+        *(override_text(key, values[0]) for key, values in spec.grid.items()),
+        *(override_text(key, values[0]) for group in spec.zip for key, values in group.items()),
     ]
     for text in overrides:
         try:

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from rich.table import Table
 from crystalkit.ablation.grid import Grid, compact, join_overrides
 from crystalkit.ablation.runner import RESULTS_FILE, cell_dir, cell_state
 from crystalkit.ablation.stats import paired_differences, summary
-from crystalkit.io import atomic_write_bytes, atomic_write_text
+from crystalkit.errors import DataWarning
+from crystalkit.io import atomic_write_bytes, atomic_write_text, json_problem
 
 
 def _metric(results: dict[str, Any], name: str) -> float | None:
@@ -72,10 +74,30 @@ def _flatten(results: dict[str, Any], metric: str) -> dict[str, Any]:
         "train_seconds": results.get("train_seconds"),
         "chance": results.get("chance"),
     }
-    flat |= {f"per_category.{k}": v for k, v in results.get("per_category", {}).items()}
-    flat |= {f"controls.{k}": v for k, v in results.get("controls", {}).items()}
+    for section in ("per_category", "controls"):
+        values = results.get(section)
+        flat |= {
+            f"{section}.{k}": v for k, v in (values if isinstance(values, dict) else {}).items()
+        }
     flat[metric] = _metric(results, metric)
     return flat
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    """A finished cell's results; ``None``, with a warning, for a file edited into nonsense (the
+    cell then counts as unfinished rather than stopping the whole report)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        problem = json_problem(exc) if isinstance(exc, ValueError | RecursionError) else exc
+        warnings.warn(DataWarning(f"{path}: unreadable ({problem}); cell left out"), stacklevel=2)
+        return None
+    if not isinstance(results, dict):
+        warnings.warn(
+            DataWarning(f"{path}: not a JSON object of results; cell left out"), stacklevel=2
+        )
+        return None
+    return results
 
 
 def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
@@ -89,7 +111,9 @@ def aggregate(grid: Grid) -> tuple[list[Row], list[str]]:
         directory = cell_dir(grid, cell)
         if cell_state(directory) != "done":
             continue
-        results = json.loads((directory / RESULTS_FILE).read_text(encoding="utf-8"))
+        results = _read_results(directory / RESULTS_FILE)
+        if results is None:
+            continue
         row.finished += 1
         for name, value in _flatten(results, grid.spec.metric.name).items():
             if isinstance(value, int | float):

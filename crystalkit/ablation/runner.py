@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from rich.console import Console
 
@@ -48,11 +48,11 @@ def read_status(directory: Path) -> dict[str, Any]:
     """The cell's ``status.json`` (``pending`` when missing or unreadable)."""
     try:
         status = json.loads((directory / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {"state": "pending", "attempts": 0}
     return (
         status
-        if isinstance(status, dict) and "state" in status
+        if isinstance(status, dict) and status.get("state") in get_args(State)
         else {"state": "pending", "attempts": 0}
     )
 
@@ -73,7 +73,7 @@ def _alive(status: dict[str, Any]) -> bool:
     if status.get("host") != socket.gethostname():
         return True  # another machine's job (Slurm): trust its status
     pid = status.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or not 0 < pid < 2**31:  # 0 or less would signal a group
         return False
     try:
         os.kill(pid, 0)
@@ -103,7 +103,8 @@ def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict
     grid = load_grid(grid_path)
     directory = cell_dir(grid, cell)
     directory.mkdir(parents=True, exist_ok=True)
-    attempts = read_status(directory).get("attempts", 0) + 1
+    previous = read_status(directory).get("attempts", 0)
+    attempts = (previous if isinstance(previous, int) else 0) + 1
     _write_status(
         directory,
         state="running",

@@ -38,8 +38,9 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyse a run; writes ``analysis_SPLIT.json`` and ``analysis_SPLIT.png`` (``analysis_bench_
     NAME.*`` with a benchmark file) and returns the report."""
-    from crystalkit.evaluation.runs import load_run, run_image_size
+    from crystalkit.evaluation.runs import check_max_samples, load_run, run_image_size
 
+    check_max_samples(max_samples)
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if backbone.per_image_grids:
         raise UsageError(
@@ -213,6 +214,7 @@ def write_grouped(
 def load_cached(run_dir: Path, split: str) -> dict[str, Any] | None:
     """A run's saved analysis for ``split``, if any (grids reuse it instead of recomputing)."""
     try:
-        return json.loads((run_dir / f"analysis_{split}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        report = json.loads((run_dir / f"analysis_{split}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return report if isinstance(report, dict) else None

@@ -29,6 +29,9 @@ from crystalkit.registry import Registry, source_text
 CONTRACTS = (CORRUPTIONS, OBJECTIVES)
 #: image side of the corruption check when the dataset declares no ``image_size``
 CHECK_IMAGE_SIDE = 16
+#: the largest side the check uses: a contract shows on small images, and a huge ``image_size``
+#: must fail where it is used, not stall the load on a giant dummy batch
+MAX_CHECK_IMAGE_SIDE = 512
 #: (kind, name, params, image side) -> (breach, whether it is the plugin's) of checked components
 _CHECKED: dict[tuple[str, str, str, int], tuple[str, bool] | None] = {}
 
@@ -76,7 +79,8 @@ def _contract_breach(
 
     try:
         if registry is CORRUPTIONS:
-            check_corruption(built, dummy_images(2, image_side, image_side))
+            side = min(image_side, MAX_CHECK_IMAGE_SIDE)
+            check_corruption(built, dummy_images(2, side, side))
         else:
             check_objective(built)
     except ContractError as exc:

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from crystalkit.errors import RecipeError
+from crystalkit.io import load_yaml, yaml_problem
 
 _SEGMENT = r"[A-Za-z_][A-Za-z0-9_\-]*|\d+"
 _KEY_RE = re.compile(rf"^(?:{_SEGMENT})(?:\.(?:{_SEGMENT}))*$")
@@ -47,9 +46,9 @@ def parse_override(text: str) -> Override:
             raise RecipeError(f"override {text!r}: expected KEY=VALUE (e.g. train.lr=3e-4) or ~KEY")
         delete = False
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except Exception as exc:  # PyYAML also raises ValueError, KeyError, ... (e.g. 2020-13-45)
-            problem = getattr(exc, "problem", None) or _first_line(exc)
+            problem = getattr(exc, "problem", None) or yaml_problem(exc)
             raise RecipeError(f"override {text!r}: value is not valid YAML ({problem})") from None
     key = key.strip()
     if not _KEY_RE.match(key):
@@ -57,11 +56,6 @@ def parse_override(text: str) -> Override:
             f"override {text!r}: key {key!r} is not a dotted path like 'train.lr' or 'objectives.0.weight'"
         )
     return Override(tuple(key.split(".")), value, delete)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 #: how a mapping value combines with the mapping it is set over: ``merge(old, new) -> value``

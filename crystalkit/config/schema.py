@@ -4,6 +4,8 @@ and in the JSON Schema editors use for autocompletion)."""
 from __future__ import annotations
 
 import itertools
+import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,7 +21,9 @@ from pydantic import (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors; so are ``.nan`` and ``.inf``, which no recipe number means."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _weight_shape(value: Any) -> Any:
@@ -38,8 +42,8 @@ def _weight_shape(value: Any) -> Any:
 
 
 def _check_weight(weight: float | ComponentSpec) -> float | ComponentSpec:
-    if isinstance(weight, float) and not weight >= 0:
-        raise ValueError(f"must be >= 0 (a number, or a weight schedule), got {weight}")
+    if isinstance(weight, float) and not 0 <= weight < math.inf:
+        raise ValueError(f"must be >= 0 and finite (a number, or a weight schedule), got {weight}")
     return weight
 
 
@@ -194,10 +198,11 @@ def _logger_names(value: Any) -> Any:
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(600, ge=1, description="optimizer steps")
+    steps: int = Field(600, ge=1, le=10_000_000, description="optimizer steps")
     batch_size: int = Field(
         32,
         ge=1,
+        le=1_000_000,
         description="samples per optimizer step, over all processes and micro-batches (the "
         "global batch); divisible by processes x grad_accum_steps",
     )
@@ -217,8 +222,8 @@ class TrainConfig(_Strict):
         description="shard weights, gradients and optimizer state over the processes (FSDP2); "
         "needs several processes",
     )
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
+    lr: float = Field(1e-3, gt=0, le=100, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, le=100, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="decay after warmup (transformers' schedulers)"
@@ -232,6 +237,7 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(
         None,
         ge=1,
+        le=4096,
         description="torch CPU threads (1 on a machine shared with busy jobs); null = "
         "OMP_NUM_THREADS if set, else the cores this process may use",
     )
@@ -246,8 +252,10 @@ class EvalConfig(_Strict):
     split: str = Field("val", description="split evaluated periodically during training")
     final_split: str = Field("test", description="split evaluated once training finishes")
     max_samples: int | None = Field(None, ge=1, description="cap on evaluated samples per split")
-    batch_size: int = Field(128, ge=1, description="samples per evaluation batch")
-    max_new_tokens: int = Field(4, ge=1, description="greedy decoding budget for the answer")
+    batch_size: int = Field(128, ge=1, le=1_000_000, description="samples per evaluation batch")
+    max_new_tokens: int = Field(
+        4, ge=1, le=65_536, description="greedy decoding budget for the answer"
+    )
     latent_block: Literal["forced", "generated"] = Field(
         "forced",
         description="forced: the prompt holds the latent template and block, the model writes "
@@ -326,8 +334,10 @@ class StageTrain(_Strict):
     """The optimisation keys a stage may set; the others (steps, batch size, precision, ...)
     belong to the whole run."""
 
-    lr: float | None = Field(None, gt=0, description="peak learning rate of this stage")
-    weight_decay: float | None = Field(None, ge=0, description="AdamW decoupled weight decay")
+    lr: float | None = Field(None, gt=0, le=100, description="peak learning rate of this stage")
+    weight_decay: float | None = Field(
+        None, ge=0, le=100, description="AdamW decoupled weight decay"
+    )
     betas: tuple[float, float] | None = Field(None, description="AdamW betas")
     lr_schedule: Literal["cosine", "linear", "constant"] | None = Field(
         None, description="decay after warmup, within the stage"
@@ -394,9 +404,18 @@ class Recipe(_Strict):
 
     name: str = Field(description="run name; outputs go to OUTPUT_DIR/NAME (defaults to file stem)")
     description: str = Field("", description="free text, kept with the run")
-    seed: int = Field(0, description="seeds model init, data order and every random op")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="seeds model init, data order and every random op",
+    )
     output_dir: str = Field("runs", description="parent folder of run directories")
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'")
+    device: str = Field(
+        "cpu",
+        description="torch device, e.g. 'cpu', 'cuda' or 'cuda:1' (checked against this "
+        "machine's devices when a run starts)",
+    )
     backbone: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="embedded"), description="model (BACKBONES)"
     )
@@ -437,9 +456,27 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError("must be a plain folder name (no slashes)")
+        if not name or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+            raise ValueError("must be a plain folder name (no slashes, no NUL characters)")
+        if len(name.encode("utf-8")) > 200:  # file systems cap a name at 255 bytes
+            raise ValueError("must be a folder name of at most 200 bytes")
         return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _check_output_dir(cls, output_dir: str) -> str:
+        if not output_dir or "\0" in output_dir:
+            raise ValueError("must be a folder path (not empty, no NUL characters)")
+        return output_dir
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        """Only the spelling: whether this machine has the device is checked when a run starts
+        (:func:`crystalkit.build.check_device`), so a recipe validates on any machine."""
+        if not re.fullmatch(r"[a-z_]+(:\d{1,6})?", device):
+            raise ValueError("expected a torch device such as cpu, cuda, cuda:1 or mps")
+        return device
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:

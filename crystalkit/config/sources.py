@@ -76,7 +76,13 @@ def read_sources(run_dir: Path) -> Sources:
         data = json.loads((run_dir / SOURCES_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {  # a hand-edited file keeps its well-formed entries
+        key: entry
+        for key, entry in data.items()
+        if isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+    }
 
 
 def install_hint(source: str) -> str:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import Sample
 from crystalkit.errors import DataWarning, UsageError, did_you_mean
+from crystalkit.io import json_problem
 from crystalkit.registries import DATASETS
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -151,6 +152,8 @@ def _read(path: Path) -> list[tuple[str, object]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 record = RecordError(f"is not valid JSON ({exc.msg} at column {exc.colno})")
+            except (ValueError, RecursionError) as exc:  # a huge number, deep nesting
+                record = RecordError(f"is not valid JSON ({json_problem(exc)})")
             entries.append((_where(f"line {number}", record), record))
         return entries
     try:
@@ -160,6 +163,8 @@ def _read(path: Path) -> list[tuple[str, object]]:
             f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg} (expected a JSON list of "
             "records, or a .jsonl file with one record per line)"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a huge number, deep nesting
+        raise UsageError(f"{path}: invalid JSON: {json_problem(exc)}") from None
     if not isinstance(data, list):
         raise UsageError(f"{path}: holds {_json_type(data)} (expected a JSON list of records)")
     return [(_where(f"record {i}", record), record) for i, record in enumerate(data)]

@@ -428,7 +428,9 @@ class SyntheticShapes:
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        image_size: int = Field(64, ge=16, description="side of the square RGB image, in pixels")
+        image_size: int = Field(
+            64, ge=16, le=4096, description="side of the square RGB image, in pixels"
+        )
         object_size: tuple[int, int] = Field(
             (6, 10),
             description="min and max object side in pixels; each object's side is drawn uniformly "
@@ -446,9 +448,11 @@ class SyntheticShapes:
             "shape (of a unique colour), position (quadrant of a unique colour+shape), "
             "count (objects of a colour, 1-4)",
         )
-        train_size: int = Field(20000, ge=0, description="samples in the train split")
-        val_size: int = Field(512, ge=0, description="samples in the val split")
-        test_size: int = Field(1024, ge=0, description="samples in the test split")
+        train_size: int = Field(
+            20000, ge=0, le=10_000_000, description="samples in the train split"
+        )
+        val_size: int = Field(512, ge=0, le=10_000_000, description="samples in the val split")
+        test_size: int = Field(1024, ge=0, le=10_000_000, description="samples in the test split")
         background_noise: float = Field(
             0.08,
             ge=0,

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, OptionKeyError, Sample, ordered_options
 from crystalkit.errors import UsageError
+from crystalkit.io import json_problem
 
 OPTION_COLUMNS = tuple(LETTERS[:5])  # VLMEvalKit: A ... E
 
@@ -43,7 +44,13 @@ class _RowError(Exception):
 def _decode_base64(text: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
+    except (
+        binascii.Error,
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        Image.DecompressionBombError,  # a header claiming billions of pixels
+    ) as exc:
         raise _RowError(f"image is not a decodable base64 image ({type(exc).__name__})") from None
 
 
@@ -95,7 +102,7 @@ def read_tsv(path: Path, image_size: int | None) -> tuple[list[Sample], list[Bad
     try:
         with path.open(encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except (OSError, ValueError, csv.Error) as exc:  # ValueError: undecodable, NUL in path
         raise UsageError(f"{path}: cannot read as a TSV file ({exc})") from None
     columns = set(rows[0]) if rows else set()
     missing = [c for c in ("index", "question", "answer", "A", "B") if c not in columns]
@@ -126,10 +133,10 @@ def _tsv_image(row: dict[str, str], by_index: dict[str, dict[str, str]], root: P
     if text.startswith("["):
         try:
             parts = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise _RowError(
-                "image looks like a list but is not a valid list of base64 strings"
-            ) from None
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            parts = None
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+            raise _RowError("image looks like a list but is not a list of base64 strings")
         return _tile([_decode_base64(p) for p in parts])
     if text:
         return _decode_base64(text)
@@ -176,7 +183,7 @@ def read_jsonl(
     are one :class:`~crystalkit.errors.UsageError` naming the row."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in the path
         raise UsageError(f"{path}: cannot read ({exc})") from None
     samples, bad = [], []
     for number, line in enumerate(lines, start=1):
@@ -184,8 +191,8 @@ def read_jsonl(
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(BadRow(f"line {number}", f"not valid JSON ({exc.msg})"))
+        except (ValueError, RecursionError) as exc:
+            bad.append(BadRow(f"line {number}", f"not valid JSON ({json_problem(exc)})"))
             continue
         index = (
             str(record.get("id", f"line {number}"))
@@ -211,11 +218,12 @@ def _jsonl_sample(record: object, position: int, root: Path, size: int | None) -
     options = ordered_options(record.get("options"))
     if (
         not isinstance(options, list)
-        or len(options) < 2
+        or not 2 <= len(options) <= len(LETTERS)
         or not all(isinstance(o, str) for o in options)
     ):
         raise _RowError(
-            "'options' must be a list of at least two strings, or a mapping of letters to them"
+            f"'options' must be a list of 2 to {len(LETTERS)} strings, or a mapping of letters "
+            "to them"
         )
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from crystalkit.config.loader import format_validation_error
 from crystalkit.data.sample import LETTERS, Sample
@@ -37,6 +37,14 @@ class BenchSpec(BaseModel):
     scorer: Scorer = "multiple_choice"
     prompt: str = Field("{question}", description="question template; {question} is replaced")
     max_samples: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _file_name_part(cls, name: str) -> str:
+        """The name becomes part of file names inside the run directory."""
+        if not name or len(name) > 100 or any(c in name for c in "/\\\0") or name in (".", ".."):
+            raise ValueError("expected a short name without slashes, e.g. mmvp")
+        return name
 
 
 def resolve_bench(value: str) -> tuple[BenchSpec, Path]:
@@ -82,7 +90,8 @@ def load_samples(
         for sample in samples:
             sample.question = spec.prompt.replace("{question}", sample.question)
     if not samples:
-        raise UsageError(f"bench {spec.name}: no usable rows ({len(bad)} skipped)")
+        first = f"; first: {bad[0].index}: {bad[0].reason}" if bad else ""
+        raise UsageError(f"bench {spec.name}: no usable rows ({len(bad)} skipped{first})")
     return samples, bad
 
 

@@ -23,6 +23,7 @@ from crystalkit.data.sample import LETTERS, OptionKeyError, Sample, ordered_opti
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
 from crystalkit.evaluation.runs import check_latent_block, load_run, run_image_size
+from crystalkit.io import json_problem
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ def read_queries(path: Path) -> list[Query]:
         where = f"{path}: line {number}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:
+            raise UsageError(f"{where}: not valid JSON ({json_problem(exc)})") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise UsageError(
                 f"{where}: expected an object with 'image' (a path), 'question' and optional "

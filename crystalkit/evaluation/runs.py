@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from crystalkit.build import Model, build_dataset, build_model
+from crystalkit.build import Model, build_dataset, build_model, check_device
 from crystalkit.config.loader import TRAINING_ONLY, load_recipe
 from crystalkit.config.schema import EvalConfig, Recipe
 from crystalkit.config.sources import read_sources, require
 from crystalkit.crystal.method import Method
-from crystalkit.errors import CheckpointError
+from crystalkit.errors import CheckpointError, UsageError
 from crystalkit.evaluation.accuracy import EvalResult, evaluate
 from crystalkit.models.backbone import Backbone
 from crystalkit.training.checkpoint import latest_checkpoint, load_weights
@@ -40,8 +40,15 @@ def load_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe, ob
 
     sources = read_sources(run_dir)
     tree = read_yaml(run_dir / RECIPE_FILE, CheckpointError)
-    require(run_dir, tree if isinstance(tree, dict) else {}, sources)
+    if not isinstance(tree, dict):
+        found = "an empty file" if tree is None else type(tree).__name__
+        raise CheckpointError(
+            f"{run_dir / RECIPE_FILE}: not a recipe (expected the run's resolved recipe, a "
+            f"mapping of keys; got {found})"
+        )
+    require(run_dir, tree, sources)
     recipe = load_recipe(run_dir / RECIPE_FILE, overrides, skip=TRAINING_ONLY)
+    check_device(recipe.device, f"{run_dir / RECIPE_FILE}: device")  # trained elsewhere?
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -78,15 +85,20 @@ LATENT_BLOCKS = ("forced", "generated")
 
 def check_latent_block(latent_block: str | None) -> None:
     """A one-line error unless ``latent_block`` is ``None`` (the recipe's) or a mode."""
-    from crystalkit.errors import UsageError
-
     if latent_block is not None and latent_block not in LATENT_BLOCKS:
         raise UsageError(f"--latent-block: expected forced or generated, got {latent_block!r}")
+
+
+def check_max_samples(max_samples: int | None) -> None:
+    """``--max-samples`` counts samples: 0 or less would evaluate nothing and report 0 %."""
+    if max_samples is not None and max_samples < 1:
+        raise UsageError(f"--max-samples: expected a number >= 1, got {max_samples}")
 
 
 def _eval_config(recipe: Recipe, max_samples: int | None, latent_block: str | None) -> EvalConfig:
     """The recipe's ``eval`` settings with the command line's ``max_samples`` and
     ``latent_block`` (``None``: the recipe's)."""
+    check_max_samples(max_samples)
     update: dict[str, object] = {}
     if max_samples is not None:
         update["max_samples"] = max_samples
@@ -186,6 +198,7 @@ def evaluate_bench(
     from crystalkit.evaluation.harness import answer_texts, load_samples, resolve_bench, write_bench
 
     check_latent_block(latent_block)
+    check_max_samples(max_samples)
     spec, root = resolve_bench(bench)
     chosen = bench_resolution(run_dir, resolution)
     overrides = [] if chosen is None else [f"backbone.resolution={chosen}"]

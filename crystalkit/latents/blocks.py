@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
 
 START, END, SLOT = "<latent_start>", "<latent_end>", "<latent>"
@@ -37,6 +38,11 @@ class LatentBlock:
         self.family = family
         self.max_k = max_k
         source = init_from or backbone.tokenizer.eos_token
+        if max_k and source not in backbone.tokenizer.get_vocab():
+            raise UsageError(
+                f"latents.init_from: {source!r} is not a token of the backbone's tokenizer "
+                "(expected an existing token, e.g. its eos token; null = eos)"
+            )
         slots = [SLOT] if family == "recurrent" else [slot_token(i) for i in range(max_k)]
         tokens = [START, END, *slots] if max_k else []
         ids = backbone.add_tokens(tokens, init_from=source) if tokens else []

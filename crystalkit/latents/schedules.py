@@ -11,6 +11,10 @@ import math
 
 from crystalkit.registries import SCHEDULES
 
+#: most latent slots a schedule may ask for: each is a token added to the vocabulary and a
+#: position in every sequence (the reference uses 8)
+MAX_K = 4096
+
 
 def check_step(step: int, total_steps: int) -> None:
     """Schedules (latent K, loss weights) are defined on steps ``0 .. total_steps``."""
@@ -27,8 +31,8 @@ class Fixed:
     """
 
     def __init__(self, k: int = 8):
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        if not 0 <= k <= MAX_K:
+            raise ValueError(f"k must be >= 0 and <= {MAX_K}, got {k}")
         self.k = k
 
     def __call__(self, step: int, total_steps: int) -> int:
@@ -47,8 +51,8 @@ class Linear:
     """
 
     def __init__(self, start: int = 0, end: int = 8, ramp: float = 0.5):
-        if not 0 <= start <= end:
-            raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
+        if not 0 <= start <= end <= MAX_K:
+            raise ValueError(f"need 0 <= start <= end <= {MAX_K}, got start={start}, end={end}")
         if not 0 < ramp <= 1:
             raise ValueError(f"ramp must be in (0, 1], got {ramp}")
         self.start, self.end, self.ramp = start, end, ramp
@@ -71,9 +75,10 @@ class Stepwise:
 
     def __init__(self, stages: list[int] | None = None, every: int | None = None):
         stages = [0, 2, 4, 8] if stages is None else stages
-        if not stages or any(k < 0 for k in stages) or stages != sorted(stages):
+        if not stages or any(not 0 <= k <= MAX_K for k in stages) or stages != sorted(stages):
             raise ValueError(
-                f"stages must be a non-empty, non-decreasing list of K >= 0, got {stages}"
+                f"stages must be a non-empty, non-decreasing list of K in [0, {MAX_K}], got "
+                f"{stages}"
             )
         if every is not None and every < 1:
             raise ValueError(f"every must be >= 1, got {every}")

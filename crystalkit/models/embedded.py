@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from crystalkit.errors import UsageError
+from crystalkit.errors import UsageError, one_line
 from crystalkit.models.backbone import Backbone, BackboneOutput, resize_unit, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.masks import as_additive
@@ -44,7 +44,9 @@ from crystalkit.registries import BACKBONES
 class EmbeddedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_size: int = Field(64, ge=16, description="images are resized to this square size")
+    image_size: int = Field(
+        64, ge=16, le=4096, description="images are resized to this square size"
+    )
     encoder: str = Field("resnet10t", description="timm model name (built without weights)")
     encoder_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"channels": [32, 64, 128, 256]},
@@ -106,7 +108,11 @@ class EmbeddedBackbone(Backbone):
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        lm_config = AutoConfig.for_model(config.lm_type, **(lm_fields | config.lm_kwargs))
+        try:
+            lm_config = AutoConfig.for_model(config.lm_type, **(lm_fields | config.lm_kwargs))
+        except (ValueError, TypeError) as exc:  # an unknown model_type, a field of a wrong type
+            message = str(exc).split(". Should contain")[0]  # not the list of every model type
+            raise UsageError(f"backbone.lm_type / lm_kwargs: {one_line(message)}") from None
         lm_config._attn_implementation = "sdpa"
         self.lm = AutoModelForCausalLM.from_config(lm_config)
         if config.init == "xavier":

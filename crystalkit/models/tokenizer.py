@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from crystalkit.errors import CheckpointError, one_line
+
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "unk_token": "<unk>",
@@ -34,7 +36,12 @@ def build_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def load_word_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    return _wrap(Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
+    """A run's saved tokenizer; one line naming the file when it is not one."""
+    path = directory / TOKENIZER_FILE
+    try:
+        return _wrap(Tokenizer.from_file(str(path)))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise CheckpointError(f"{path}: not a readable tokenizer ({one_line(exc)})") from None
 
 
 def save_word_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:

@@ -163,6 +163,15 @@ def _save_weights(model: torch.nn.Module, directory: Path) -> None:
     save_file(tensors, str(directory / TRAINABLE), metadata={"base": base_fingerprint(model)})
 
 
+def _first_problem(exc: BaseException) -> str:
+    """torch lists every mismatched tensor on its own line: the first, and how many more."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0].rstrip(':')}: {lines[1]}{more}"
+
+
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     """Load ``checkpoint`` into ``model``; :class:`CheckpointError` (one line) when it cannot be
     read or belongs to another model."""
@@ -184,7 +193,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     try:
         missing, unexpected = load_model(model, str(checkpoint.path / WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{checkpoint.path / WEIGHTS}: cannot load weights: {exc}") from None
+        raise CheckpointError(
+            f"{checkpoint.path / WEIGHTS}: cannot load weights: {_first_problem(exc)}"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"{checkpoint.path / WEIGHTS}: does not match the recipe's model "

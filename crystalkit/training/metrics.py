@@ -28,9 +28,10 @@ class MetricsLog:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # a torn or hand-edited line
                 continue
-            if record.get("step", 0) <= step:
+            written_at = record.get("step", 0) if isinstance(record, dict) else None
+            if isinstance(written_at, int | float) and written_at <= step:
                 kept.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 

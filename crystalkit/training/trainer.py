@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -36,7 +35,7 @@ from rich.progress import (
 )
 from torch.utils.data import Dataset
 
-from crystalkit.build import build_dataset, build_model
+from crystalkit.build import build_dataset, build_model, check_device
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.sources import write_sources
@@ -45,7 +44,7 @@ from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
 from crystalkit.evaluation.inspect import attention_maps, figure
-from crystalkit.io import atomic_write_json, atomic_write_text
+from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
 from crystalkit.latents.blocks import reset_token_rows
 from crystalkit.models.backbone import Backbone
 from crystalkit.training.checkpoint import (
@@ -90,9 +89,26 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
 
+def check_resumable(recipe: Recipe, run_dir: Path | None = None) -> None:
+    """``crystalkit train --resume`` continues a run: refuse (one line) where there is none, rather
+    than quietly train from scratch after a mistyped name or ``--run-dir``. :func:`train` itself
+    resumes what is there and starts what is not, as the ablation runner needs."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise UsageError(
+            f"{run_dir}: no run to resume (no {RECIPE_FILE} there); check the recipe's name and "
+            "output_dir or --run-dir, or drop --resume to start a new run"
+        )
+
+
 def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
     """Refuse to train over an existing run unless told how; ``True`` for the leftovers of a run
     that stopped before its first checkpoint, which a new run reuses as if it were empty."""
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(
+            f"{run_dir}: {existing} is a file, not a folder (expected a run directory)"
+        )
     saved = run_dir / RECIPE_FILE
     if not saved.exists():
         return False
@@ -105,7 +121,13 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
             f"{run_dir}: a run already exists here; pass --resume to continue it, --overwrite to "
             "start over, or set name=... / --run-dir for a new run"
         )
-    previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    previous = read_yaml(saved, CheckpointError)
+    if not isinstance(previous, dict):
+        found = "an empty file" if previous is None else type(previous).__name__
+        raise CheckpointError(
+            f"{saved}: not a recipe (expected a mapping of keys, got {found}); pass --overwrite "
+            "to start the run over"
+        )
     with suppress(ValidationError):  # recipe keys added since that run take their defaults
         previous = Recipe.model_validate(previous).to_dict()
     current = recipe.to_dict()
@@ -177,7 +199,7 @@ class _FreshOutputs:
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(a) | set(b), key=str):
             found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if found:
                 return found
@@ -254,6 +276,7 @@ def train(
     global ``train.batch_size``. Rank 0 alone writes, prints and evaluates; the other ranks
     return ``final=None`` once rank 0 is done.
     """
+    check_device(recipe.device)  # before any data is read or model built
     world = World.from_env()
     parallel = data_parallel(recipe, world)
     _check_checkpointing(recipe)

@@ -68,9 +68,10 @@ def load_snapshot(backbone: Backbone, directory: Path) -> None:
 
 def read_record(directory: Path) -> dict[str, Any]:
     try:
-        return json.loads((directory / SOURCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads((directory / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 @dataclass

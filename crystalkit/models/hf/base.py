@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import is_flash_attn_2_available
 
-from crystalkit.errors import UsageError
+from crystalkit.errors import CheckpointError, UsageError, one_line
 from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.hf.chat import (
@@ -57,7 +58,7 @@ class HFConfig(BaseModel):
         "architecture from these config fields (text_config, vision_config, ...)",
     )
     image_size: int = Field(
-        448, ge=8, description="resolution: fixed — images are resized to this square size"
+        448, ge=8, le=4096, description="resolution: fixed — images are resized to this square size"
     )
     resolution: Literal["fixed", "processor"] = Field(
         "fixed",
@@ -215,7 +216,13 @@ class HFBackbone(Backbone):
         if config.name_or_path is not None:
             return cls.load_pretrained(config, assets if saved else None, device)
         if saved and assets is not None:
-            tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(assets / TOKENIZER_DIR)
+            except Exception as exc:  # transformers and tokenizers raise many kinds
+                raise CheckpointError(
+                    f"{assets / TOKENIZER_DIR}: the run's saved tokenizer does not load "
+                    f"({type(exc).__name__}: {one_line(exc)})"
+                ) from None
             source = f"the tokenizer saved in {assets}"
         else:
             tokenizer = cls.offline_tokenizer(config, corpus)
@@ -348,7 +355,7 @@ class HFBackbone(Backbone):
         fields["text_config"] = text
         try:
             return cls.config_class(**fields)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, StrictDataclassError) as exc:
             raise UsageError(
                 f"backbone.config: {cls.config_class.__name__} rejected it: {exc}"
             ) from None
