@@ -7,8 +7,8 @@ from conftest import ROOT, THREADS
 
 from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import load_recipe
-from crystalkit.crystal.packing import packed_allowed
-from crystalkit.crystal.paths import layout_inputs
+from crystalkit.crystal.packing import INTACT_PATH, Segment, packed_allowed
+from crystalkit.crystal.paths import intact_only, layout_inputs
 from crystalkit.models.masks import additive
 
 FAMILIES = [
@@ -51,6 +51,21 @@ def own_forward(backbone, input_ids: torch.Tensor, pixel_values: torch.Tensor) -
             mm_token_type_ids=(input_ids == backbone.image_token_id).int(),
         ).logits
     return backbone.model(input_ids=input_ids, pixel_values=pixel_values[None]).logits
+
+
+def intact_answer_rows(backbone, layout):
+    """Per sample: its unpadded intact-path ids ``[1, T]``, the packed intact path's logits at
+    its answer queries ``[A, V]``, and where those queries sit in the unpadded ids (the model's
+    own forward on the ids gives the same tokens' logits there)."""
+    intact, _ = layout.select(INTACT_PATH)
+    queries = intact.answer_queries(Segment.ANSWER_INTACT)
+    ours = intact_only(backbone, layout).intact_logits
+    for row in range(len(layout)):
+        keep = intact.segments[row] != Segment.PAD
+        kept = torch.nonzero(keep).flatten().tolist()
+        inside = [(i, c) for i, c in enumerate(kept) if queries.start <= c < queries.stop]
+        logits = ours[row, [c - queries.start for _, c in inside]]
+        yield intact.input_ids[row : row + 1, keep], logits, [i for i, _ in inside]
 
 
 def chunked_forward(backbone, layout, tail: int) -> tuple[torch.Tensor, object]:

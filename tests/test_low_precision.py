@@ -21,9 +21,8 @@ import copy
 
 import pytest
 import torch
-from hf_models import build, own_forward
+from hf_models import build, intact_answer_rows, own_forward
 
-from crystalkit.crystal.packing import INTACT_PATH, Segment
 from crystalkit.crystal.paths import Needs, intact_only, packed, two_pass
 from crystalkit.evaluation.generation import generate_answers
 
@@ -76,17 +75,9 @@ def test_intact_path_equals_the_models_own_forward_at_low_precision(dtype):
     unmodified model's own forward on each unpadded sample, both on the same low-precision model."""
     low, full, method, samples = _twins(dtype)
     layout = method.layout(samples, step=0)
-    intact, _ = layout.select(INTACT_PATH)
-    answer = intact.answer_queries(Segment.ANSWER_INTACT)
     with torch.no_grad():
-        ours = intact_only(low, layout).intact_logits
-        for row in range(len(samples)):
-            keep = intact.segments[row] != Segment.PAD
-            kept = torch.nonzero(keep).flatten().tolist()
-            inside = [(i, c) for i, c in enumerate(kept) if answer.start <= c < answer.stop]
-            cols = [i for i, _ in inside]
-            got = ours[row, [c - answer.start for _, c in inside]]
-            ids, pixels = intact.input_ids[row : row + 1, keep], layout.pixel_values[row]
+        for row, (ids, got, cols) in enumerate(intact_answer_rows(low, layout)):
+            pixels = layout.pixel_values[row]
             reference = own_forward(low, ids, pixels)[0, cols]
             reference32 = own_forward(full, ids, pixels)[0, cols]
             _within(got, reference, reference32, f"sample {row}")

@@ -14,12 +14,12 @@ import transformers
 import yaml
 from cli_process import invoke
 from conftest import ROOT
-from hf_models import SMALL, build, own_forward
+from hf_models import SMALL, build, intact_answer_rows, own_forward
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
-from crystalkit.crystal.packing import INTACT_PATH, Segment
-from crystalkit.crystal.paths import intact_only, layout_inputs
+from crystalkit.crystal.packing import Segment
+from crystalkit.crystal.paths import layout_inputs
 from crystalkit.errors import RecipeError, UsageError
 from crystalkit.evaluation.benchfiles import read_jsonl
 from crystalkit.evaluation.runs import bench_resolution
@@ -66,14 +66,10 @@ def test_processor_resolution_grids_and_the_models_own_forward(family):
     grids = torch.cat([r["image_grid_thw"] for r in references])
     assert grids[0].tolist() != grids[1].tolist()  # the premise: two different grids
     assert torch.equal(layout.image_grid, grids)
-    intact, _ = layout.select(INTACT_PATH)
-    queries = intact.answer_queries(Segment.ANSWER_INTACT)
+    merge = backbone.model.config.vision_config.spatial_merge_size
     with torch.no_grad():
-        ours = intact_only(backbone, layout).intact_logits
-        for row, reference in enumerate(references):
-            keep = intact.segments[row] != Segment.PAD
-            ids = intact.input_ids[row : row + 1, keep]
-            merge = backbone.model.config.vision_config.spatial_merge_size
+        rows = intact_answer_rows(backbone, layout)
+        for reference, (ids, got, cols) in zip(references, rows, strict=True):
             tokens = int(reference["image_grid_thw"][0].prod()) // merge**2
             assert int((ids == backbone.image_token_id).sum()) == tokens
             own = backbone.model(
@@ -82,10 +78,7 @@ def test_processor_resolution_grids_and_the_models_own_forward(family):
                 image_grid_thw=reference["image_grid_thw"],
                 mm_token_type_ids=(ids == backbone.image_token_id).int(),
             ).logits
-            kept = torch.nonzero(keep).flatten().tolist()
-            inside = [(i, c) for i, c in enumerate(kept) if queries.start <= c < queries.stop]
-            got = ours[row, [c - queries.start for _, c in inside]]
-            torch.testing.assert_close(got, own[0, [i for i, _ in inside]], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got, own[0, cols], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("corrupt_at", ["sample", "model_input"])
@@ -209,17 +202,10 @@ def test_llava_processor_resolution_is_the_checkpoints_image_processor(family):
     assert layout.corrupted_pixels.shape == expected.shape and layout.image_grid is None
     per_row = (layout.input_ids == backbone.image_token_id).sum(1)
     assert per_row.tolist() == [2 * backbone.num_image_tokens] * len(samples)
-    intact, _ = layout.select(INTACT_PATH)
-    queries = intact.answer_queries(Segment.ANSWER_INTACT)
     with torch.no_grad():
-        ours = intact_only(backbone, layout).intact_logits
-        for row in range(len(samples)):
-            keep = intact.segments[row] != Segment.PAD
-            own = own_forward(backbone, intact.input_ids[row : row + 1, keep], expected[row])
-            kept = torch.nonzero(keep).flatten().tolist()
-            inside = [(i, c) for i, c in enumerate(kept) if queries.start <= c < queries.stop]
-            got = ours[row, [c - queries.start for _, c in inside]]
-            torch.testing.assert_close(got, own[0, [i for i, _ in inside]], atol=1e-5, rtol=1e-4)
+        for row, (ids, got, cols) in enumerate(intact_answer_rows(backbone, layout)):
+            own = own_forward(backbone, ids, expected[row])
+            torch.testing.assert_close(got, own[0, cols], atol=1e-5, rtol=1e-4)
     _, _, model_input, _ = build(
         family, "backbone.resolution=processor", "crystal.corrupt_at=model_input"
     )
