@@ -115,7 +115,6 @@ def build_model(
     from crystalkit.training.stages import plan_stages
     from crystalkit.training.warm_start import load_snapshot, snapshot_dir
 
-    check_device(recipe.device)
     torch.manual_seed(recipe.seed)
     warm = snapshot_dir(recipe, assets)
     if warm is not None:

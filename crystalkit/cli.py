@@ -212,7 +212,8 @@ def evaluate_run(
         typer.Option(
             help="with --bench: the backbone's resolution — fixed (the recipe's square "
             "image_size) or processor (the image processor's own size per image); default "
-            "processor for a pretrained Qwen-VL or LLaVA checkpoint (name_or_path), else the recipe's"
+            "processor for a pretrained Qwen-VL or LLaVA checkpoint (name_or_path), else the "
+            "recipe's"
         ),
     ] = None,
 ) -> None:
@@ -288,21 +289,17 @@ def inspect_run(
     ] = None,
 ) -> None:
     """Draw where the latents look for one sample; score their grounding over a split."""
-    from crystalkit.evaluation.inspect import attention_maps, figure, split_grounding
+    from crystalkit.evaluation.inspect import sample_figure, split_grounding
     from crystalkit.evaluation.runs import load_run
     from crystalkit.io import atomic_write_json, write_user_file
-    from crystalkit.training.sampler import derived_seed
 
     recipe, dataset, backbone, method, step = load_run(run_dir)
     backbone.eval()
     data = dataset.split(split)
     if not 0 <= sample < len(data):
         raise UsageError(f"--sample: {split} has samples 0..{len(data) - 1}, got {sample}")
-    chosen = data[sample]
-    (maps,) = attention_maps(backbone, method, [chosen], layer)
-    corrupted = method.corrupt([chosen], derived_seed(recipe.seed, -1 - sample))[0]
     target = out_png or run_dir / f"inspect_{split}_{sample}.png"
-    write_user_file(target, figure(chosen, corrupted, maps), "--out")
+    write_user_file(target, sample_figure(backbone, method, data[sample], sample, layer), "--out")
     err.print(f"figure: {target}")
     if grounding:
         total = min(max_samples or recipe.eval.max_samples or len(data), len(data))

@@ -144,11 +144,11 @@ def defined_at(obj: Any) -> str:
         return ""
 
 
-def call_plugin(what: str, source: str, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` for third-party code ``what`` from ``source``: any exception it raises
-    becomes a one-line :class:`PluginError` (:func:`plugin_error`)."""
+def call_plugin(what: str, source: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` for third-party code ``what`` from ``source``: any exception it
+    raises becomes a one-line :class:`PluginError` (:func:`plugin_error`)."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except PluginError:
         raise
     except Exception as exc:

@@ -230,6 +230,7 @@ class LlavaJson:
         image_size: int | None = Field(
             448,
             ge=8,
+            le=4096,
             description="images are resized to image_size x image_size (RGB) when decoded; null "
             "keeps each at its native size, so the corruption sees it there and the backbone "
             "resizes afterwards (the released code's blur-then-resize, with crystal.corrupt_at: "

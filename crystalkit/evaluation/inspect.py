@@ -27,6 +27,7 @@ from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
+from crystalkit.training.sampler import derived_seed
 
 
 @dataclass
@@ -143,6 +144,16 @@ def split_grounding(
     if not scores:
         raise UsageError("no sample of this split has an object box: no grounding score")
     return {"grounding": sum(scores) / len(scores), "num_samples": len(scores), "layer": layer}
+
+
+def sample_figure(
+    backbone: Backbone, method: Method, sample: Sample, index: int, layer: int = -1
+) -> bytes:
+    """:func:`figure` for ``sample`` (the ``index``-th of its split, which seeds its corrupted
+    view as evaluation does): what ``crystalkit inspect`` draws and the loggers show."""
+    (maps,) = attention_maps(backbone, method, [sample], layer)
+    corrupted = method.corrupt([sample], derived_seed(method.recipe.seed, -1 - index))[0]
+    return figure(sample, corrupted, maps)
 
 
 def figure(sample: Sample, corrupted: torch.Tensor, maps: SampleAttention) -> bytes:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from crystalkit.config.schema import ComponentSpec
-from crystalkit.errors import PluginError, UsageError, plugin_error
+from crystalkit.errors import UsageError, call_plugin
 from crystalkit.registries import LOGGERS
 from crystalkit.training.metrics import MetricsLog
 
@@ -290,11 +290,11 @@ class Loggers:
         for spec in [ComponentSpec(name="jsonl"), *(s for s in specs if s.name != "jsonl")]:
             cls = LOGGERS.get(spec.name)
             blame = LOGGERS.third_party(spec.name)
-            built.append((_guarded(blame, cls, cls, **spec.params), blame))
+            built.append((_call(blame, cls, **spec.params), blame))
         self.loggers: list[tuple[MetricLogger, tuple[str, str] | None]] = []
         try:
             for logger, blame in built:
-                _guarded(blame, logger, logger.open, run)
+                _call(blame, logger.open, run)
                 self.loggers.append((logger, blame))  # opened: close() closes it
         except BaseException:
             self.close()
@@ -309,18 +309,18 @@ class Loggers:
 
     def log(self, record: dict[str, Any]) -> None:
         for logger, blame in self.loggers:
-            _guarded(blame, logger, logger.log, record)
+            _call(blame, logger.log, record)
 
     def image(self, step: int, tag: str, png: bytes) -> None:
         for logger, blame in self.loggers:
-            _guarded(blame, logger, logger.image, step, tag, png)
+            _call(blame, logger.image, step, tag, png)
 
     def close(self) -> None:
         """Close every opened logger, even when one fails (the first error is raised)."""
         error: Exception | None = None
         for logger, blame in self.loggers:
             try:
-                _guarded(blame, logger, logger.close)
+                _call(blame, logger.close)
             except Exception as exc:
                 error = error or exc
         self.loggers = []
@@ -328,14 +328,9 @@ class Loggers:
             raise error
 
 
-def _guarded(blame: tuple[str, str] | None, owner: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _call(blame: tuple[str, str] | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``; for a third-party logger (``blame`` is its name and source), an
     exception becomes a one-line :class:`~crystalkit.errors.PluginError` naming it."""
     if blame is None:
         return fn(*args, **kwargs)
-    try:
-        return fn(*args, **kwargs)
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise plugin_error(*blame, exc, owner) from exc
+    return call_plugin(*blame, fn, *args, **kwargs)

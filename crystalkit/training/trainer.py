@@ -43,7 +43,7 @@ from crystalkit.crystal.method import Method
 from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
-from crystalkit.evaluation.inspect import attention_maps, figure
+from crystalkit.evaluation.inspect import sample_figure
 from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
 from crystalkit.latents.blocks import reset_token_rows
 from crystalkit.models.backbone import Backbone
@@ -605,13 +605,10 @@ def _plain_line(
 
 def _inspect_figure(backbone: Backbone, method: Method, split: Dataset) -> bytes:
     """`crystalkit inspect`'s figure of the split's first sample: where the latents look."""
-    sample = split[0]
     training = backbone.training
     backbone.eval()
     try:
-        (maps,) = attention_maps(backbone, method, [sample])
-        corrupted = method.corrupt([sample], derived_seed(method.recipe.seed, -1))[0]
-        return figure(sample, corrupted, maps)
+        return sample_figure(backbone, method, split[0], 0)
     finally:
         backbone.train(training)
 

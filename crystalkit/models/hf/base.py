@@ -480,6 +480,22 @@ class HFBackbone(Backbone):
     def prompt_prefix(self) -> str:
         return self._prompt.bos + self._prompt.prefix
 
+    def process_each(self, images: Sequence[torch.Tensor], **kwargs: Any) -> list[torch.Tensor]:
+        """Each image through the image processor on its own (images of different sizes share no
+        call): ``uint8`` rescaled there, [0, 1] floats as they are; the processor's own resize
+        unless ``kwargs`` say otherwise. One ``pixel_values`` tensor per image."""
+        rows = []
+        for image in images:
+            rescale = image.dtype == torch.uint8
+            out = self.image_processor(
+                images=[image if rescale else image.float()],
+                do_rescale=rescale,
+                return_tensors="pt",
+                **kwargs,
+            )
+            rows.append(out["pixel_values"])
+        return rows
+
     def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
         """Under ``prompt: chat_template``, the prompt encoded as the family's processor encodes
         ``apply_chat_template``'s text: as one string, with the image markup where the template

@@ -160,16 +160,7 @@ class LlavaBackbone(HFBackbone):
                 return_tensors="pt",
             )
             return out["pixel_values"]
-        rows = []
-        for image in images:
-            rescale = image.dtype == torch.uint8
-            out = self.image_processor(
-                images=[image if rescale else image.float()],
-                do_rescale=rescale,
-                return_tensors="pt",
-            )
-            rows.append(out["pixel_values"])
-        return torch.cat(rows)
+        return torch.cat(self.process_each(images))
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cfg = self.model.config

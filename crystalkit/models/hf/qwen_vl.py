@@ -215,16 +215,7 @@ class QwenVLBackbone(HFBackbone):
                 images=list(pixels), do_resize=False, do_rescale=False, return_tensors="pt"
             )
             return out["pixel_values"].view(len(pixels), -1, out["pixel_values"].shape[-1])
-        rows = []
-        for image in images:
-            rescale = image.dtype == torch.uint8
-            out = self.image_processor(
-                images=[image if rescale else image.float()],
-                do_resize=True,
-                do_rescale=rescale,
-                return_tensors="pt",
-            )
-            rows.append(out["pixel_values"])
+        rows = self.process_each(images, do_resize=True)
         width = max(len(r) for r in rows)
         return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows])
 
