@@ -18,7 +18,7 @@ import torch
 
 from crystalkit.analysis.report import analyze_run
 from crystalkit.evaluation.accuracy import evaluate
-from crystalkit.evaluation.runs import load_run
+from crystalkit.runs.load import load_run
 
 
 def main() -> None:

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 import transformers
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.config import load_recipe
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.method import Method
 from crystalkit.crystal.paths import packed, two_pass
+from crystalkit.runs.build import build_dataset, build_model
 from crystalkit.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

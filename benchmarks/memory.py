@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.config import load_recipe
 from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import Segment
+from crystalkit.runs.build import build_dataset, build_model
 from crystalkit.training.optim import build_optimizer
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "qwen2_5_vl_7b_slice.yaml"

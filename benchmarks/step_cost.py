@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from timing import median_seconds
 
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.config import load_recipe
 from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import Segment
+from crystalkit.runs.build import build_backbone, build_dataset
+from crystalkit.seeding import StepSampler
 from crystalkit.training.optim import build_optimizer
-from crystalkit.training.sampler import StepSampler
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "crystal_scratch.yaml"
 

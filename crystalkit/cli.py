@@ -199,11 +199,11 @@ def evaluate_run(
             help="score a benchmark: synthetic, a .tsv/.jsonl file or a .yaml declaring one"
         ),
     ] = None,
-    probe: Annotated[
+    replace: Annotated[
         list[str] | None,
         typer.Option(
-            help="latent probes: zero, mean, shuffle, swap (repeat the option or separate with "
-            "commas; accuracy drops)"
+            help="latent replacements: zero, mean, shuffle, swap (repeat the option or separate "
+            "with commas; accuracy drops)"
         ),
     ] = None,
     latent_block: LatentBlockOption = None,
@@ -218,29 +218,29 @@ def evaluate_run(
     ] = None,
 ) -> None:
     """Re-evaluate a saved run's latest checkpoint (on its dataset, or on a benchmark file)."""
-    from crystalkit.evaluation.runs import evaluate_bench, evaluate_run_dir, probe_run_dir
+    from crystalkit.evaluation.saved import evaluate_bench, evaluate_replacements, evaluate_run_dir
 
     chosen = [
         flag
-        for flag, on in (("--corrupted", corrupted), ("--bench", bench), ("--probe", probe))
+        for flag, on in (("--corrupted", corrupted), ("--bench", bench), ("--replace", replace))
         if on
     ]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} are separate evaluations; pass one of them")
     if resolution is not None and bench is None:
         raise UsageError("--resolution applies to --bench evaluations")
-    if probe is not None:
-        names = [p.strip() for value in probe for p in value.split(",") if p.strip()]
-        summary = probe_run_dir(run_dir, split, names, max_samples, latent_block)
-        written = "probed" in summary  # generated latents: the written block was replaced
-        table = Table(title=f"{run_dir} — latent probes on {split}", show_edge=False)
+    if replace is not None:
+        names = [r.strip() for value in replace for r in value.split(",") if r.strip()]
+        summary = evaluate_replacements(run_dir, split, names, max_samples, latent_block)
+        written = "replaced" in summary  # generated latents: the written block was replaced
+        table = Table(title=f"{run_dir} — latent replacements on {split}", show_edge=False)
         for column in ("latents", "accuracy", "drop", *(("replaced",) if written else ())):
             table.add_column(column, justify="left" if column == "latents" else "right")
         for name, accuracy in summary["accuracy"].items():
             drop = summary["drop"].get(name)
             row = [name, f"{accuracy:.1%}", "" if drop is None else f"{drop:+.1%}"]
             if written:
-                replaced = summary["probed"].get(name)
+                replaced = summary["replaced"].get(name)
                 row.append("" if replaced is None else f"{replaced:.0%}")
             table.add_row(*row)
         out.print(table)
@@ -290,8 +290,8 @@ def inspect_run(
 ) -> None:
     """Draw where the latents look for one sample; score their grounding over a split."""
     from crystalkit.evaluation.inspect import sample_figure, split_grounding
-    from crystalkit.evaluation.runs import load_run
     from crystalkit.io import atomic_write_json, write_user_file
+    from crystalkit.runs.load import load_run
 
     recipe, dataset, backbone, method, step = load_run(run_dir)
     backbone.eval()
@@ -516,12 +516,11 @@ def _print_component(registry: Any, name: str) -> None:
     """One component: where it comes from, what it does, and its parameters."""
     from rich.text import Text
 
-    from crystalkit.config.components import config_model
-    from crystalkit.config.params import param_rows
+    from crystalkit.params import config_model, param_rows
     from crystalkit.registry import object_file, source_text
 
     entry = registry.entry(name)
-    singular = registry.kind.removesuffix("s")
+    singular = registry.singular
     defined = getattr(entry.obj, "__module__", "?") + "." + getattr(entry.obj, "__qualname__", "")
     where = object_file(entry.obj)
     out.print(Text.assemble((f"{singular} {entry.name}", "bold cyan"), f"  ({source_text(entry)})"))
@@ -593,7 +592,7 @@ def recipe_schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write to a file")] = None,
 ) -> None:
     """Emit the recipe JSON Schema (for editor autocompletion and validation)."""
-    from crystalkit.config.loader import recipe_json_schema
+    from crystalkit.config.json_schema import recipe_json_schema
     from crystalkit.io import write_user_file
 
     text = json.dumps(recipe_json_schema(), indent=2)

@@ -48,6 +48,11 @@ class PluginError(Exception):
         return _single_line(super().__str__())
 
 
+class ContractError(PluginError, AssertionError):
+    """A component that breaks its contract (a failed assertion in pytest, a plugin error in the
+    CLI). The message is one line: what was wrong and what was expected."""
+
+
 class DataWarning(UserWarning):
     """Unusable records skipped in a user's data file (the CLI prints one ``warning:`` line)."""
 
@@ -65,6 +70,13 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines included) collapsed to one space."""
     return " ".join(str(text).split())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (``""`` for none): libraries often put the gist there
+    and details below."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _single_line(text: str) -> str:

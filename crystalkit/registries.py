@@ -11,6 +11,7 @@ from crystalkit.registry import Registry
 BACKBONES: Registry = Registry(
     "backbones",
     ("crystalkit.models.embedded", "crystalkit.models.hf.qwen_vl", "crystalkit.models.hf.llava"),
+    factory="create",
 )
 DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic", "crystalkit.data.llava"))
 CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))

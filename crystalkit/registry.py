@@ -85,12 +85,20 @@ class Registry(Generic[T]):
         kind: plural noun used in messages and by ``crystalkit list KIND``.
         builtin_modules: modules imported on first use; they register the built-in components.
         entry_point_group: ``importlib.metadata`` group scanned for third-party plugins.
+        factory: the classmethod that builds a component (``create`` for backbones, which load
+            weights and assets); by default the registered object itself is called.
     """
 
     def __init__(
-        self, kind: str, builtin_modules: tuple[str, ...] = (), entry_point_group: str = ""
+        self,
+        kind: str,
+        builtin_modules: tuple[str, ...] = (),
+        entry_point_group: str = "",
+        factory: str | None = None,
     ):
         self.kind = kind
+        self.singular = kind.removesuffix("s")
+        self.factory = factory
         self.entry_point_group = entry_point_group or f"crystalkit.{kind}"
         self._builtin_modules = builtin_modules
         self._entries: dict[str, Entry[T]] = {}
@@ -138,7 +146,7 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         valid = ", ".join(self.names()) or "none registered"
-        return f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} {name!r}" + (
+        return f"unknown {self.singular} {name!r}" + (
             f"{did_you_mean(name, self.names())}; valid: {valid}"
         )
 
@@ -160,7 +168,7 @@ class Registry(Generic[T]):
         entry = self.entry(name)
         if is_builtin(entry.obj):
             return None
-        return f"{self.kind.removesuffix('s')} {name!r}", source_text(entry)
+        return f"{self.singular} {name!r}", source_text(entry)
 
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()

@@ -5,8 +5,8 @@ returning one channel fails deep in batch assembly ("stack expects each tensor t
 size"), one that ignores its generator makes runs unreproducible without failing at all, and an
 objective returning ``loss.item()`` trains nothing. These helpers call a component on tiny dummy
 inputs and raise :class:`ContractError` with one line saying what was wrong and what was expected.
-crystalkit runs :func:`check_corruption` and :func:`check_objective` on every plugin component a
-recipe names, when the recipe loads; run them (and the property-based variants) in your own tests::
+crystalkit runs :func:`check_corruption` and :func:`check_objective` on every component a recipe
+names, when the recipe loads; run them (and the property-based variants) in your own tests::
 
     from crystalkit.testing import assert_corruption_contract, check_corruption, check_objective
     from hypothesis import strategies as st
@@ -28,29 +28,22 @@ recipe names, when the recipe loads; run them (and the property-based variants) 
 assertion. The ``assert_*_contract`` helpers need `hypothesis <https://hypothesis.readthedocs.io>`_
 (``pip install hypothesis``); the ``check_*`` ones only torch.
 
-The contracts:
-
-* a **corruption** ``(images, generator) -> images`` takes a float batch ``[B, 3, H, W]`` in
-  ``[0, 1]`` and returns a tensor of the same shape, dtype and device, finite and within ``[0, 1]``;
-  it leaves its input unchanged and draws all randomness from ``generator`` (the same seed gives
-  the same output).
-* an **objective** ``(PathOutputs) -> loss`` declares ``attention_layers`` (a tuple of ints, -1 =
-  last layer) and ``needs_hidden`` (a bool), reads only what it declares, and returns a finite 0-dim
-  float tensor differentiable in its inputs.
+The contracts themselves live with their components: :mod:`crystalkit.corruptions.contract` and
+:mod:`crystalkit.objectives.contract` (which also says what an objective's ``units`` are). This
+module re-exports their checks and adds the property-based helpers; crystalkit itself never
+imports it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from crystalkit.errors import PluginError, one_line
-
-if TYPE_CHECKING:
-    from crystalkit.crystal.paths import PathOutputs
+from crystalkit.corruptions.contract import check_corruption, dummy_images, output_breach
+from crystalkit.errors import ContractError
+from crystalkit.objectives.contract import check_declarations, check_objective, dummy_outputs
 
 __all__ = [
     "ContractError",
@@ -63,269 +56,6 @@ __all__ = [
     "image_batches",
     "output_breach",
 ]
-
-#: what crystalkit's multi-process training accepts for an objective's optional ``units``
-_UNITS = ("answer_tokens", "answer_samples", "samples")
-_KEEP = "a corruption must keep shape, dtype and device"
-
-
-class ContractError(PluginError, AssertionError):
-    """A component that breaks its contract (a failed assertion in pytest, a plugin error in the
-    CLI). The message is one line: what was wrong and what was expected."""
-
-
-def _shape(tensor: torch.Tensor) -> str:
-    return f"[{', '.join(str(s) for s in tensor.shape)}]"
-
-
-def _number(value: float) -> str:
-    return f"{value:.4g}"
-
-
-# -- corruptions -----------------------------------------------------------------------------
-
-
-def dummy_images(
-    batch: int = 2, height: int = 16, width: int = 16, seed: int = 0, dtype=torch.float32
-) -> torch.Tensor:
-    """A float batch ``[batch, 3, height, width]`` in ``[0, 1]`` on the CPU, with some pixels at
-    exactly 0 and 1."""
-    images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    flat = images.view(-1)
-    flat[:: max(1, flat.numel() // 7)] = 0.0
-    flat[3 :: max(1, flat.numel() // 5)] = 1.0
-    return images.to(dtype)
-
-
-def output_breach(images: torch.Tensor, out: Any, values: bool = True) -> str | None:
-    """Why ``out`` is not a valid corruption of ``images`` (one line), or ``None``: it must be a
-    tensor of the images' shape, dtype and device; with ``values``, finite and within [0, 1]."""
-    if not isinstance(out, torch.Tensor):
-        return f"returned {type(out).__name__}, not a tensor; a corruption returns the image batch"
-    if out.shape != images.shape:
-        return f"returned shape {_shape(out)} for images {_shape(images)}; {_KEEP}"
-    if out.dtype != images.dtype:
-        return f"returned dtype {out.dtype} for images of dtype {images.dtype}; {_KEEP}"
-    if out.device != images.device:
-        return f"returned a tensor on {out.device} for images on {images.device}; {_KEEP}"
-    if not values or out.numel() == 0:
-        return None
-    if not bool(torch.isfinite(out).all()):
-        return "returned non-finite values (NaN or inf); a corruption must return values in [0, 1]"
-    low, high = float(out.min()), float(out.max())
-    if low < 0.0 or high > 1.0:
-        return (
-            f"returned values in [{_number(low)}, {_number(high)}] for images in [0, 1]; a "
-            "corruption must return values within [0, 1] (clamp them)"
-        )
-    return None
-
-
-def check_corruption(
-    corruption: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-    images: torch.Tensor | None = None,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Call ``corruption`` on ``images`` (default: :func:`dummy_images`, ``[2, 3, 16, 16]``) with a
-    generator seeded ``seed`` and check its contract; returns the corrupted batch.
-
-    Raises :class:`ContractError` if it raises, returns something else than a tensor of the same
-    shape, dtype and device, returns values outside [0, 1] (or not finite), modifies its input in
-    place, or returns something else when called again with a fresh generator of the same seed.
-    """
-    images = dummy_images() if images is None else images
-    original = images.clone()
-    described = f"images {_shape(images)} {str(images.dtype).removeprefix('torch.')}"
-
-    def call() -> Any:
-        generator = torch.Generator(device=images.device).manual_seed(seed)
-        try:
-            return corruption(images, generator)
-        except Exception as exc:
-            raise ContractError(
-                f"raised {type(exc).__name__}: {one_line(exc)} (on {described}, seed {seed})"
-            ) from exc
-
-    out = call()
-    breach = output_breach(images, out)
-    if breach:
-        raise ContractError(f"{breach} (on {described}, seed {seed})")
-    if not torch.equal(images, original):
-        raise ContractError(
-            f"modified its input images in place (on {described}); a corruption must leave its "
-            "input unchanged and return a new tensor"
-        )
-    first = out.detach().clone()
-    again = call()
-    if output_breach(images, again) or not torch.allclose(first, again, rtol=0.0, atol=1e-6):
-        raise ContractError(
-            f"returned different images for two generators seeded {seed} (on {described}); a "
-            "corruption must draw all its randomness from the generator it is given"
-        )
-    return out
-
-
-# -- objectives ------------------------------------------------------------------------------
-
-
-def _declared_layers(objective: Any) -> tuple[int, ...]:
-    layers = getattr(objective, "attention_layers", ())
-    return tuple(layers) if isinstance(layers, tuple | list) else ()
-
-
-def dummy_outputs(
-    objective: Any = None,
-    batch: int = 2,
-    width: int = 3,
-    vocab: int = 11,
-    latents: int = 4,
-    hidden: int = 8,
-    seed: int = 0,
-) -> PathOutputs:
-    """Random :class:`~crystalkit.crystal.paths.PathOutputs` of both paths with what ``objective``
-    declares: attention maps ``[batch, width, latents]`` (rows summing to 1) at each of its
-    ``attention_layers`` (none when ``latents`` is 0, as at steps without latents) and, with
-    ``needs_hidden``, hidden states ``[batch, width, hidden]``. Every tensor an objective may
-    differentiate is a leaf requiring grad; the last answer column of the first sample is padding
-    (``IGNORE_INDEX``) when ``width > 1``."""
-    from crystalkit.crystal.paths import PathOutputs
-    from crystalkit.data.prompt import IGNORE_INDEX
-
-    generator = torch.Generator().manual_seed(seed)
-
-    def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).requires_grad_()
-
-    def maps() -> dict[int, torch.Tensor]:
-        if not latents:
-            return {}
-        return {
-            layer: torch.randn(batch, width, latents, generator=generator)
-            .softmax(-1)
-            .requires_grad_()
-            for layer in _declared_layers(objective)
-        }
-
-    targets = torch.randint(0, vocab, (batch, width), generator=generator)
-    if width > 1:
-        targets[0, -1] = IGNORE_INDEX
-    needs_hidden = bool(getattr(objective, "needs_hidden", False))
-    return PathOutputs(
-        targets=targets,
-        intact_logits=leaf(batch, width, vocab),
-        corrupted_logits=leaf(batch, width, vocab),
-        intact_attention=maps(),
-        corrupted_attention=maps(),
-        intact_hidden=leaf(batch, width, hidden) if needs_hidden else None,
-        corrupted_hidden=leaf(batch, width, hidden) if needs_hidden else None,
-        num_latents=latents,
-    )
-
-
-def _check_declarations(objective: Any) -> None:
-    if not callable(objective):
-        raise ContractError(
-            f"is a {type(objective).__name__}, not callable; an objective is called with the "
-            "paths' outputs and returns the loss"
-        )
-    missing = [a for a in ("attention_layers", "needs_hidden") if not hasattr(objective, a)]
-    if missing:
-        raise ContractError(
-            f"does not declare {' and '.join(missing)}; an objective declares attention_layers "
-            "(a tuple of decoder layer indices, () for none) and needs_hidden (a bool)"
-        )
-    layers = objective.attention_layers
-    if not isinstance(layers, tuple | list) or not all(
-        isinstance(layer, int) and not isinstance(layer, bool) for layer in layers
-    ):
-        raise ContractError(
-            f"declares attention_layers={layers!r}; expected a tuple of ints (decoder layer "
-            "indices, -1 = last; () for none)"
-        )
-    if not isinstance(objective.needs_hidden, bool):
-        raise ContractError(
-            f"declares needs_hidden={objective.needs_hidden!r}; expected True or False"
-        )
-    units = getattr(objective, "units", None)
-    if units is not None and units not in _UNITS:
-        raise ContractError(
-            f"declares units={units!r}; expected one of {', '.join(_UNITS)} (or no units)"
-        )
-
-
-def _inputs_of(outputs: PathOutputs) -> list[torch.Tensor]:
-    tensors = [
-        outputs.intact_logits,
-        outputs.corrupted_logits,
-        outputs.intact_hidden,
-        outputs.corrupted_hidden,
-        *outputs.intact_attention.values(),
-        *outputs.corrupted_attention.values(),
-    ]
-    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-def check_objective(objective: Any, outputs: PathOutputs | None = None) -> torch.Tensor:
-    """Check ``objective``'s declarations, call it on ``outputs`` (default:
-    :func:`dummy_outputs` for what it declares) and check the result; returns the loss.
-
-    Raises :class:`ContractError` if ``attention_layers`` / ``needs_hidden`` are missing or of the
-    wrong type, if the call raises (reading something undeclared, say), or if the result is not a
-    finite 0-dim float tensor differentiable in the outputs (with finite gradients). The gradient
-    check needs inputs that require grad, which the default outputs have.
-    """
-    _check_declarations(objective)
-    outputs = dummy_outputs(objective) if outputs is None else outputs
-    layers = tuple(outputs.intact_attention)
-    described = (
-        f"on outputs with batch {outputs.targets.shape[0]}, {outputs.targets.shape[-1]} answer "
-        f"columns, {outputs.num_latents} latents, attention at layers {layers or '()'} and "
-        f"{'hidden states' if outputs.intact_hidden is not None else 'no hidden states'}"
-    )
-    try:
-        value = objective(outputs)
-    except Exception as exc:
-        raise ContractError(
-            f"raised {type(exc).__name__}: {one_line(exc)} ({described}; an objective reads only "
-            "what it declares in attention_layers and needs_hidden)"
-        ) from exc
-    if not isinstance(value, torch.Tensor):
-        raise ContractError(
-            f"returned {type(value).__name__}; an objective must return a 0-dim tensor (not a "
-            "Python number: it must stay differentiable)"
-        )
-    if value.ndim != 0:
-        raise ContractError(
-            f"returned a tensor of shape {_shape(value)}; an objective must return a scalar "
-            "(0-dim) tensor (reduce it, e.g. with .mean())"
-        )
-    if not value.is_floating_point():
-        raise ContractError(f"returned dtype {value.dtype}; an objective must return a float")
-    if not math.isfinite(float(value.detach())):
-        raise ContractError(
-            f"returned {float(value.detach())} ({described}); an objective must be finite"
-        )
-    inputs = _inputs_of(outputs)
-    if not inputs:
-        return value
-    if not value.requires_grad:
-        raise ContractError(
-            "returned a tensor that does not require grad (a constant, or computed under no_grad "
-            "or from .detach()/.item()); an objective must be differentiable in the outputs"
-        )
-    grads = torch.autograd.grad(value, inputs, allow_unused=True)
-    found = [g for g in grads if g is not None]
-    if not found:
-        raise ContractError(
-            "returned a value not connected to any of the outputs; an objective must be "
-            "differentiable in the outputs it reads"
-        )
-    if not all(bool(torch.isfinite(g).all()) for g in found):
-        raise ContractError(
-            f"has non-finite gradients ({described}); an objective must give finite gradients"
-        )
-    return value
-
 
 # -- property-based (hypothesis) ---------------------------------------------------------------
 
@@ -431,7 +161,7 @@ def assert_objective_contract(
     def objective_contract(kwargs: dict[str, Any], sizes: Sequence[int]) -> None:
         objective = factory(**kwargs)
         batch, width, latents, vocab, hidden, seed = sizes
-        _check_declarations(objective)
+        check_declarations(objective)
         outputs = dummy_outputs(objective, batch, width, vocab, latents, hidden, seed)
         check_objective(objective, outputs)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from conftest import ROOT, THREADS
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.packing import INTACT_PATH, Segment, packed_allowed
 from crystalkit.crystal.paths import intact_only, layout_inputs
 from crystalkit.models.masks import additive
+from crystalkit.runs.build import build_dataset, build_model
 
 FAMILIES = [
     "qwen2_vl",
@@ -105,7 +105,7 @@ def written_export(tmp_path_factory) -> tuple:
     from cli_process import invoke
 
     from crystalkit.evaluation.accuracy import evaluate
-    from crystalkit.evaluation.runs import load_run
+    from crystalkit.runs.load import load_run
     from crystalkit.training.trainer import train
 
     folder = tmp_path_factory.mktemp("hf_written")

@@ -22,9 +22,9 @@ from crystalkit.analysis.sections import (
     rescue_section,
 )
 from crystalkit.analysis.states import States
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS, Sample
+from crystalkit.runs.build import build_backbone, build_dataset
 
 N, L, K, D = 64, 3, 4, 16
 
@@ -213,7 +213,7 @@ def test_without_a_latent_block_only_the_rescue_section_is_reported(tiny_recipe)
 
 def test_analysis_runs_on_a_tiny_qwen2_5_vl():
     _, backbone, method, _ = build_hf("qwen2_5_vl")
-    from crystalkit.build import build_dataset as dataset_of
+    from crystalkit.runs.build import build_dataset as dataset_of
 
     test = dataset_of(method.recipe).split("test")
     samples = [test[i] for i in range(8)]

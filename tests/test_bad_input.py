@@ -450,7 +450,7 @@ def test_error_messages_quoting_several_lines_print_as_one():
 def test_device_is_checked_against_the_machine(monkeypatch: pytest.MonkeyPatch):
     """A machine with two GPUs (torch's answers stand in for them): cuda:1 is there, cuda:7 is
     not; a misspelt device kind is not a device anywhere."""
-    from crystalkit.build import check_device
+    from crystalkit.device import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from cli_process import assert_one_error_line, finish, invoke, start
 
-from crystalkit.config.loader import load_recipe, recipe_json_schema
+from crystalkit.config.json_schema import recipe_json_schema
+from crystalkit.config.loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECT = ROOT / "recipes" / "direct_finetune.yaml"
@@ -51,7 +52,7 @@ def test_list_one_component_shows_its_parameters_and_source(monkeypatch: pytest.
     Args section for keyword arguments, from Field descriptions for pydantic configs)."""
     from rich.console import Console
 
-    from crystalkit.config.components import config_model
+    from crystalkit.params import config_model
     from crystalkit.registries import ALL
 
     monkeypatch.setattr("crystalkit.cli.out", Console(width=400))  # no wrapped cells

@@ -14,14 +14,15 @@ from cli_process import finish, start, stderr_of
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.cli import app
 from crystalkit.corruptions import build_corruption
-from crystalkit.corruptions.basic import GaussianNoise, call_third_party
+from crystalkit.corruptions.basic import GaussianNoise
+from crystalkit.corruptions.contract import call_corruption
 from crystalkit.crystal.method import Method
 from crystalkit.errors import PluginError, UsageError, blame
 from crystalkit.objectives.alignment import AnswerKL
 from crystalkit.registries import CORRUPTIONS, OBJECTIVES
+from crystalkit.runs.build import build_backbone, build_dataset
 from crystalkit.testing import (
     ContractError,
     assert_corruption_contract,
@@ -385,8 +386,8 @@ def test_plugin_raising_at_train_time_is_a_plugin_error_naming_its_line(
 def test_runtime_shape_change_is_a_plugin_error_not_a_stack_error():
     images = dummy_images(4, 8, 8)
     with pytest.raises(PluginError, match=r"corruption 'x' \(file x.py\) returned shape \[4, 1"):
-        call_third_party(OneChannel(), images, torch.Generator(), "corruption 'x'", "file x.py")
-    assert call_third_party(InPlace(), images.clone(), torch.Generator(), "c", "s").shape == (
+        call_corruption(OneChannel(), images, torch.Generator(), "corruption 'x'", "file x.py")
+    assert call_corruption(InPlace(), images.clone(), torch.Generator(), "c", "s").shape == (
         4, 3, 8, 8,
     )  # fmt: skip
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from cli_process import assert_one_error_line, invoke
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.packing import INTACT_PATH, Segment
 from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed, two_pass
 from crystalkit.crystal.runner import run_sequence
 from crystalkit.evaluation.generation import generate_answers
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
+from crystalkit.runs.build import build_dataset, build_model
 
 CRYSTAL_SCRATCH = Path(__file__).resolve().parents[1] / "recipes" / "crystal_scratch.yaml"
 CRYSTAL = [
@@ -364,7 +364,8 @@ def test_crystal_training_resumes_exactly(tiny_recipe):
     with the uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    from crystalkit.training import checkpoint as ckpt
+    from crystalkit.runs import checkpoint as ckpt
+    from crystalkit.runs import files
     from crystalkit.training.trainer import train
 
     growing = [*CRYSTAL, "latents.schedule={name: linear, start: 0, end: 3, ramp: 0.5}"]
@@ -372,8 +373,8 @@ def test_crystal_training_resumes_exactly(tiny_recipe):
     interrupted = tiny_recipe(*growing, "name=resumed", "train.steps=6", "train.save_every=3")
     train(interrupted, stop_after=3)
     resumed = train(interrupted, resume=True)
-    a = load_file(str(ckpt.latest_checkpoint(full.run_dir).path / ckpt.WEIGHTS))
-    b = load_file(str(ckpt.latest_checkpoint(resumed.run_dir).path / ckpt.WEIGHTS))
+    a = load_file(str(ckpt.latest_checkpoint(full.run_dir).path / files.CHECKPOINT_WEIGHTS))
+    b = load_file(str(ckpt.latest_checkpoint(resumed.run_dir).path / files.CHECKPOINT_WEIGHTS))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # K of the step just taken, logged after steps 2, 4, 6 (0-based steps 1, 3, 5 of a 0 -> 3 ramp)
     assert [r["k"] for r in _metric_records(full.run_dir)] == [1, 3, 3]

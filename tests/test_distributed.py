@@ -24,13 +24,14 @@ from conftest import ROOT, TINY
 from hf_models import SMALL as HF_SMALL
 from safetensors.torch import load_file
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.config.schema import Recipe
 from crystalkit.crystal.method import Method
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
-from crystalkit.training import checkpoint as ckpt
+from crystalkit.runs import checkpoint as ckpt
+from crystalkit.runs import files
+from crystalkit.runs.build import build_dataset, build_model
 from crystalkit.training.distributed import (
     ShardLoss,
     World,
@@ -116,8 +117,8 @@ def _records(run_dir: Path) -> list[dict]:
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The latest checkpoint's weights (a LoRA run's: only what trains)."""
     folder = ckpt.latest_checkpoint(run_dir).path
-    lora = folder / ckpt.TRAINABLE
-    return load_file(str(lora if lora.is_file() else folder / ckpt.WEIGHTS))
+    lora = folder / files.CHECKPOINT_TRAINABLE
+    return load_file(str(lora if lora.is_file() else folder / files.CHECKPOINT_WEIGHTS))
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:

@@ -47,7 +47,7 @@ def test_a_stale_or_unknown_block_is_reported_with_its_line(generated):
 
 def test_every_builtin_component_has_its_key_table():
     """A table per built-in, or one for a family sharing its parameters (the HF backbones)."""
-    from crystalkit.config.components import config_model
+    from crystalkit.params import config_model
 
     text = "\n".join(page.read_text(encoding="utf-8") for page in DOCS.glob("*.md"))
     documented = set(re.findall(r"<!-- generated: keys (\w+):(\w+) -->", text))
@@ -59,7 +59,7 @@ def test_every_builtin_component_has_its_key_table():
 
 
 def test_schema_alternatives_carry_parameter_descriptions():
-    from crystalkit.config.loader import recipe_json_schema
+    from crystalkit.config.json_schema import recipe_json_schema
 
     schema = recipe_json_schema()
     blur = next(a for a in schema["properties"]["corruption"]["anyOf"] if a.get("title") == "blur")

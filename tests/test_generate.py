@@ -10,11 +10,11 @@ from cli_process import assert_one_error_line, invoke
 from conftest import ROOT, TINY
 from PIL import Image
 
-from crystalkit.build import build_dataset
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.method import Method
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.predict import read_queries
+from crystalkit.runs.build import build_dataset
 
 NUM = 6  # queries compared against evaluation (one evaluation batch)
 

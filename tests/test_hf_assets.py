@@ -8,12 +8,12 @@ from cli_process import assert_one_error_line, invoke
 from conftest import ROOT
 from hf_models import SMALL, build
 
-from crystalkit.build import build_backbone, build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.paths import intact_only
 from crystalkit.latents.blocks import END, START, slot_token
 from crystalkit.models.hf.base import HFConfig
 from crystalkit.models.hf.qwen_vl import Qwen25VLBackbone
+from crystalkit.runs.build import build_backbone, build_dataset, build_model
 
 TINY_QWEN = ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml"
 

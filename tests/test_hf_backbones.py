@@ -20,7 +20,7 @@ from crystalkit.crystal.paths import Needs, intact_only, layout_inputs, packed
 from crystalkit.crystal.runner import run_sequence
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.generation import generate_answers
-from crystalkit.models.attention_probe import PREFIX
+from crystalkit.models.attention_capture import PREFIX
 from crystalkit.models.hf import base
 from crystalkit.models.masks import additive
 
@@ -220,7 +220,7 @@ def test_vision_tower_takes_its_own_attention_kernel(family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_attention_probe_rows_match_eager_and_stay_exact_under_checkpointing(family):
+def test_attention_capture_rows_match_eager_and_stay_exact_under_checkpointing(family):
     _, backbone, method, samples = build(family)
     layout = method.layout(samples, step=0)
     needs = Needs(layers=(0, -1))

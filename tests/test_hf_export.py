@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from crystalkit.config.loader import load_recipe
 from crystalkit.data.prompt import ANSWER_CUE, format_question
 from crystalkit.evaluation.predict import Query, predict
-from crystalkit.evaluation.runs import load_run
+from crystalkit.runs.load import load_run
 from crystalkit.training.trainer import train
 
 

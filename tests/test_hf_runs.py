@@ -12,7 +12,7 @@ from conftest import ROOT
 from hf_models import SMALL
 
 from crystalkit.crystal.paths import intact_only
-from crystalkit.evaluation.runs import load_run
+from crystalkit.runs.load import load_run
 
 RECIPE = ROOT / "recipes" / "tiny" / "qwen2_5_vl.yaml"
 

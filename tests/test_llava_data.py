@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.layout import Packer
 from crystalkit.data.llava import IMAGE_PLACEHOLDER, SPLITS, LlavaJson, RecordError, first_turn
@@ -25,6 +24,7 @@ from crystalkit.data.sample import Sample
 from crystalkit.errors import DataWarning, RecipeError, UsageError
 from crystalkit.evaluation import accuracy
 from crystalkit.evaluation.accuracy import normalise_answer
+from crystalkit.runs.build import build_backbone, build_dataset
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -408,7 +408,7 @@ def test_crystal_trains_and_evaluates_on_native_size_images(data_dir: Path, tmp_
     """CrystaL on images of three sizes kept native (``image_size: null``): batches of mixed
     sizes are corrupted image by image, resized by the backbone, trained on and evaluated, and the
     saved run evaluates them at their native size again."""
-    from crystalkit.evaluation.runs import load_run, run_image_size
+    from crystalkit.runs.load import load_run, run_image_size
     from crystalkit.training.trainer import train
 
     overrides = _llava_overrides(data_dir, "dataset.image_size=null", "train.steps=2")
@@ -504,7 +504,7 @@ def test_a_bound_that_leaves_no_record_is_one_line(data_dir: Path):
 
 
 def test_build_model_bounds_the_records_with_the_backbones_tokenizer(data_dir: Path, tiny_recipe):
-    from crystalkit.build import build_model
+    from crystalkit.runs.build import build_model
 
     long = _texts("what colour is image 9 ? " + "please " * 20, "red", 9)
     (data_dir / "data.jsonl").write_text(

@@ -33,7 +33,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from crystalkit.data.prompt import ANSWER_CUE, format_question
-from crystalkit.evaluation.runs import load_run
+from crystalkit.runs.load import load_run
 
 TASK = ROOT / "tests" / "fixtures" / "lmms_task"
 DATA = "crystal_synth_test.parquet"  # the task's data_files entry, relative to the working dir

@@ -23,10 +23,11 @@ from crystalkit.ablation.grid import load_grid
 from crystalkit.ablation.runner import cell_dir, run_local
 from crystalkit.config.loader import load_recipe
 from crystalkit.errors import PluginError, UsageError
-from crystalkit.evaluation.runs import evaluate_run_dir
+from crystalkit.evaluation.saved import evaluate_run_dir
 from crystalkit.registries import LOGGERS
+from crystalkit.runs.files import WANDB_ID_FILE
 from crystalkit.training import trainer
-from crystalkit.training.loggers import WANDB_ID_FILE, hyperparameters, scalars
+from crystalkit.training.loggers import hyperparameters, scalars
 from crystalkit.training.metrics import MetricsLog
 
 pytest.importorskip("tensorboard")

@@ -12,13 +12,14 @@ from cli_process import assert_one_error_line, invoke
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from crystalkit.build import Model, build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.paths import Needs
 from crystalkit.errors import CheckpointError, UsageError
-from crystalkit.evaluation.runs import evaluate_run_dir, load_model, load_run
-from crystalkit.export import load_adapter
-from crystalkit.training import checkpoint as ckpt
+from crystalkit.evaluation.saved import evaluate_run_dir
+from crystalkit.runs import checkpoint as ckpt
+from crystalkit.runs import files
+from crystalkit.runs.build import Model, build_dataset, build_model
+from crystalkit.runs.load import load_adapter, load_run, load_run_model
 from crystalkit.training.optim import build_optimizer
 from crystalkit.training.trainer import train
 
@@ -83,7 +84,7 @@ def test_lora_trains_only_adapters_and_latent_rows(tiny_recipe):
     torch.testing.assert_close(head, hidden_state[0] @ rows.detach().T)
 
 
-def test_fresh_lora_is_the_base_model_and_the_attention_probe_still_records(tiny_recipe):
+def test_fresh_lora_is_the_base_model_and_the_attention_capture_still_records(tiny_recipe):
     plain_recipe = tiny_recipe(*CRYSTAL, "latents.schedule.k=3")
     dataset = build_dataset(plain_recipe)
     plain = build_model(plain_recipe, dataset)
@@ -154,13 +155,13 @@ def test_lora_checkpoint_holds_only_what_trains_and_reloads_identically(tiny_rec
     model, samples = _build(tiny_recipe, "train.lr=1e-2")
     _steps(model, samples, model.method.recipe.train)
     saved = ckpt.save_checkpoint(tmp_path, 3, model.backbone, None, keep=1)
-    assert not (saved.path / ckpt.WEIGHTS).exists()
-    stored = load_file(str(saved.path / ckpt.TRAINABLE))
+    assert not (saved.path / files.CHECKPOINT_WEIGHTS).exists()
+    stored = load_file(str(saved.path / files.CHECKPOINT_TRAINABLE))
     trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable <= stored.keys()
     assert all(".running_" in n or "num_batches" in n for n in stored.keys() - trainable)
     full = sum(t.numel() * t.element_size() for t in model.backbone.state_dict().values())
-    ratio = (saved.path / ckpt.TRAINABLE).stat().st_size / full
+    ratio = (saved.path / files.CHECKPOINT_TRAINABLE).stat().st_size / full
     assert ratio < 0.5, ratio
 
     again, _ = _build(tiny_recipe, "train.lr=1e-2")
@@ -179,7 +180,7 @@ def test_mismatched_or_corrupt_lora_checkpoints_are_one_line_errors(tiny_recipe,
         ckpt.load_weights(other_seed.backbone, saved)
     with pytest.raises(CheckpointError, match=r"no trainer_state\.pt"):
         ckpt.load_trainer_state(saved)
-    (saved.path / ckpt.TRAINABLE).write_bytes(b"not safetensors")
+    (saved.path / files.CHECKPOINT_TRAINABLE).write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="cannot load weights"):
         ckpt.load_weights(model.backbone, saved)
 
@@ -190,7 +191,7 @@ def test_lora_run_resumes_exactly_and_reloads_as_trained(tiny_recipe):
     train(interrupted, stop_after=3)
     resumed = train(interrupted, resume=True)
     a, b = (
-        load_file(str(ckpt.latest_checkpoint(run.run_dir).path / ckpt.TRAINABLE))
+        load_file(str(ckpt.latest_checkpoint(run.run_dir).path / files.CHECKPOINT_TRAINABLE))
         for run in (full, resumed)
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -200,7 +201,7 @@ def test_lora_run_resumes_exactly_and_reloads_as_trained(tiny_recipe):
 
 def test_export_merged_and_adapter_give_the_lora_models_outputs(tiny_recipe, tmp_path):
     run_dir = train(tiny_recipe(*LORA, *CRYSTAL, *RUN)).run_dir
-    _, dataset, lora, _ = load_model(run_dir)
+    _, dataset, lora, _ = load_run_model(run_dir)
     samples = [dataset.split("test")[i] for i in range(8)]
     expected = _logits(lora, samples)
 
@@ -210,7 +211,7 @@ def test_export_merged_and_adapter_give_the_lora_models_outputs(tiny_recipe, tmp
     recipe, _, backbone, method, step = load_run(merged_dir)
     assert not recipe.lora.enabled and step == 6
     assert all(p.requires_grad for p in backbone.parameters())  # a plain model
-    assert (ckpt.latest_checkpoint(merged_dir).path / ckpt.WEIGHTS).is_file()
+    assert (ckpt.latest_checkpoint(merged_dir).path / files.CHECKPOINT_WEIGHTS).is_file()
     merged = _logits(Model(backbone, method, None), samples)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=0)
     results = json.loads((run_dir / "results.json").read_text())

@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.crystal.layout import Packer
 from crystalkit.crystal.packing import Segment
 from crystalkit.data.prompt import IGNORE_INDEX
@@ -15,6 +14,7 @@ from crystalkit.evaluation.accuracy import extract_choice
 from crystalkit.evaluation.generation import generate_answers
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
 from crystalkit.models.tokenizer import load_word_tokenizer
+from crystalkit.runs.build import build_backbone, build_dataset
 
 
 @pytest.fixture

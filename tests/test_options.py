@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.crystal.paths import intact_only, packed
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.data.sample import LETTERS
 from crystalkit.evaluation.options import option_logprobs
-from crystalkit.evaluation.probes import BUILTIN
+from crystalkit.evaluation.replacement import BUILTIN
+from crystalkit.runs.build import build_dataset, build_model
 
 
 def _setup(tiny_recipe, *overrides: str):
@@ -81,7 +81,7 @@ def test_option_loglikelihoods_equal_teacher_forcing_each_option(tiny_recipe, fa
     assert (fast.max(-1).values - fast.min(-1).values > 1e-4).all()
 
 
-def test_a_latent_probe_changes_the_option_distribution(tiny_recipe):
+def test_a_replacement_changes_the_option_distribution(tiny_recipe):
     backbone, method, samples = _setup(tiny_recipe)
     layout = method.prompt_layout(samples)
     plain = option_logprobs(backbone, method, layout, samples)

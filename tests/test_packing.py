@@ -90,8 +90,8 @@ def test_packed_forward_equals_intact_pass_and_corrupted_pass_reusing_latent_kv(
     pass over A B with D's per-layer keys/values copied from the intact pass, then F."""
     from transformers import DynamicCache
 
-    from crystalkit.build import build_backbone, build_dataset
     from crystalkit.models.masks import additive
+    from crystalkit.runs.build import build_backbone, build_dataset
 
     torch.manual_seed(0)
     recipe = tiny_recipe()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from test_component_paths import CORRUPTION, OBJECTIVE
 
-from crystalkit.config.sources import SOURCES_FILE, install_hint
+from crystalkit.config.sources import install_hint
 from crystalkit.errors import UsageError
-from crystalkit.evaluation.runs import evaluate_run_dir
+from crystalkit.evaluation.saved import evaluate_run_dir
+from crystalkit.runs.files import SOURCES_FILE
 from crystalkit.training.trainer import train
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from crystalkit.config.loader import dump_recipe, load_recipe, recipe_json_schema
+from crystalkit.config.json_schema import recipe_json_schema
+from crystalkit.config.loader import dump_recipe, load_recipe
 from crystalkit.config.schema import EvalConfig, Recipe, TrainConfig
+from crystalkit.config.stages import plan_stages
 from crystalkit.errors import RecipeError, UsageError
-from crystalkit.training.stages import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from crystalkit.config.components import config_model
 from crystalkit.errors import UsageError
+from crystalkit.params import config_model
 from crystalkit.registry import Registry, resolve_import_path
 
 

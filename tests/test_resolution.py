@@ -22,9 +22,9 @@ from crystalkit.crystal.packing import Segment
 from crystalkit.crystal.paths import layout_inputs
 from crystalkit.errors import RecipeError, UsageError
 from crystalkit.evaluation.benchfiles import read_jsonl
-from crystalkit.evaluation.runs import bench_resolution
+from crystalkit.evaluation.saved import bench_resolution
 from crystalkit.models.backbone import resize_unit
-from crystalkit.training.sampler import derived_seed
+from crystalkit.seeding import derived_seed
 
 PIXELS = ["backbone.min_pixels=256", "backbone.max_pixels=4096"]
 PROCESSOR = ["backbone.resolution=processor", *PIXELS]

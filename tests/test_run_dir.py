@@ -11,7 +11,7 @@ from rich.console import Console
 
 from crystalkit.config.loader import dump_recipe
 from crystalkit.errors import UsageError
-from crystalkit.training import checkpoint as ckpt
+from crystalkit.runs import checkpoint as ckpt
 from crystalkit.training import trainer
 from crystalkit.training.trainer import train
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crystalkit.config.components import config_model
 from crystalkit.latents.schedules import Fixed, Linear, Stepwise
+from crystalkit.params import config_model
 from crystalkit.registries import SCHEDULES
 
 totals = st.integers(1, 5000)

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from crystalkit.config.loader import dump_recipe, load_recipe
 from crystalkit.config.schema import stage_steps
-from crystalkit.training import checkpoint as ckpt
-from crystalkit.training.stages import plan_stages, stage_at
+from crystalkit.config.stages import plan_stages, stage_at
+from crystalkit.runs import checkpoint as ckpt
+from crystalkit.runs import files
 from crystalkit.training.trainer import train
 
 SCRATCH = ROOT / "recipes" / "crystal_scratch.yaml"
@@ -139,7 +140,7 @@ def test_each_stage_runs_its_own_method_schedules_and_optimizer(tiny_recipe):
     assert records[4]["lr"] == pytest.approx(
         5.0e-4 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 4)).item())
     )
-    meta = json.loads((ckpt.latest_checkpoint(run_dir).path / ckpt.META).read_text())
+    meta = json.loads((ckpt.latest_checkpoint(run_dir).path / files.CHECKPOINT_META).read_text())
     assert meta == {"step": 8, "stage": "crystal"}
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stages"] == [
@@ -155,7 +156,7 @@ def test_a_stage_starts_its_new_latent_rows_from_the_current_init_token(tiny_rec
         *STAGED, "train.steps=8", "train.save_every=4", "stages.crystal.train.lr=1e-12"
     )
     train(recipe, stop_after=4)
-    from crystalkit.evaluation.runs import load_run
+    from crystalkit.runs.load import load_run
 
     _, _, backbone, method, _ = load_run(recipe_dir := Path(recipe.output_dir) / recipe.name)
     matrix = backbone.token_matrices()[0].detach()
@@ -174,8 +175,8 @@ def test_a_staged_run_resumes_exactly(tiny_recipe, interrupt):
     interrupted = tiny_recipe(*STAGED, "name=cut", "train.steps=8", f"train.save_every={interrupt}")
     train(interrupted, stop_after=interrupt)
     resumed = train(interrupted, resume=True).run_dir
-    a = load_file(str(ckpt.latest_checkpoint(full).path / ckpt.WEIGHTS))
-    b = load_file(str(ckpt.latest_checkpoint(resumed).path / ckpt.WEIGHTS))
+    a = load_file(str(ckpt.latest_checkpoint(full).path / files.CHECKPOINT_WEIGHTS))
+    b = load_file(str(ckpt.latest_checkpoint(resumed).path / files.CHECKPOINT_WEIGHTS))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     def logged(run_dir: Path) -> list[dict]:  # every log_every (2) steps; the cut adds a record
@@ -192,8 +193,8 @@ def test_a_staged_run_resumes_exactly(tiny_recipe, interrupt):
 def test_resetting_token_rows_writes_where_the_model_reads_them(tiny_recipe, lora):
     """Full weights: the matrices themselves; LoRA: peft's trainable-token table, which is what
     the forward reads for those rows."""
-    from crystalkit.build import build_dataset, build_model
     from crystalkit.latents.blocks import reset_token_rows
+    from crystalkit.runs.build import build_dataset, build_model
 
     extra = ["lora.enabled=true", "lora.r=4"] if lora else []
     recipe = tiny_recipe(*STAGED, *extra)

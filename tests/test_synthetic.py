@@ -16,10 +16,10 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from crystalkit.config.components import config_model
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.data.synthetic import COLOURS, QUADRANTS, SHAPES, SyntheticShapes, shape_mask
 from crystalkit.errors import UsageError
+from crystalkit.params import config_model
 from crystalkit.registries import DATASETS
 
 N = 400  # samples per statistical check

@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from crystalkit.errors import UsageError
-from crystalkit.evaluation.runs import evaluate_run_dir
-from crystalkit.training import checkpoint as ckpt
+from crystalkit.evaluation.saved import evaluate_run_dir
+from crystalkit.runs import checkpoint as ckpt
+from crystalkit.runs import files
 from crystalkit.training.trainer import train
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = ckpt.latest_checkpoint(run_dir)
     assert latest is not None
-    return load_file(str(latest.path / ckpt.WEIGHTS))
+    return load_file(str(latest.path / files.CHECKPOINT_WEIGHTS))
 
 
 def test_training_reduces_loss_and_writes_run(tiny_recipe, tmp_path):
@@ -94,7 +95,7 @@ def test_latest_pointer_falls_back_to_newest_complete_checkpoint(tiny_recipe):
     run_dir = train(recipe).run_dir
     root = run_dir / "checkpoints"
     (root / "latest").write_text("step_000099\n")  # points at nothing
-    (root / "step_000004" / ckpt.META).unlink()  # newest is incomplete
+    (root / "step_000004" / files.CHECKPOINT_META).unlink()  # newest is incomplete
     assert ckpt.latest_checkpoint(run_dir).step == 2
 
 
@@ -109,7 +110,7 @@ def test_eval_reproduces_final_accuracy(tiny_recipe):
 def test_corrupt_checkpoint_is_a_usage_error(tiny_recipe):
     run_dir = train(tiny_recipe("name=bad", "train.steps=2")).run_dir
     latest = ckpt.latest_checkpoint(run_dir)
-    (latest.path / ckpt.WEIGHTS).write_bytes(b"not safetensors")
+    (latest.path / files.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(UsageError, match="cannot load weights"):
         evaluate_run_dir(run_dir, "test")
 

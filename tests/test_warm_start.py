@@ -14,12 +14,15 @@ from conftest import ROOT, TINY
 from hf_models import SMALL
 from PIL import Image
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.crystal.paths import Needs
-from crystalkit.evaluation.runs import evaluate_run_dir, load_model
-from crystalkit.training import checkpoint as ckpt
+from crystalkit.evaluation.saved import evaluate_run_dir
+from crystalkit.runs import checkpoint as ckpt
+from crystalkit.runs.build import build_dataset, build_model
+from crystalkit.runs.files import SNAPSHOT_DIR
+from crystalkit.runs.load import load_run_model
+from crystalkit.runs.snapshot import read_record, write_snapshot
 from crystalkit.training.trainer import train
-from crystalkit.training.warm_start import SNAPSHOT_DIR, load_source, read_record, write_snapshot
+from crystalkit.training.warm_start import load_source
 
 CRYSTAL = ["method=crystal", "latents.schedule.k=3", "objectives={kl: {fraction: 1.0}}"]
 SHORT = ["train.steps=3", "train.lr=1e-2", "eval.max_samples=8"]
@@ -34,7 +37,8 @@ def _warm(tiny_recipe, source: Path, *overrides: str):
     recipe = tiny_recipe(*SHORT, "name=warm", f"warm_start.source={source}", *overrides)
     dataset = build_dataset(recipe)
     run_dir = Path(recipe.output_dir) / recipe.name
-    write_snapshot(load_source(recipe, dataset), run_dir)
+    source = load_source(recipe, dataset)
+    write_snapshot(source.backbone, source.record, run_dir)
     return recipe, run_dir, build_model(recipe, dataset, assets=run_dir)
 
 
@@ -46,7 +50,7 @@ def _answer_logits(backbone, method, samples) -> torch.Tensor:
 
 def test_a_warm_start_has_the_sources_weights_and_latent_tokens(tiny_recipe):
     source = _source(tiny_recipe, *CRYSTAL)
-    _, _, trained, _ = load_model(source)
+    _, _, trained, _ = load_run_model(source)
     # the new recipe needs two more latent tokens than the source has
     _, run_dir, warm = _warm(tiny_recipe, source, *CRYSTAL, "latents.schedule.k=5")
     theirs, ours = trained.backbone.state_dict(), warm.backbone.state_dict()
@@ -68,7 +72,7 @@ def test_a_warm_start_has_the_sources_weights_and_latent_tokens(tiny_recipe):
 
 def test_a_lora_source_is_merged_first(tiny_recipe):
     source = _source(tiny_recipe, "lora.enabled=true", "lora.r=4", "latents.schedule.k=2")
-    _, dataset, lora, _ = load_model(source)
+    _, dataset, lora, _ = load_run_model(source)
     samples = [dataset.split("test")[i] for i in range(4)]
     expected = _answer_logits(lora.backbone, lora.method, samples)
     _, run_dir, warm = _warm(tiny_recipe, source, "latents.schedule.k=2")
@@ -83,7 +87,7 @@ def test_a_warm_start_from_an_export_folder_is_the_exported_model(tiny_recipe, t
     from crystalkit.export import export_run
 
     source = _source(tiny_recipe, "lora.enabled=true", "lora.r=4", "latents.schedule.k=2")
-    _, dataset, lora, _ = load_model(source)
+    _, dataset, lora, _ = load_run_model(source)
     samples = [dataset.split("test")[i] for i in range(4)]
     expected = _answer_logits(lora.backbone, lora.method, samples)
     exported = export_run(source, tmp_path / "export", merge=merge)
@@ -201,5 +205,5 @@ def test_warm_start_and_stages_on_the_test_size_qwen2_5_vl(tmp_path):
     assert [r["stage"] for r in records if "loss" in r] == ["finetune", "crystal"]
     assert "loss/kl" in records[-2] and "loss/attention" in records[-2]
     shutil.rmtree(tmp_path / "ft")
-    _, _, model, step = load_model(tmp_path / "regime")
+    _, _, model, step = load_run_model(tmp_path / "regime")
     assert step == 4 and model.method.final_k == 8

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crystalkit.build import build_dataset, build_model
-from crystalkit.config.components import config_model
 from crystalkit.crystal.method import build_weight
 from crystalkit.objectives.weights import Constant, Cosine, Gate, Linear
+from crystalkit.params import config_model
 from crystalkit.registries import WEIGHTS
+from crystalkit.runs.build import build_dataset, build_model
 
 totals = st.integers(1, 5000)
 weights = st.floats(0, 10, allow_nan=False)

@@ -19,7 +19,6 @@ from cli_process import assert_one_error_line, invoke
 from conftest import ROOT, THREADS, TINY
 from PIL import Image
 
-from crystalkit.build import build_dataset, build_model
 from crystalkit.config.loader import load_recipe
 from crystalkit.config.schema import RELEASED_TEMPLATE
 from crystalkit.crystal.layout import Packer
@@ -30,6 +29,7 @@ from crystalkit.errors import RecipeError, UsageError
 from crystalkit.evaluation.accuracy import evaluate
 from crystalkit.evaluation.generation import feed, run_prompt, split_written
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
+from crystalkit.runs.build import build_dataset, build_model
 
 K = 2
 WRITE = [f"latents.schedule.k={K}", "latents.template=released", "latents.write=true"]
@@ -271,7 +271,7 @@ def written_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CrystaL run with ``write`` trained, a few steps at a time, until greedy decoding
     writes the template and the block exactly for every test sample (at most ``CAP`` steps; the
     template is a fixed sequence, learnt in a few dozen steps at this learning rate)."""
-    from crystalkit.evaluation.runs import load_run
+    from crystalkit.runs.load import load_run
     from crystalkit.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("written")
@@ -336,7 +336,7 @@ def test_generated_and_forced_latents_give_the_same_answers(written_run: Path):
 
 
 def test_generate_shows_the_written_block(written_run: Path, tmp_path: Path):
-    from crystalkit.evaluation.runs import load_run
+    from crystalkit.runs.load import load_run
 
     _, dataset, _, _, _ = load_run(written_run)
     test = dataset.split("test")
@@ -370,48 +370,52 @@ def test_generate_shows_the_written_block(written_run: Path, tmp_path: Path):
     assert table.exit_code == 0 and "written" in table.stdout
 
 
-def _evaluate_probe(run_dir: Path, latent_block: str, probe) -> list[dict]:
-    from crystalkit.evaluation.runs import load_run
+def _evaluate_replaced(run_dir: Path, latent_block: str, replacement) -> list[dict]:
+    from crystalkit.runs.load import load_run
 
     recipe, dataset, backbone, method, _ = load_run(run_dir)
     cfg = recipe.eval.model_copy(update={"latent_block": latent_block})
-    return evaluate(backbone, dataset.split("test"), method, cfg, latent_probe=probe).predictions
+    return evaluate(
+        backbone, dataset.split("test"), method, cfg, replacement=replacement
+    ).predictions
 
 
-def test_a_probe_on_the_written_block_is_the_probe_on_the_forced_block(written_run: Path):
-    """The identity probe leaves every generated answer as it was (the replacement lands on the
+def test_a_replacement_on_the_written_block_is_the_replacement_on_the_forced_block(
+    written_run: Path,
+):
+    """The identity replacement leaves every generated answer as it was (the replacement lands on the
     written block's own columns); under ``zero`` and ``shuffle``, a row that goes on to write the
-    closing text and cue exactly answers what the same probe on the forced block answers: the
+    closing text and cue exactly answers what the same replacement on the forced block answers: the
     same context, with the block replaced, before the answer."""
-    from crystalkit.evaluation.probes import BUILTIN
+    from crystalkit.evaluation.replacement import BUILTIN
 
     plain = _predictions_of(written_run, "generated")
-    same = _evaluate_probe(written_run, "generated", lambda backbone, layout, kv: kv)
-    assert all(p["probed"] for p in same)
+    same = _evaluate_replaced(written_run, "generated", lambda backbone, layout, kv: kv)
+    assert all(p["replaced"] for p in same)
     assert [p["raw"] for p in same] == [p["raw"] for p in plain]
     compared = 0
     for name in ("zero", "shuffle"):
-        generated = _evaluate_probe(written_run, "generated", BUILTIN[name])
-        forced = _evaluate_probe(written_run, "forced", BUILTIN[name])
-        assert all(p["probed"] for p in generated)  # every test sample wrote the block
+        generated = _evaluate_replaced(written_run, "generated", BUILTIN[name])
+        forced = _evaluate_replaced(written_run, "forced", BUILTIN[name])
+        assert all(p["replaced"] for p in generated)  # every test sample wrote the block
         for g, f in zip(generated, forced, strict=True):
             if g["wrote_block"]:
                 assert g["raw"] == f["raw"], name
                 compared += 1
-    assert compared > 0  # the premise: some rows wrote the whole template after the probe
+    assert compared > 0  # the premise: some rows wrote the whole template after the replacement
 
 
 def _predictions_of(run_dir: Path, latent_block: str) -> list[dict]:
-    return _evaluate_probe(run_dir, latent_block, None)
+    return _evaluate_replaced(run_dir, latent_block, None)
 
 
-def test_eval_probe_with_generated_latents(written_run: Path):
-    result = invoke("eval", written_run, "--probe", "zero", "--latent-block", "generated")
+def test_eval_replace_with_generated_latents(written_run: Path):
+    result = invoke("eval", written_run, "--replace", "zero", "--latent-block", "generated")
     assert result.exit_code == 0, result.output
     assert "wrote the block" in result.stdout and "replaced" in result.stdout
-    summary = json.loads((written_run / "probes_test_generated.json").read_text())
+    summary = json.loads((written_run / "replacements_test_generated.json").read_text())
     assert summary["latent_block"] == "generated" and summary["wrote_block"] == 1.0
-    assert summary["probed"] == {"zero": 1.0}
+    assert summary["replaced"] == {"zero": 1.0}
     plain = [p for p in _predictions_of(written_run, "generated")]
     assert summary["accuracy"]["none"] == sum(p["correct"] for p in plain) / len(plain)
 

@@ -29,10 +29,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from crystalkit.ablation.grid import Grid, compact, join_overrides
-from crystalkit.ablation.runner import RESULTS_FILE, cell_dir, cell_state
+from crystalkit.ablation.runner import cell_dir, cell_state
 from crystalkit.ablation.stats import paired_differences, summary
 from crystalkit.errors import DataWarning
 from crystalkit.io import atomic_write_bytes, atomic_write_text, json_problem
+from crystalkit.runs.files import RESULTS_FILE
 
 
 def _metric(results: dict[str, Any], name: str) -> float | None:

@@ -27,11 +27,12 @@ from typing import Any, Literal, get_args
 from rich.console import Console
 
 from crystalkit.ablation.grid import Cell, Grid, load_grid
+from crystalkit.errors import first_line
 from crystalkit.io import atomic_write_json
+from crystalkit.runs.files import RESULTS_FILE
 
 STATUS_FILE = "status.json"
 LOG_FILE = "train.log"
-RESULTS_FILE = "results.json"
 
 State = Literal["pending", "running", "done", "failed"]
 
@@ -136,16 +137,16 @@ def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict
         except BaseException as exc:
             traceback.print_exc()
             sys.stderr.flush()
-            _write_status(directory, state="failed", finished=_now(), error=_one_line(exc))
+            _write_status(
+                directory,
+                state="failed",
+                finished=_now(),
+                error=f"{type(exc).__name__}: {first_line(exc)}",
+            )
             raise
     summary = result.final.summary() if result.final is not None else {}
     _write_status(directory, state="done", finished=_now())
     return summary
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _child(grid_path: str, cell: Cell, num_threads: int | None) -> None:

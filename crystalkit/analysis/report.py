@@ -14,7 +14,10 @@ from typing import Any
 from crystalkit.ablation.stats import summary
 from crystalkit.analysis.sections import INTERVENTIONS, PROBES, analyze
 from crystalkit.errors import UsageError
+from crystalkit.evaluation.saved import check_max_samples
 from crystalkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from crystalkit.runs.files import analysis_file
+from crystalkit.runs.load import load_run, run_image_size
 
 #: the numbers a comparison table shows, as (key, label, higher means)
 HEADLINE = (
@@ -38,8 +41,6 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyse a run; writes ``analysis_SPLIT.json`` and ``analysis_SPLIT.png`` (``analysis_bench_
     NAME.*`` with a benchmark file) and returns the report."""
-    from crystalkit.evaluation.runs import check_max_samples, load_run, run_image_size
-
     check_max_samples(max_samples)
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if backbone.per_image_grids:
@@ -72,8 +73,8 @@ def analyze_run(
     report = analyze(backbone, method, samples, recipe.eval.batch_size, recipe.seed, counterfactual)
     report = {"run": str(run_dir), "step": step, "split": name, "notes": notes, **report}
     report["headline"] = headline(report)
-    atomic_write_json(run_dir / f"analysis_{name}.json", report)
-    atomic_write_bytes(run_dir / f"analysis_{name}.png", figure(report))
+    atomic_write_json(run_dir / analysis_file(name), report)
+    atomic_write_bytes(run_dir / analysis_file(name, ".png"), figure(report))
     return report
 
 
@@ -214,7 +215,7 @@ def write_grouped(
 def load_cached(run_dir: Path, split: str) -> dict[str, Any] | None:
     """A run's saved analysis for ``split``, if any (grids reuse it instead of recomputing)."""
     try:
-        report = json.loads((run_dir / f"analysis_{split}.json").read_text(encoding="utf-8"))
+        report = json.loads((run_dir / analysis_file(split)).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return report if isinstance(report, dict) else None

@@ -48,9 +48,9 @@ from crystalkit.analysis.states import States, prompt_states
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.evaluation.options import option_logprobs
-from crystalkit.evaluation.probes import BUILTIN, dataset_mean_kv, mean_probe
+from crystalkit.evaluation.replacement import BUILTIN, dataset_mean_kv, mean_replacement
 from crystalkit.models.backbone import Backbone
-from crystalkit.training.sampler import derived_seed
+from crystalkit.seeding import derived_seed
 
 #: latent-block views of the answer on the corrupted image, then the intact reference
 VIEWS = ("intact", "own", "copied", "no_copy")
@@ -99,7 +99,7 @@ def collect(
     batches = [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     prompts = [method.prompt_layout(batch).to(device) for batch in batches]
     has_latents = method.final_k > 0
-    mean = mean_probe(dataset_mean_kv(backbone, prompts)) if has_latents else None
+    mean = mean_replacement(dataset_mean_kv(backbone, prompts)) if has_latents else None
     out = Collected()
     for start, batch, prompt in zip(
         range(0, len(samples), batch_size), batches, prompts, strict=True

@@ -15,60 +15,41 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from crystalkit.config.components import component_schema, config_model
+from crystalkit.components import ParamsError, validate_params
 from crystalkit.config.contracts import CHECK_IMAGE_SIDE, build_and_check
+from crystalkit.config.keys import (
+    COMPONENT_KEYS,
+    ComponentKey,
+    Loc,
+    get_entry,
+    key_of,
+    locate,
+    set_entry,
+)
 from crystalkit.config.names import anchor_name, anchor_names
 from crystalkit.config.overrides import apply_override, parse_override
 from crystalkit.config.schema import (
     STAGE_SECTIONS,
     ComponentSpec,
-    ObjectiveSpec,
     Recipe,
     StageLatents,
     StageTrain,
 )
-from crystalkit.errors import (
-    RecipeError,
-    UsageError,
-    did_you_mean,
-)
+from crystalkit.errors import RecipeError, UsageError, did_you_mean
 from crystalkit.io import read_yaml
-from crystalkit.registries import (
-    BACKBONES,
-    CORRUPTIONS,
-    DATASETS,
-    LOGGERS,
-    OBJECTIVES,
-    SCHEDULES,
-    WEIGHTS,
-)
-from crystalkit.registry import Registry
 
-Path_ = tuple[str, ...]
-
-#: recipe component -> registry its ``name`` resolves in (``objectives.*`` are added per key)
-COMPONENT_SECTIONS: dict[Path_, Registry] = {
-    ("backbone",): BACKBONES,
-    ("dataset",): DATASETS,
-    ("corruption",): CORRUPTIONS,
-    ("latents", "schedule"): SCHEDULES,
-}
-#: cheap components, built once while validating so their own checks fail at load time
-BUILT_AT_LOAD = (CORRUPTIONS, SCHEDULES, OBJECTIVES, WEIGHTS)
-
-
-def _is_component(path: Path_) -> bool:
-    return path in COMPONENT_SECTIONS or (len(path) == 2 and path[0] == "objectives")
+Path_ = Loc
 
 
 def _switches_component(path: Path_, old: Any, new: Any) -> bool:
     """Whether ``new`` (a mapping set at ``path``) names a different component than ``old``: its
     parameters then start from the new component's defaults, not from the old one's values."""
-    if not (_is_component(path) and isinstance(old, dict) and "name" in new):
+    key = key_of(path)
+    if key is None or not isinstance(old, dict) or "name" not in new:
         return False
     current = old.get("name")
     if current is None:  # the section keeps its default component (an objective: its key)
-        current = path[-1] if path[0] == "objectives" else _default_component(path)
+        current = _default_name(key, path)
     return current != new["name"]
 
 
@@ -136,7 +117,7 @@ def load_recipe(
     path: str | Path,
     overrides: Sequence[str] = (),
     anchor: Path | None = None,
-    skip: frozenset[str] = frozenset(),
+    training: bool = True,
 ) -> Recipe:
     """Read, merge, override and validate a recipe file.
 
@@ -144,7 +125,7 @@ def load_recipe(
     in ``overrides``, against ``anchor`` (default: the working directory; a grid passes its own
     folder). The resolved recipe holds such names absolute, so a run's saved recipe works from
     anywhere. A mapping override merges into the mapping it is set over, like ``inherit``.
-    ``skip``: sections whose components are not looked up (:func:`validate_recipe`).
+    ``training=False``: components only training uses are not looked up (:func:`validate_recipe`).
     """
     path = Path(path)
     prov: dict[Path_, str] = {}
@@ -182,14 +163,20 @@ def load_recipe(
         apply_override(tree, override, merge)
         if not merged:
             _mark(prov, override.path, override.value, source)
-    return validate_recipe(tree, source=str(path), provenance=prov, skip=skip)
+    return validate_recipe(tree, source=str(path), provenance=prov, training=training)
 
 
-def _default_component(loc: Path_) -> str:
+def _default_name(key: ComponentKey, loc: Path_) -> str | None:
+    """The component a section names when it gives no ``name``: its key for an objective, the
+    schema's default for a fixed section, none for a list item or a weight."""
+    if key.named_by_key:
+        return loc[-1]
+    if "*" in key.path or key.number:
+        return None
     model: Any = Recipe
-    for part in loc[:-1]:
+    for part in key.path[:-1]:
         model = model.model_fields[part].annotation
-    return model.model_fields[loc[-1]].get_default(call_default_factory=True).name
+    return model.model_fields[key.path[-1]].get_default(call_default_factory=True).name
 
 
 def _set_section(tree: dict, loc: Path_, value: dict) -> None:
@@ -206,33 +193,29 @@ def _get(tree: Any, loc: Path_) -> Any:
     return tree
 
 
-#: sections only training uses: a saved run is evaluated without resolving them
-TRAINING_ONLY = frozenset({"corruption", "objectives", "crystal", "loggers"})
-
-
 def validate_recipe(
     tree: dict[str, Any],
     source: str = "<recipe>",
     provenance: dict[Path_, str] | None = None,
-    skip: frozenset[str] = frozenset(),
+    training: bool = True,
 ) -> Recipe:
     """Validate a merged recipe tree; component parameters are checked against their registry.
     Each stage is merged over the recipe's own sections, validated like a recipe of its own
-    (errors name ``stages.NAME.KEY``) and stored fully resolved. The components of the sections
-    in ``skip`` (see :data:`TRAINING_ONLY`) are kept as written, not looked up: a run evaluates
-    without the plugins only its training used."""
+    (errors name ``stages.NAME.KEY``) and stored fully resolved. ``training=False``: the
+    components only training uses (:class:`~crystalkit.config.keys.ComponentKey`) are kept as
+    written, not looked up: a run evaluates without the plugins only its training used."""
     provenance = provenance or {}
     stages = tree.get("stages")
     if not isinstance(stages, list) or not stages:
-        return _validate(tree, source, provenance, skip=skip)
+        return _validate(tree, source, provenance, training=training)
     top = {key: value for key, value in tree.items() if key != "stages"}
-    base = _validate(copy.deepcopy(top), source, provenance, skip=skip)  # the recipe's own first
+    base = _validate(copy.deepcopy(top), source, provenance, training=training)  # its own first
     where = _source_of(("stages",), provenance, source)
     resolved = [
-        _resolve_stage(top, stage, i, base, where, provenance, skip)
+        _resolve_stage(top, stage, i, base, where, provenance, training)
         for i, stage in enumerate(stages)
     ]
-    return _validate({**tree, "stages": resolved}, source, provenance, skip=skip)
+    return _validate({**tree, "stages": resolved}, source, provenance, training=training)
 
 
 def _resolve_stage(
@@ -242,7 +225,7 @@ def _resolve_stage(
     base: Recipe,
     source: str,
     prov: dict[Path_, str],
-    skip: frozenset[str] = frozenset(),
+    training: bool = True,
 ) -> dict[str, Any]:
     """A stage with every section filled: its own keys merged over the recipe's."""
     if not isinstance(stage, dict):
@@ -273,7 +256,8 @@ def _resolve_stage(
     merged = _merge(copy.deepcopy(top), copy.deepcopy(overlay), dict(prov), source)
     if isinstance(merged.get("objectives"), dict):
         merged["objectives"] = {k: v for k, v in merged["objectives"].items() if v is not None}
-    own = _validate(merged, source, {}, label=tuple(label.split(".")), skip=skip).to_dict()
+    own = _validate(merged, source, {}, label=tuple(label.split(".")), training=training)
+    own = own.to_dict()
     return {
         "name": stage.get("name"),
         "fraction": stage.get("fraction"),
@@ -292,85 +276,61 @@ def _validate(
     source: str,
     provenance: dict[Path_, str],
     label: Path_ = (),
-    skip: frozenset[str] = frozenset(),
+    training: bool = True,
 ) -> Recipe:
-    for loc in COMPONENT_SECTIONS:  # a section without a name keeps the default component
-        section = _get(tree, loc)
-        if isinstance(section, dict) and "name" not in section:
-            section["name"] = _default_component(loc)
-    objectives = tree.get("objectives")
-    if isinstance(objectives, dict):
-        for key, spec in objectives.items():
-            if isinstance(spec, dict) and spec.get("name") is None:
-                spec["name"] = str(key)
+    for key in COMPONENT_KEYS:  # a section without a name keeps its default component
+        for loc, container, entry in locate(tree, key.path):
+            section = get_entry(container, entry)
+            if isinstance(section, dict) and section.get("name") is None:
+                default = _default_name(key, loc)
+                if default is not None:
+                    section["name"] = default
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         raise RecipeError(
             format_validation_error(exc, Recipe, source, provenance, prefix=label)
         ) from None
-
-    def resolve(spec: ComponentSpec, registry: Registry, loc: Path_) -> ComponentSpec:
-        side = recipe.dataset.params.get("image_size")  # corruptions see the dataset's images
-        side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
-        return _resolve_component(
-            spec, registry, loc, source, provenance, label, side or CHECK_IMAGE_SIDE
-        )
-
-    for loc, registry in COMPONENT_SECTIONS.items():
-        if loc[0] in skip:
+    side = recipe.dataset.params.get("image_size")  # corruptions see the dataset's images
+    side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
+    for key in COMPONENT_KEYS:  # in table order: an objective before its weight
+        if key.training_only and not training:
             continue
-        parent = recipe
-        for part in loc[:-1]:
-            parent = getattr(parent, part)
-        setattr(parent, loc[-1], resolve(getattr(parent, loc[-1]), registry, loc))
-    if "loggers" not in skip:
-        recipe.train.loggers = [
-            resolve(spec, LOGGERS, ("train", "loggers", str(i)))
-            for i, spec in enumerate(recipe.train.loggers)
-        ]
-    if "objectives" in skip:
-        return recipe
-    objectives = {}
-    for key, spec in recipe.objectives.items():
-        spec = resolve(spec, OBJECTIVES, ("objectives", key))
-        if isinstance(spec.weight, ComponentSpec):
-            spec.weight = resolve(spec.weight, WEIGHTS, ("objectives", key, "weight"))
-        objectives[key] = spec
-    recipe.objectives = objectives
-    if isinstance(recipe.crystal.ce_weight, ComponentSpec) and "crystal" not in skip:
-        recipe.crystal.ce_weight = resolve(
-            recipe.crystal.ce_weight, WEIGHTS, ("crystal", "ce_weight")
-        )
+        for loc, container, entry in list(locate(recipe, key.path)):
+            spec = get_entry(container, entry)
+            if isinstance(spec, ComponentSpec):
+                resolved = _resolve_component(
+                    spec, key, loc, source, provenance, label, side or CHECK_IMAGE_SIDE
+                )
+                set_entry(container, entry, resolved)
     return recipe
 
 
 def _resolve_component(
     spec: ComponentSpec,
-    registry: Registry,
+    key: ComponentKey,
     loc: Path_,
     source: str,
     prov: dict[Path_, str],
     label: Path_ = (),
     image_side: int = CHECK_IMAGE_SIDE,
 ) -> ComponentSpec:
+    """``spec`` with its parameters validated (and, for a component built at load, built and
+    contract-checked), stored with every default filled in."""
     named = (*loc, "name")
     where = _source_of(named if named in prov else loc, prov, source)  # objectives: name = key
-    key = ".".join((*label, *loc))
+    dotted = ".".join((*label, *loc))
     try:
-        obj = registry.get(spec.name)
-    except UsageError as exc:
-        raise RecipeError(f"{where}: {key}.name: {exc}") from None
-    model = config_model(obj)
-    try:
-        params = model.model_validate(spec.params)
-    except ValidationError as exc:
+        params = validate_params(key.registry, spec.name, spec.params)
+    except ParamsError as exc:
         raise RecipeError(
-            format_validation_error(exc, model, source, prov, prefix=(*label, *loc))
+            format_validation_error(exc.error, exc.model, source, prov, prefix=(*label, *loc))
         ) from None
-    if registry in BUILT_AT_LOAD:
-        at = f"{_source_of(loc, prov, source)}: {key}"
-        build_and_check(obj, params.model_dump(), registry, spec.name, at, image_side)
+    except UsageError as exc:  # an unknown name
+        raise RecipeError(f"{where}: {dotted}.name: {exc}") from None
+    if key.built_at_load:
+        at = f"{_source_of(loc, prov, source)}: {dotted}"
+        build_and_check(key.registry, spec.name, params, at, image_side)
     declared = spec.model_dump(include=set(type(spec).model_fields))
     return type(spec)(**declared | params.model_dump(mode="json"))
 
@@ -419,44 +379,6 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         current = annotation
     return sorted(current.model_fields)
-
-
-def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema of recipes, with one alternative per registered component (for editors)."""
-    schema = Recipe.model_json_schema()
-    defs = schema.setdefault("$defs", {})
-
-    def alternatives(registry: Registry, description: str) -> dict[str, Any]:
-        component = component_schema(registry)
-        for alternative in component["anyOf"]:
-            defs.update(alternative.pop("$defs", {}))
-        return {"description": description, **component}
-
-    for loc, registry in COMPONENT_SECTIONS.items():
-        owner = schema if len(loc) == 1 else defs[Recipe.model_fields[loc[0]].annotation.__name__]
-        prop = owner["properties"][loc[-1]]
-        owner["properties"][loc[-1]] = alternatives(registry, prop.get("description", ""))
-    weight = {
-        "description": "a number >= 0, or a weight schedule (WEIGHTS)",
-        "anyOf": [{"type": "number", "minimum": 0}, *alternatives(WEIGHTS, "")["anyOf"]],
-    }
-    objective = alternatives(OBJECTIVES, "")
-    gradient = ObjectiveSpec.model_json_schema()["properties"]["gradient"]
-    for alternative in objective["anyOf"]:
-        alternative["properties"]["weight"] = weight
-        alternative["properties"]["gradient"] = gradient
-        alternative["required"] = [r for r in alternative["required"] if r != "name"]
-    schema["properties"]["objectives"]["additionalProperties"] = objective
-    defs["CrystalConfig"]["properties"]["ce_weight"] = weight
-    loggers = defs["TrainConfig"]["properties"]["loggers"]
-    named = {"type": "string", "enum": LOGGERS.names()}
-    loggers["items"] = {"anyOf": [named, *alternatives(LOGGERS, "")["anyOf"]]}
-    schema["required"] = [key for key in schema.get("required", []) if key != "name"]
-    schema["properties"]["inherit"] = {
-        "description": "base recipe(s), relative to this file",
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
-    }
-    return schema
 
 
 def dump_recipe(recipe: Recipe) -> str:

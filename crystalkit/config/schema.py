@@ -268,7 +268,7 @@ class EvalConfig(_Strict):
             description="extra evaluations of final_split, in results.json under controls: the "
             "corrupted image with its own latents (corrupted), with the intact image's latents "
             "copied in (copied), with latents that never saw the image (no_copy); the latent "
-            "probes zero, mean, shuffle, swap",
+            "latent replacements zero, mean, shuffle, swap",
         )
     )
 
@@ -352,7 +352,7 @@ class StageTrain(_Strict):
 STAGE_SECTIONS = ("method", "latents", "corruption", "crystal", "objectives", "train")
 
 
-class Stage(_Strict):
+class StageSpec(_Strict):
     """One stage of a staged run: a partial recipe applied to the same model for a share of
     ``train.steps``. A section left out (``null``) is the recipe's own; the loader merges a
     stage's sections over the recipe's key by key (an objective set to ``null`` is dropped)."""
@@ -447,7 +447,7 @@ class Recipe(_Strict):
     warm_start: WarmStartConfig = Field(
         default_factory=WarmStartConfig, description="start from another run's weights"
     )
-    stages: list[Stage] = Field(
+    stages: list[StageSpec] = Field(
         default_factory=list,
         description="ordered stages, each a partial recipe for a share of train.steps (empty: "
         "one stage, the recipe itself)",
@@ -473,7 +473,7 @@ class Recipe(_Strict):
     @classmethod
     def _check_device(cls, device: str) -> str:
         """Only the spelling: whether this machine has the device is checked when a run starts
-        (:func:`crystalkit.build.check_device`), so a recipe validates on any machine."""
+        (:func:`crystalkit.runs.build.check_device`), so a recipe validates on any machine."""
         if not re.fullmatch(r"[a-z_]+(:\d{1,6})?", device):
             raise ValueError("expected a torch device such as cpu, cuda, cuda:1 or mps")
         return device

@@ -1,58 +1,35 @@
 """Where each component of a run came from, recorded with the run.
 
-A run may use components from plugin packages or ``file.py`` paths. Training writes
-``RUN_DIR/components.json`` (recipe key -> kind, name, source), so that when a later command needs a
+A run may use components from plugin packages or ``file.py`` paths. Training records them
+(recipe key -> kind, name, source; :mod:`crystalkit.runs.sources` keeps the record in
+``RUN_DIR/components.json``), so that when a later command needs a
 component this machine no longer has, its one-line error says what to install instead of only
 "unknown corruption 'quantize'". Commands that do not need a component never look it up (see
-:data:`~crystalkit.config.loader.TRAINING_ONLY`).
+:class:`~crystalkit.config.keys.ComponentKey`'s ``training_only``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.config.keys import COMPONENT_KEYS, component_name, components, get_entry, locate
+from crystalkit.config.schema import Recipe
 from crystalkit.errors import UsageError
-from crystalkit.registries import (
-    BACKBONES,
-    CORRUPTIONS,
-    DATASETS,
-    LOGGERS,
-    OBJECTIVES,
-    SCHEDULES,
-    WEIGHTS,
-)
 from crystalkit.registry import Registry, source_text
 
-SOURCES_FILE = "components.json"
-
 Sources = dict[str, dict[str, str]]
+_PER_STAGE = tuple(key for key in COMPONENT_KEYS if key.per_stage)
 
 
 def _components(recipe: Recipe) -> Iterator[tuple[str, Registry, str]]:
     """(recipe key, registry, name) of every component the recipe names, stages included."""
-    yield "backbone", BACKBONES, recipe.backbone.name
-    yield "dataset", DATASETS, recipe.dataset.name
-    for i, logger in enumerate(recipe.train.loggers):
-        yield f"train.loggers.{i}", LOGGERS, logger.name
-    sections = [("", recipe)] + [(f"stages.{s.name}.", s) for s in recipe.stages]
-    for prefix, section in sections:
-        schedule = section.latents.schedule if section.latents else None
-        if schedule is not None:
-            yield f"{prefix}latents.schedule", SCHEDULES, schedule.name
-        if section.corruption is not None:
-            yield f"{prefix}corruption", CORRUPTIONS, section.corruption.name
-        for key, spec in (section.objectives or {}).items():
-            if spec is None:
-                continue
-            yield f"{prefix}objectives.{key}", OBJECTIVES, spec.name or key
-            if isinstance(spec.weight, ComponentSpec):
-                yield f"{prefix}objectives.{key}.weight", WEIGHTS, spec.weight.name
-        if section.crystal is not None and isinstance(section.crystal.ce_weight, ComponentSpec):
-            yield f"{prefix}crystal.ce_weight", WEIGHTS, section.crystal.ce_weight.name
+    sections = [("", recipe, COMPONENT_KEYS)]
+    sections += [(f"stages.{s.name}.", s, _PER_STAGE) for s in recipe.stages]
+    for prefix, section, keys in sections:
+        for loc, key, spec in components(section, keys):
+            yield prefix + ".".join(loc), key.registry, component_name(loc, key, spec)
 
 
 def record_sources(recipe: Recipe) -> Sources:
@@ -61,27 +38,6 @@ def record_sources(recipe: Recipe) -> Sources:
     return {
         key: {"kind": registry.kind, "name": name, "source": source_text(registry.entry(name))}
         for key, registry, name in _components(recipe)
-    }
-
-
-def write_sources(run_dir: Path, recipe: Recipe) -> None:
-    from crystalkit.io import atomic_write_json
-
-    atomic_write_json(run_dir / SOURCES_FILE, record_sources(recipe))
-
-
-def read_sources(run_dir: Path) -> Sources:
-    """The recorded sources (empty for runs made before they were recorded, or unreadable)."""
-    try:
-        data = json.loads((run_dir / SOURCES_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {  # a hand-edited file keeps its well-formed entries
-        key: entry
-        for key, entry in data.items()
-        if isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
     }
 
 
@@ -104,7 +60,7 @@ def resolve_or_explain(registry: Registry, name: str, sources: Sources, where: s
     try:
         return registry.get(name)
     except UsageError as exc:
-        kind = registry.kind.removesuffix("s")
+        kind = registry.singular
         recorded = next(
             (s["source"] for s in sources.values() if s.get("kind") == registry.kind
              and s.get("name") == name),
@@ -115,15 +71,14 @@ def resolve_or_explain(registry: Registry, name: str, sources: Sources, where: s
 
 
 def require(run_dir: Path, recipe_tree: dict[str, Any], sources: Sources) -> None:
-    """Check that the components every command needs (backbone, dataset, latent schedules) are
-    available, before the recipe is validated with them."""
-    needed = {"backbone": BACKBONES, "dataset": DATASETS}
-    for key, registry in needed.items():
-        name = (recipe_tree.get(key) or {}).get("name")
-        if isinstance(name, str):
-            resolve_or_explain(registry, name, sources, f"{run_dir}: {key}")
-    sections = [recipe_tree, *(recipe_tree.get("stages") or [])]
-    for section in sections:
-        schedule = ((section or {}).get("latents") or {}).get("schedule") or {}
-        if isinstance(schedule.get("name"), str):
-            resolve_or_explain(SCHEDULES, schedule["name"], sources, f"{run_dir}: latents")
+    """Check that the components every command needs (those not only training uses: backbone,
+    dataset, latent schedules) are available, before the recipe is validated with them."""
+    needed = [key for key in COMPONENT_KEYS if not key.training_only]
+    for section in [recipe_tree, *(recipe_tree.get("stages") or [])]:
+        for key in needed if isinstance(section, dict) else ():
+            for loc, container, entry in locate(section, key.path):
+                value = get_entry(container, entry)
+                name = value.get("name") if isinstance(value, dict) else None
+                if isinstance(name, str):
+                    where = f"{run_dir}: {'.'.join(loc)}"
+                    resolve_or_explain(key.registry, name, sources, where)

@@ -15,26 +15,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
-from crystalkit.config.components import config_model
-from crystalkit.errors import PluginError, UsageError, call_plugin, defined_at
+from crystalkit.components import build_component
+from crystalkit.corruptions.contract import Corruption, call_corruption
+from crystalkit.errors import UsageError
 from crystalkit.registries import CORRUPTIONS
-from crystalkit.testing import output_breach
 
 Tensor = torch.Tensor
 Params = dict[str, Tensor]
-
-
-@runtime_checkable
-class Corruption(Protocol):
-    """``(images [B, 3, H, W] in [0, 1], generator) -> images`` of the same shape, dtype, device."""
-
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor: ...
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -463,25 +455,11 @@ class Compose:
             if blamed is None:
                 images = step(images, generator)
             else:
-                images = call_third_party(step, images, generator, *blamed)
+                images = call_corruption(step, images, generator, *blamed)
         return images
 
     def __repr__(self) -> str:
         return f"Compose({self.steps!r})"
-
-
-def call_third_party(
-    corruption: Corruption, images: Tensor, generator: torch.Generator, what: str, source: str
-) -> Tensor:
-    """Call a third-party corruption: an exception it raises, or a result of another shape, dtype
-    or device than ``images``, becomes a one-line :class:`~crystalkit.errors.PluginError` naming
-    ``what`` (``"corruption 'NAME'"``), its ``source`` and the place in its code."""
-    out = call_plugin(what, source, corruption, images, generator)
-    breach = output_breach(images, out, values=False)
-    if breach is not None:
-        where = defined_at(corruption)
-        raise PluginError(f"{what} ({source}) {breach}{f' (defined at {where})' if where else ''}")
-    return out
 
 
 def _spec_name(spec: Any) -> str | None:
@@ -508,27 +486,4 @@ def build_corruption(spec: Mapping[str, Any] | str | Any) -> Corruption:
         name, params = spec.name, dict(spec.params)
     else:
         raise UsageError(f"corruption spec must be a name or a mapping, got {spec!r}")
-    cls = CORRUPTIONS.get(name)
-    model = config_model(cls)
-    try:
-        validated = model.model_validate(params)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<params>"
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        valid = ", ".join(model.model_fields) or "none"
-        raise UsageError(
-            _one_line(f"corruption {name!r}: {key}: {err['msg']}{more}; parameters: {valid}")
-        ) from None
-    kwargs = {k: getattr(validated, k) for k in model.model_fields}
-    kwargs.update(validated.model_extra or {})
-    try:
-        return cls(**kwargs)
-    except UsageError as exc:
-        raise UsageError(_one_line(f"corruption {name!r}: {exc}")) from None
-    except (ValueError, TypeError) as exc:
-        raise UsageError(_one_line(f"corruption {name!r}: {exc}")) from None
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    return build_component(CORRUPTIONS, name, params)

@@ -22,25 +22,26 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from crystalkit.components import build_component
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.sources import Sources, resolve_or_explain
-from crystalkit.corruptions import Corruption, build_corruption
-from crystalkit.corruptions.basic import call_third_party
+from crystalkit.corruptions.contract import Corruption, call_corruption
 from crystalkit.crystal.layout import Layout, Packer
-from crystalkit.crystal.paths import STRATEGIES, Needs, PathOutputs, intact_only, resolve_layers
+from crystalkit.crystal.paths import STRATEGIES, Needs, intact_only, resolve_layers
 from crystalkit.data.sample import Sample
-from crystalkit.errors import PluginError, UsageError, call_plugin
+from crystalkit.errors import UsageError
 from crystalkit.latents.blocks import LatentBlock
 from crystalkit.models.backbone import Backbone
-from crystalkit.objectives.alignment import Objective
+from crystalkit.objectives.contract import Objective, call_objective
+from crystalkit.objectives.cross_entropy import answer_cross_entropy, pooled_cross_entropy
+from crystalkit.objectives.outputs import PathOutputs
 from crystalkit.registries import CORRUPTIONS, OBJECTIVES, SCHEDULES, WEIGHTS
-from crystalkit.training.losses import answer_cross_entropy, pooled_cross_entropy
-from crystalkit.training.sampler import derived_seed
+from crystalkit.seeding import derived_seed
 
 
 def build_schedule(recipe: Recipe) -> Callable[[int, int], int]:
     spec = recipe.latents.schedule
-    return SCHEDULES.get(spec.name)(**spec.params)
+    return build_component(SCHEDULES, spec.name, spec.params)
 
 
 WeightSchedule = Callable[[int, int], float]
@@ -49,8 +50,8 @@ WeightSchedule = Callable[[int, int], float]
 def build_weight(weight: float | ComponentSpec) -> WeightSchedule:
     """A term's weight as a schedule ``(step, total_steps) -> float`` (a number is a constant)."""
     if isinstance(weight, ComponentSpec):
-        return WEIGHTS.get(weight.name)(**weight.params)
-    return WEIGHTS.get("constant")(value=float(weight))
+        return build_component(WEIGHTS, weight.name, weight.params)
+    return build_component(WEIGHTS, "constant", {"value": float(weight)})
 
 
 def build_latents(recipe: Recipe, backbone: Backbone) -> tuple[LatentBlock, int]:
@@ -95,7 +96,7 @@ class Method:
         self.objectives: list[tuple[str, WeightSchedule, Objective, bool]] = []
         if self.crystal and training:
             for key, spec in recipe.objectives.items():
-                objective = OBJECTIVES.get(spec.name)(**spec.params)
+                objective = build_component(OBJECTIVES, spec.name, spec.params)
                 self.objectives.append((key, build_weight(spec.weight), objective, spec.gradient))
         layers = sorted({layer for _, _, o, _ in self.objectives for layer in o.attention_layers})
         self.needs = Needs(tuple(layers), any(o.needs_hidden for _, _, o, _ in self.objectives))
@@ -106,14 +107,14 @@ class Method:
                 resolve_layers(backbone, self.needs.layers)
             except ValueError as exc:
                 raise UsageError(f"objectives: {exc}") from None
-            backbone.enable_attention_probe()
+            backbone.enable_attention_capture()
 
     @functools.cached_property
     def corruption(self) -> Corruption:
         """The recipe's corruption, built on first use."""
         spec = self.recipe.corruption
         resolve_or_explain(CORRUPTIONS, spec.name, self.sources, "the run's corruption")
-        return build_corruption(spec)
+        return build_component(CORRUPTIONS, spec.name, spec.params)
 
     @functools.cached_property
     def corruption_blame(self) -> tuple[str, str] | None:
@@ -173,7 +174,7 @@ class Method:
         def apply(batch: torch.Tensor) -> torch.Tensor:
             if self.corruption_blame is None:
                 return corruption(batch, generator)
-            return call_third_party(corruption, batch, generator, *self.corruption_blame)
+            return call_corruption(corruption, batch, generator, *self.corruption_blame)
 
         if len({tuple(image.shape) for image in images}) == 1:
             return apply(torch.stack(images))
@@ -279,7 +280,7 @@ class Method:
             return total, terms
         for key, _, objective, trains in self.objectives:
             blamed = self.objective_blame.get(key)
-            value = objective(out) if blamed is None else _call_third_party(objective, out, *blamed)
+            value = objective(out) if blamed is None else call_objective(objective, out, *blamed)
             terms[key] = value
             total = total + weights[key] * (value if trains else value.detach())
         return total, terms
@@ -309,21 +310,3 @@ class Method:
             ce = ce_intact if placement == "intact" else ce_corrupted
         terms = {"ce_intact": ce_intact, "ce_corrupted": ce_corrupted, "ce_template": template}
         return ce, terms
-
-
-def _call_third_party(
-    objective: Objective, out: PathOutputs, what: str, source: str
-) -> torch.Tensor:
-    """Call a third-party objective: an exception it raises, or a result that is not a 0-dim
-    tensor, becomes a one-line :class:`~crystalkit.errors.PluginError` naming it."""
-    value = call_plugin(what, source, objective, out)
-    if not isinstance(value, torch.Tensor) or value.ndim != 0:
-        got = (
-            f"shape {list(value.shape)}"
-            if isinstance(value, torch.Tensor)
-            else type(value).__name__
-        )
-        raise PluginError(
-            f"{what} ({source}) returned {got}; an objective must return a 0-dim tensor"
-        )
-    return value

@@ -13,7 +13,7 @@ the strategies give the same losses and gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,9 +26,9 @@ from crystalkit.crystal.packing import (
     sequence_positions,
 )
 from crystalkit.crystal.runner import Inputs, SequenceRun, block_kv, run_sequence
-from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.models.backbone import Backbone
 from crystalkit.objectives.functional import latent_attention
+from crystalkit.objectives.outputs import PathOutputs
 
 S = Segment
 
@@ -40,30 +40,6 @@ class Needs:
 
     layers: tuple[int, ...] = ()
     hidden: bool = False
-
-
-@dataclass
-class PathOutputs:
-    """Both paths at the answer-predicting columns ``[B, W]`` (``targets`` holds what each column
-    predicts, ``IGNORE_INDEX`` where nothing). Attention maps are ``[B, W, K]`` over the K latent
-    keys (head-averaged, renormalised), keyed by the requested layer index. With
-    ``latents.write``, ``written`` holds the cross-entropy pairs of the written template."""
-
-    targets: torch.Tensor
-    intact_logits: torch.Tensor
-    corrupted_logits: torch.Tensor | None = None
-    intact_attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    corrupted_attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    intact_hidden: torch.Tensor | None = None
-    corrupted_hidden: torch.Tensor | None = None
-    num_latents: int = 0
-    #: ``latents.write``: the written template's ``(logits [B, n, V], targets [B, n])`` by owner
-    #: (``intact``, ``corrupted``, ``shared``: see :meth:`Layout.written_pairs`)
-    written: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    @property
-    def answer_mask(self) -> torch.Tensor:
-        return self.targets != IGNORE_INDEX
 
 
 Strategy = Callable[[Backbone, Layout, Needs], PathOutputs]

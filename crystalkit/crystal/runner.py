@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from crystalkit.crystal.packing import packed_allowed
-from crystalkit.models.attention_probe import record_attention
+from crystalkit.models.attention_capture import record_attention
 from crystalkit.models.backbone import Backbone
 from crystalkit.models.compat import cache_layers_kv
 from crystalkit.models.masks import additive
@@ -30,7 +30,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 def block_kv(cache: Any, block: range) -> KV:
     """Per-layer keys and values of the columns ``block`` of a run's KV cache (what an
-    injection or a latent probe swaps in)."""
+    injection or a latent replacement swaps in)."""
     return [
         (k[:, :, block.start : block.stop], v[:, :, block.start : block.stop])
         for k, v in cache_layers_kv(cache)

@@ -20,10 +20,11 @@ from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.generation import View, generate_answers, split_written
-from crystalkit.evaluation.probes import LatentProbe, written_probe
+from crystalkit.evaluation.replacement import LatentReplacement, written_replacement
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
-from crystalkit.training.sampler import derived_seed
+from crystalkit.runs.files import eval_file, predictions_file
+from crystalkit.seeding import derived_seed
 
 _PUNCTUATION = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
@@ -64,10 +65,10 @@ class EvalResult:
     def save(self, run_dir: Path, split: str, step: int) -> None:
         """Write ``eval_SPLIT.json`` (summary) and ``predictions_SPLIT.jsonl`` (per sample)."""
         atomic_write_json(
-            run_dir / f"eval_{split}.json", {"step": step, "split": split, **self.summary()}
+            run_dir / eval_file(split), {"step": step, "split": split, **self.summary()}
         )
         atomic_write_text(
-            run_dir / f"predictions_{split}.jsonl",
+            run_dir / predictions_file(split),
             "".join(json.dumps(p) + "\n" for p in self.predictions),
         )
 
@@ -89,13 +90,13 @@ def evaluate(
     method: Method,
     cfg: EvalConfig,
     corrupted: bool = False,
-    latent_probe: LatentProbe | None = None,
+    replacement: LatentReplacement | None = None,
     view: View = "intact",
 ) -> EvalResult:
     """Greedy-decode an answer for every sample, after ``method``'s final latent block, and score
     the extracted choice. ``corrupted``: show the model the recipe's corrupted images instead
-    (seeded per batch), to measure how much evidence the corruption leaves. ``latent_probe``:
-    replace the latent block's content first (:mod:`crystalkit.evaluation.probes`). ``view``
+    (seeded per batch), to measure how much evidence the corruption leaves. ``replacement``:
+    replace the latent block's content first (:mod:`crystalkit.evaluation.replacement`). ``view``
     ``copied`` / ``no_copy``: answer on the corrupted images (the same ones ``corrupted`` shows)
     from the intact images' latent block, or from one that saw no image.
 
@@ -127,9 +128,9 @@ def evaluate(
         written_block = None
         if generated:
             layout = method.generated_prompt_layout(samples, corrupt_seed=corrupt_seed)
-            if latent_probe is not None:
-                written_block = written_probe(
-                    backbone, method, samples, latent_probe, corrupt_seed, device
+            if replacement is not None:
+                written_block = written_replacement(
+                    backbone, method, samples, replacement, corrupt_seed, device
                 )
         elif view == "intact":
             layout = method.prompt_layout(samples, corrupt_seed=corrupt_seed)
@@ -140,7 +141,7 @@ def evaluate(
             layout.to(device),
             budget,
             [tokenizer.eos_token_id],
-            None if generated else latent_probe,
+            None if generated else replacement,
             view,
             written_block,
         )
@@ -152,7 +153,7 @@ def evaluate(
                 row, exact = split_written(row, written, method.packer.cue_ids, block_end)
                 extra = {"written": text, "wrote_block": exact}
                 if answers.replaced is not None:
-                    extra["probed"] = bool(answers.replaced[i])
+                    extra["replaced"] = bool(answers.replaced[i])
             raw = tokenizer.decode(row, skip_special_tokens=True)
             if sample.options:
                 choice = extract_choice(raw, sample.options)

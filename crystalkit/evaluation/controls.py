@@ -7,11 +7,11 @@ Each control re-evaluates the split under one intervention and reports its accur
   corrupted path of training: the method's claim is that this recovers the intact answer);
 * ``no_copy`` — the corrupted images, with a latent block that saw no image;
 * ``zero`` / ``mean`` / ``shuffle`` / ``swap`` — the intact images with the latent block replaced
-  (:mod:`crystalkit.evaluation.probes`).
+  (:mod:`crystalkit.evaluation.replacement`).
 
 All corrupted views use the same corrupted images (seeded per batch from the run's seed). The
 corrupted views put a latent block at known columns, so they always force the block into the
-prompt; the probes follow ``eval.latent_block`` (with ``generated`` they replace the block the
+prompt; the replacements follow ``eval.latent_block`` (with ``generated`` they replace the block the
 model writes itself).
 """
 
@@ -24,11 +24,16 @@ from torch.utils.data import Dataset
 from crystalkit.config.schema import EvalConfig
 from crystalkit.crystal.method import Method
 from crystalkit.evaluation.accuracy import EvalResult, evaluate
-from crystalkit.evaluation.probes import BUILTIN, PROBES, dataset_mean_kv, mean_probe
+from crystalkit.evaluation.replacement import (
+    BUILTIN,
+    REPLACEMENTS,
+    dataset_mean_kv,
+    mean_replacement,
+)
 from crystalkit.models.backbone import Backbone
 
 VIEWS = ("corrupted", "copied", "no_copy")
-CONTROLS = (*VIEWS, *PROBES)
+CONTROLS = (*VIEWS, *REPLACEMENTS)
 
 
 def control_accuracy(
@@ -42,7 +47,7 @@ def control_result(
     backbone: Backbone, data: Dataset, method: Method, cfg: EvalConfig, name: str
 ) -> EvalResult:
     """The evaluation of ``data`` under control ``name`` (one of :data:`CONTROLS`); the corrupted
-    views with forced latents, the probes with ``cfg.latent_block``."""
+    views with forced latents, the replacements with ``cfg.latent_block``."""
     if name in VIEWS:
         cfg = cfg.model_copy(update={"latent_block": "forced"})
     if name == "corrupted":
@@ -58,10 +63,10 @@ def control_result(
             )
             for s in range(0, total, cfg.batch_size)
         ]
-        probe = mean_probe(dataset_mean_kv(backbone.eval(), layouts))
+        replacement = mean_replacement(dataset_mean_kv(backbone.eval(), layouts))
     else:
-        probe = BUILTIN[name]
-    return evaluate(backbone, data, method, cfg, latent_probe=probe)
+        replacement = BUILTIN[name]
+    return evaluate(backbone, data, method, cfg, replacement=replacement)
 
 
 def run_controls(
@@ -69,7 +74,7 @@ def run_controls(
 ) -> dict[str, float]:
     """``{control: accuracy}``; controls that need a latent block are skipped without one
     (K = 0), since they would repeat the plain evaluation."""
-    needs_latents = set(PROBES) | {"copied", "no_copy"}
+    needs_latents = set(REPLACEMENTS) | {"copied", "no_copy"}
     return {
         name: control_accuracy(backbone, data, method, cfg, name)
         for name in names

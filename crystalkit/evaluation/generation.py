@@ -7,7 +7,7 @@ identical than a generation config.
 
 With generated latents (``eval.latent_block: generated``) the prompt ends at the question and the
 same loop writes the latent template, the block and the answer; :func:`split_written` then finds
-the answer after the block. A latent probe acts on the written block (:class:`WrittenBlock`): once
+the answer after the block. A latent replacement acts on the written block (:class:`WrittenBlock`): once
 a row has written the template's opening text and the block exactly, the block's cached keys and
 values are replaced, and the model goes on writing (closing text, cue, answer) from the replaced
 block.
@@ -50,12 +50,12 @@ class Generation:
 
 @dataclass
 class WrittenBlock:
-    """A latent probe on a block the model writes itself: ``prefix`` is what a row must write first
+    """A latent replacement on a block the model writes itself: ``prefix`` is what a row must write first
     (the template's opening text, then the block), the block is ``prefix[start:]``, and ``kv``
     (per layer ``[B, H_kv, len(block), d]``) replaces its cached keys and values as soon as a row
     has written ``prefix`` exactly. The first token after the block is still predicted by the
     block's own last column (computed before the replacement); everything after reads ``kv``, as
-    the answer does under a probe on a forced block."""
+    the answer does under a replacement on a forced block."""
 
     prefix: Sequence[int]
     start: int
@@ -95,13 +95,13 @@ class Prompt:
 def run_prompt(
     backbone: Backbone,
     layout: Layout,
-    latent_probe: Callable[..., Any] | None = None,
+    replacement: Callable[..., Any] | None = None,
     view: View = "intact",
 ) -> Prompt:
     """Run a prompt layout (``with_answer=False``: rows end at the answer cue) through the path
-    ``view`` names. ``latent_probe(backbone, layout, kv) -> kv`` replaces the latent block's
+    ``view`` names. ``replacement(backbone, layout, kv) -> kv`` replaces the latent block's
     per-layer keys and values before the answer cue reads them
-    (:mod:`crystalkit.evaluation.probes`); ``copied`` / ``no_copy`` run the corrupted path of a
+    (:mod:`crystalkit.evaluation.replacement`); ``copied`` / ``no_copy`` run the corrupted path of a
     two-image prompt layout."""
     inputs = layout_inputs(backbone, layout)
     if view == "intact":
@@ -112,12 +112,12 @@ def run_prompt(
         path, run, cols = _corrupted_path(backbone, layout, inputs, view)
         read = Segment.LATENT if view == "copied" else Segment.LATENT_BLANK
         block, cue = path.regions[read], path.regions[Segment.ANSWER_CORRUPTED]
-    if latent_probe is not None and len(block):
+    if replacement is not None and len(block):
         kv = block_kv(run.cache, block)
         run = run_sequence(
             backbone,
             inputs.columns(cols),
-            inject=(block, latent_probe(backbone, layout, kv)),
+            inject=(block, replacement(backbone, layout, kv)),
             keep_cache=True,
         )
     logits = run.logits(range(cue.stop - 1, cue.stop))[:, -1]
@@ -150,14 +150,14 @@ def generate_answers(
     layout: Layout,
     max_new_tokens: int,
     stop_ids: Iterable[int],
-    latent_probe: Callable[..., Any] | None = None,
+    replacement: Callable[..., Any] | None = None,
     view: View = "intact",
     written_block: WrittenBlock | None = None,
 ) -> Generation:
     """Greedy answers for a prompt layout, through :func:`run_prompt` (same arguments);
-    ``written_block``: a probe on the block the model writes (a prompt that ends at the
+    ``written_block``: a replacement on the block the model writes (a prompt that ends at the
     question)."""
-    prompt = run_prompt(backbone, layout, latent_probe, view)
+    prompt = run_prompt(backbone, layout, replacement, view)
     past = prompt.mask.shape[1]
     logits = prompt.logits
     first_logits = logits.float()

@@ -22,6 +22,7 @@ from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import normalise_answer
 from crystalkit.evaluation.benchfiles import BadRow, read_jsonl, read_tsv
 from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
+from crystalkit.runs.files import RECIPE_FILE, bench_file, bench_predictions_file
 
 Scorer = Literal["multiple_choice", "mmvp_pairs", "hrbench", "exact_match"]
 
@@ -121,7 +122,7 @@ def score(predictions: list[dict[str, Any]], scorer: Scorer) -> dict[str, Any]:
 
 
 def recipe_hash(run_dir: Path) -> str:
-    return hashlib.sha1((run_dir / "recipe.yaml").read_bytes()).hexdigest()[:12]
+    return hashlib.sha1((run_dir / RECIPE_FILE).read_bytes()).hexdigest()[:12]
 
 
 def write_bench(
@@ -144,9 +145,9 @@ def write_bench(
         "skipped": [{"index": b.index, "reason": b.reason} for b in bad],
         **(extra or {}),
     }
-    atomic_write_json(run_dir / f"bench_{spec.name}.json", summary)
+    atomic_write_json(run_dir / bench_file(spec.name), summary)
     atomic_write_text(
-        run_dir / f"bench_{spec.name}_predictions.jsonl",
+        run_dir / bench_predictions_file(spec.name),
         "".join(json.dumps(p) + "\n" for p in predictions),
     )
     return summary

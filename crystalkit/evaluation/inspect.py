@@ -27,7 +27,7 @@ from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
-from crystalkit.training.sampler import derived_seed
+from crystalkit.seeding import derived_seed
 
 
 @dataclass
@@ -60,7 +60,7 @@ def attention_maps(
     k = method.final_k
     if k == 0:
         raise UsageError("the run has no latent block (K = 0): nothing to inspect")
-    backbone.enable_attention_probe()
+    backbone.enable_attention_capture()
     (resolved,) = resolve_layers(backbone, (layer,)).values()
     device = next(backbone.parameters()).device
     layout: Layout = method.packer(samples, method.block.ids(k), recurrent=method.block.recurrent)

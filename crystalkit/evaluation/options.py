@@ -4,7 +4,7 @@ Each option's log-likelihood is that of its whole answer — the text (or letter
 trained to write, then the end-of-sequence token — after the prompt and its latent block: ``top
 left`` and ``top right`` share their first token, so a first-token distribution cannot tell them
 apart. The prompt runs once (:func:`~crystalkit.evaluation.generation.run_prompt`, so every view and
-latent probe of evaluation applies) and its cache is shared by all options of a sample.
+latent replacement of evaluation applies) and its cache is shared by all options of a sample.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def option_logprobs(
     method: Method,
     layout: Layout,
     samples: Sequence[Sample],
-    latent_probe: Callable[..., Any] | None = None,
+    replacement: Callable[..., Any] | None = None,
     view: View = "intact",
 ) -> torch.Tensor:
     """``[B, O]`` log-likelihood of each option's whole answer for a prompt layout of
@@ -67,7 +67,7 @@ def option_logprobs(
         for j, ids in enumerate(sample_answers):
             tokens[i * options + j, : len(ids)] = torch.tensor(ids, device=device)
             valid[i * options + j, : len(ids)] = True
-    prompt = _repeat(run_prompt(backbone, layout, latent_probe, view), backbone, options)
+    prompt = _repeat(run_prompt(backbone, layout, replacement, view), backbone, options)
     scores = prompt.logits.float().log_softmax(-1).gather(-1, tokens[:, :1])[:, 0]
     if length > 1:  # tokens 1..n-1 predict tokens 2..n
         logits, _ = feed(backbone, prompt, tokens[:, :-1], valid[:, :-1])

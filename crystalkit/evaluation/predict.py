@@ -22,8 +22,9 @@ from crystalkit.data.images import open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, OptionKeyError, Sample, ordered_options
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import evaluate
-from crystalkit.evaluation.runs import check_latent_block, load_run, run_image_size
+from crystalkit.evaluation.saved import check_latent_block
 from crystalkit.io import json_problem
+from crystalkit.runs.load import load_run, run_image_size
 
 
 @dataclass(frozen=True)

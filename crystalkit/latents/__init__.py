@@ -1,1 +1,2 @@
-"""Latent reasoning: how many latent slots a step uses (schedules) and, later, how they are filled."""
+"""Latent reasoning: the latent block a sample carries (token or recurrent latents) and the
+schedules of how many latent slots each step uses."""

@@ -67,7 +67,8 @@ class Backbone(nn.Module, ABC):
 
     Config: type[BaseModel]
 
-    #: placeholder token the collator repeats ``num_image_tokens`` times per image
+    #: the image placeholder token: the packer lays out ``num_image_tokens`` of them per image,
+    #: whose embeddings the backbone replaces with the vision tower's features
     image_token: str = "<image>"
 
     @classmethod
@@ -269,7 +270,7 @@ class Backbone(nn.Module, ABC):
     @property
     @abstractmethod
     def language_model(self) -> nn.Module:
-        """The unmodified ``transformers`` causal LM inside (its attention gets probed, its
+        """The unmodified ``transformers`` causal LM inside (its attention gets captured, its
         embedding rows grow with new tokens)."""
 
     @property
@@ -310,17 +311,17 @@ class Backbone(nn.Module, ABC):
         matrices = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
         return list({id(m): m for m in matrices}.values())
 
-    def enable_attention_probe(self) -> None:
-        """Let :func:`~crystalkit.models.attention_probe.record_attention` read attention rows."""
-        from crystalkit.models.attention_probe import enable_attention_probe
+    def enable_attention_capture(self) -> None:
+        """Let :func:`~crystalkit.models.attention_capture.record_attention` read attention rows."""
+        from crystalkit.models.attention_capture import enable_attention_capture
 
-        enable_attention_probe(self.language_model)
+        enable_attention_capture(self.language_model)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute decoder layers in backward instead of storing their activations. Uses
         non-reentrant checkpointing with a context that replays attention recording, so the
-        alignment rows keep exact gradients (see :mod:`crystalkit.models.attention_probe`)."""
-        from crystalkit.models.attention_probe import checkpoint_context
+        alignment rows keep exact gradients (see :mod:`crystalkit.models.attention_capture`)."""
+        from crystalkit.models.attention_capture import checkpoint_context
         from crystalkit.models.compat import enable_checkpointing
 
         kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}

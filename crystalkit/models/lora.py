@@ -2,7 +2,7 @@
 
 peft wraps a small host module (:func:`peft_host`) holding the backbone, and replaces the
 targeted layers *inside* the backbone, so the backbone keeps working through its interface: the
-crystal code still calls ``embed``, ``forward``, ``language_model`` and the attention probe, whose
+crystal code still calls ``embed``, ``forward``, ``language_model`` and the attention capture, whose
 attention modules (and their ``layer_idx``) are untouched; only their projections become LoRA
 layers. The host exists because peft reads the wrapped model's ``config``, input embeddings and
 tied weights to train token rows, and a backbone's ``config`` is crystalkit's own.
@@ -16,17 +16,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from crystalkit.config.schema import LoraConfig
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
 
 #: attribute of the host that holds the backbone; prefixes every name in peft's files
 HOST_ATTRIBUTE = "backbone"
+
+
+class LoraSettings(Protocol):
+    """What LoRA reads from a recipe's ``lora:`` section
+    (:class:`~crystalkit.config.schema.LoraConfig`)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    bias: str
+    target_modules: list[str]
+    vision_tower: bool
 
 
 @dataclass
@@ -66,14 +80,16 @@ def token_modules(backbone: Backbone) -> list[list[str]]:
 
 def peft_host(backbone: Backbone) -> nn.Module:
     """The module peft wraps for ``backbone``. To load an exported adapter elsewhere: build the
-    run's model without LoRA (:func:`crystalkit.build.build_model` of its recipe with
+    run's model without LoRA (:func:`crystalkit.runs.build.build_model` of its recipe with
     ``lora.enabled=false``), then ``PeftModel.from_pretrained(peft_host(backbone), DIR)``."""
     groups = token_modules(backbone)
     tied = next((g for g in groups if len(g) > 1), None)
     return _Host(backbone, tied if tied is not None else [groups[0][0]])
 
 
-def peft_config(backbone: Backbone, config: LoraConfig, token_ids: Sequence[int]) -> PeftLoraConfig:
+def peft_config(
+    backbone: Backbone, config: LoraSettings, token_ids: Sequence[int]
+) -> PeftLoraConfig:
     """peft's config for ``config`` on ``backbone``: explicit module names (so the vision tower
     rule of :meth:`Backbone.lora_targets` holds) and the latent rows of every token matrix."""
     targets = backbone.lora_targets(config.target_modules, config.vision_tower)
@@ -107,7 +123,7 @@ def peft_config(backbone: Backbone, config: LoraConfig, token_ids: Sequence[int]
     )
 
 
-def apply_lora(backbone: Backbone, config: LoraConfig, token_ids: Sequence[int]) -> PeftModel:
+def apply_lora(backbone: Backbone, config: LoraSettings, token_ids: Sequence[int]) -> PeftModel:
     """Add LoRA layers to ``backbone`` in place and freeze the rest except the ``token_ids``
     rows. Returns peft's wrapper, needed to merge (``merge_and_unload``) or save the adapter
     (``save_pretrained``); training and evaluation keep using ``backbone`` itself."""
@@ -116,3 +132,16 @@ def apply_lora(backbone: Backbone, config: LoraConfig, token_ids: Sequence[int])
         return get_peft_model(peft_host(backbone), lora)
     except ValueError as exc:  # peft's verdict on a target it cannot adapt
         raise UsageError(f"lora: peft cannot apply it: {exc}") from None
+
+
+def base_buffers(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The base model's persistent buffers, outside peft's layers: batch-norm statistics move
+    during training although their layers are frozen, and peft's adapter files do not hold
+    them."""
+    tuned = tuple(f"{n}." for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer))
+    persistent = backbone.state_dict(keep_vars=True).keys()
+    return {
+        n: b.detach().contiguous()
+        for n, b in backbone.named_buffers()
+        if n in persistent and not n.startswith(tuned)
+    }

@@ -3,17 +3,16 @@
 An objective is a callable ``(PathOutputs) -> scalar`` that declares what it reads besides the
 answer logits: ``attention_layers`` (attention rows of the answer queries over the latent keys at
 those decoder layers; -1 = last) and ``needs_hidden`` (last-layer hidden states at the answer
-columns). Its weight lives in the recipe, not in the objective. Register your own with
+columns), and what its value is a mean over: ``units`` (:mod:`crystalkit.objectives.contract`).
+Its weight lives in the recipe, not in the objective. Register your own with
 ``@OBJECTIVES.register("name")``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import torch
 
-from crystalkit.crystal.paths import PathOutputs
+from crystalkit.objectives.contract import Units
 from crystalkit.objectives.functional import (
     Divergence,
     attention_divergence,
@@ -21,15 +20,8 @@ from crystalkit.objectives.functional import (
     hardest_mean,
     token_kl,
 )
+from crystalkit.objectives.outputs import PathOutputs
 from crystalkit.registries import OBJECTIVES
-
-
-@runtime_checkable
-class Objective(Protocol):
-    attention_layers: tuple[int, ...]
-    needs_hidden: bool
-
-    def __call__(self, outputs: PathOutputs) -> torch.Tensor: ...
 
 
 @OBJECTIVES.register("kl")
@@ -48,6 +40,7 @@ class AnswerKL:
 
     attention_layers: tuple[int, ...] = ()
     needs_hidden = False
+    units: Units = "answer_samples"  # per-sample top-fraction mean, then mean over samples
 
     def __init__(self, fraction: float = 0.1, min_count: int = 1, stop_gradient: bool = True):
         if not 0 < fraction <= 1:
@@ -75,6 +68,7 @@ class AttentionAlignment:
     """
 
     needs_hidden = False
+    units: Units = "answer_tokens"  # mean over answer rows (per layer, then over layers)
 
     def __init__(
         self,
@@ -114,6 +108,7 @@ class HiddenCosine:
 
     attention_layers: tuple[int, ...] = ()
     needs_hidden = True
+    units: Units = "answer_tokens"  # mean over answer positions
 
     def __init__(self, stop_gradient: bool = True):
         self.stop_gradient = stop_gradient

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,26 +48,19 @@ from crystalkit.crystal.method import Method
 from crystalkit.crystal.packing import Segment
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.errors import UsageError
-from crystalkit.objectives.alignment import AnswerKL, AttentionAlignment, HiddenCosine
-from crystalkit.training.checkpoint import base_fingerprint
-from crystalkit.training.sampler import derived_seed
+from crystalkit.objectives.contract import UNITS, objective_units
+from crystalkit.runs.checkpoint import base_fingerprint
+from crystalkit.seeding import derived_seed
 
 #: how long a rank waits at a collective, e.g. while rank 0 evaluates alone (the default is 10 min)
 TIMEOUT = timedelta(minutes=60)
 #: gradient bytes per all-reduce (DDP's default bucket size)
 BUCKET_BYTES = 25 * 2**20
 
-Units = Literal["answer_tokens", "answer_samples", "samples"]
-UNITS: tuple[Units, ...] = ("answer_tokens", "answer_samples", "samples")
 #: the cross-entropy's own units with ``latents.write`` (its means then also cover the written
 #: template): the intact path's tokens, the corrupted path's, both pooled, the template's
 CE_UNITS = ("intact_ce_tokens", "corrupted_ce_tokens", "ce_tokens", "template_tokens")
 ALL_UNITS = (*UNITS, *CE_UNITS)
-_BUILTIN_UNITS: dict[type, Units] = {
-    AnswerKL: "answer_samples",  # per-sample top-fraction mean, then mean over samples
-    AttentionAlignment: "answer_tokens",  # mean over answer rows (per layer, then layers)
-    HiddenCosine: "answer_tokens",  # mean over answer positions
-}
 
 
 @dataclass(frozen=True)
@@ -207,12 +200,6 @@ def unit_counts(layout: Layout) -> torch.Tensor:
         intact + corrupted + shared,
     ]
     return torch.tensor([float(c) for c in counts], dtype=torch.float64)
-
-
-def objective_units(objective: object) -> Units:
-    """What an objective averages over: its ``units`` attribute if it declares one, else the
-    built-in objectives' (see ``_BUILTIN_UNITS``), else ``samples``."""
-    return getattr(objective, "units", None) or _BUILTIN_UNITS.get(type(objective), "samples")
 
 
 class ShardLoss:

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from crystalkit.components import build_component
 from crystalkit.config.schema import ComponentSpec
 from crystalkit.errors import UsageError, call_plugin
 from crystalkit.registries import LOGGERS
+from crystalkit.runs.files import METRICS_FILE, WANDB_ID_FILE
 from crystalkit.training.metrics import MetricsLog
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,6 @@ def _require(package: str, logger: str) -> None:
 
 
 #: the W&B run id of a run dir, kept so that ``--resume`` continues the same W&B run
-WANDB_ID_FILE = "wandb_id.txt"
 
 
 def wandb_credentials() -> bool:
@@ -288,9 +287,8 @@ class Loggers:
     def __init__(self, specs: Sequence[ComponentSpec], run: LogRun):
         built = []
         for spec in [ComponentSpec(name="jsonl"), *(s for s in specs if s.name != "jsonl")]:
-            cls = LOGGERS.get(spec.name)
-            blame = LOGGERS.third_party(spec.name)
-            built.append((_call(blame, cls, **spec.params), blame))
+            logger = build_component(LOGGERS, spec.name, spec.params)
+            built.append((logger, LOGGERS.third_party(spec.name)))
         self.loggers: list[tuple[MetricLogger, tuple[str, str] | None]] = []
         try:
             for logger, blame in built:

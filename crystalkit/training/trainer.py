@@ -1,6 +1,6 @@
 """The training loop: a plain function that the CLI and the grid runners call.
 
-A run is a sequence of stages (:mod:`crystalkit.training.stages`; one for a recipe without
+A run is a sequence of stages (:mod:`crystalkit.config.stages`; one for a recipe without
 ``stages:``), each with its own method, schedules and a fresh optimizer, optionally started from
 another run's weights (:mod:`crystalkit.training.warm_start`).
 
@@ -35,11 +35,11 @@ from rich.progress import (
 )
 from torch.utils.data import Dataset
 
-from crystalkit.build import build_dataset, build_model, check_device
 from crystalkit.config.loader import dump_recipe
 from crystalkit.config.schema import ComponentSpec, Recipe
-from crystalkit.config.sources import write_sources
+from crystalkit.config.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
 from crystalkit.crystal.method import Method
+from crystalkit.device import check_device
 from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
@@ -47,12 +47,24 @@ from crystalkit.evaluation.inspect import sample_figure
 from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
 from crystalkit.latents.blocks import reset_token_rows
 from crystalkit.models.backbone import Backbone
-from crystalkit.training.checkpoint import (
+from crystalkit.runs.build import build_dataset, build_model
+from crystalkit.runs.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     load_weights,
     save_checkpoint,
 )
+from crystalkit.runs.files import (
+    CHECKPOINTS_DIR,
+    EVALUATION_PATTERNS,
+    METRICS_FILE,
+    RECIPE_FILE,
+    RESULTS_FILE,
+    SNAPSHOT_DIR,
+)
+from crystalkit.runs.snapshot import read_record, write_snapshot
+from crystalkit.runs.sources import write_sources
+from crystalkit.seeding import StepSampler, derived_seed
 from crystalkit.training.distributed import (
     Replicas,
     ShardLoss,
@@ -61,20 +73,11 @@ from crystalkit.training.distributed import (
     process_group,
     unit_counts,
 )
-from crystalkit.training.loggers import METRICS_FILE, Loggers, LogRun
+from crystalkit.training.loggers import Loggers, LogRun
 from crystalkit.training.optim import build_optimizer
-from crystalkit.training.sampler import StepSampler, derived_seed
-from crystalkit.training.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
 from crystalkit.training.threads import Window, check_oversubscription, resolve_num_threads
-from crystalkit.training.warm_start import (
-    SNAPSHOT_DIR,
-    load_source,
-    read_record,
-    write_snapshot,
-)
+from crystalkit.training.warm_start import load_source
 
-RECIPE_FILE = "recipe.yaml"
-RESULTS_FILE = "results.json"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -148,9 +151,9 @@ def _clear_outputs(run_dir: Path) -> None:
     """Remove a previous run's outputs so that nothing stale (a later checkpoint, old
     predictions) can be mistaken for this run's."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     shutil.rmtree(run_dir / SNAPSHOT_DIR, ignore_errors=True)
-    for pattern in (METRICS_FILE, RESULTS_FILE, "eval_*.json", "predictions_*.jsonl"):
+    for pattern in (METRICS_FILE, RESULTS_FILE, *EVALUATION_PATTERNS):
         for stale in run_dir.glob(pattern):
             stale.unlink()
 
@@ -161,7 +164,7 @@ class _FreshOutputs:
     not find a run in the way. Only the process that writes (rank 0) claims the outputs."""
 
     #: written by a fresh start even where an earlier run left a file of the same name
-    WRITTEN = (RECIPE_FILE, METRICS_FILE, "checkpoints", SNAPSHOT_DIR)
+    WRITTEN = (RECIPE_FILE, METRICS_FILE, CHECKPOINTS_DIR, SNAPSHOT_DIR)
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -358,7 +361,7 @@ def _run(
         outputs.claim()
         _clear_outputs(run_dir)
         if source is not None:
-            write_snapshot(source, run_dir)
+            write_snapshot(source.backbone, source.record, run_dir)
             record = source.record
             console.print(
                 f"warm start from {record['source']} (step {record['step']}"

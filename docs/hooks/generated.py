@@ -47,18 +47,15 @@ BLOCK = re.compile(
 LOOSE = re.compile(r"<!--\s*(generated|end generated|keys)\b")
 REGENERATE = "python docs/hooks/generated.py"
 
-#: where each registry's components are used, and the page documenting them
-USED_BY = {
-    "backbones": ("`backbone:` section", "backbones.md"),
-    "datasets": ("`dataset:` section", "datasets.md"),
-    "corruptions": ("`corruption:` section (the corrupted path)", "corruptions.md"),
-    "objectives": ("`objectives:` section (alignment terms)", "objectives.md"),
-    "schedules": ("`latents.schedule:`", "schedules.md"),
-    "loggers": ("`train.loggers:` (where metrics go)", "logging.md"),
-    "weights": (
-        "an objective's `weight:`, `crystal.ce_weight:`",
-        "schedules.md#weight-schedules",
-    ),
+#: the page documenting each registry's components (where recipes use them: config/keys.py)
+PAGES = {
+    "backbones": "backbones.md",
+    "datasets": "datasets.md",
+    "corruptions": "corruptions.md",
+    "objectives": "objectives.md",
+    "schedules": "schedules.md",
+    "loggers": "logging.md",
+    "weights": "schedules.md#weight-schedules",
 }
 
 
@@ -71,7 +68,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         LoraConfig,
         PromptConfig,
         Recipe,
-        Stage,
+        StageSpec,
         StageTrain,
         TrainConfig,
         WarmStartConfig,
@@ -87,7 +84,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         "eval": EvalConfig,
         "lora": LoraConfig,
         "warm_start": WarmStartConfig,
-        "stage": Stage,
+        "stage": StageSpec,
         "stage_train": StageTrain,
     }
 
@@ -126,8 +123,7 @@ def _code(text: str) -> str:
 
 def keys_table(target: str) -> str:
     """The key table of a recipe section or a registered component."""
-    from crystalkit.config.components import config_model
-    from crystalkit.config.params import param_rows
+    from crystalkit.params import config_model, param_rows
 
     sections = _section_models()
     component = None
@@ -179,6 +175,7 @@ def components_table(kind: str) -> str:
 
 def registries_table() -> str:
     """Every registry: its kind, entry point group, where recipes use it and its built-ins."""
+    from crystalkit.config.keys import COMPONENT_KEYS
     from crystalkit.registries import ALL
 
     lines = [
@@ -186,7 +183,9 @@ def registries_table() -> str:
         "|---|---|---|---|---|",
     ]
     for kind, registry in ALL.items():
-        used, page = USED_BY[kind]
+        keys = [".".join(key.path) for key in COMPONENT_KEYS if key.registry is registry]
+        used = ", ".join(f"`{key}`" for key in keys)
+        page = PAGES[kind]
         names = ", ".join(f"`{entry.name}`" for entry in _builtins(registry))
         lines.append(
             f"| `{kind.upper()}` | `{kind}` | `{registry.entry_point_group}` | {used} | "

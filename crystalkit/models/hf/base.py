@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import is_flash_attn_2_available
 
-from crystalkit.errors import CheckpointError, UsageError, one_line
+from crystalkit.errors import CheckpointError, UsageError, first_line, one_line
 from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
 from crystalkit.models.compat import cache_kwargs, output_cache
 from crystalkit.models.hf.chat import (
@@ -330,7 +330,7 @@ class HFBackbone(Backbone):
                 device_map=device,
             )
         except (OSError, ValueError) as exc:  # missing files, no hub access, wrong model type
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc) or type(exc).__name__
             raise UsageError(
                 f"backbone.name_or_path: cannot load {cls.model_class.__name__} from "
                 f"{source!r}: {first}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crystalkit.errors import UsageError
+from crystalkit.errors import UsageError, first_line
 
 TEMPLATES = Path(__file__).with_name("chat_templates")
 #: stands in for the question while the template is rendered
@@ -63,7 +63,7 @@ def split_chat_template(tokenizer: Any, image_markup: str, source: str) -> Promp
             user_turn(QUESTION), add_generation_prompt=True, tokenize=False
         )
     except Exception as exc:  # jinja raises many types; the template is the user's input
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         raise UsageError(
             f"backbone.prompt: the chat template of {source} does not render an image and a "
             f"question ({reason}); {HINT}"

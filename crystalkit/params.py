@@ -1,14 +1,19 @@
-"""A component's parameters as rows a person reads: key, type, default, constraint, description.
+"""A component's parameters: the strict model that validates them, and rows a person reads.
 
-One source for ``crystalkit list KIND NAME``, the key tables committed in the docs and the JSON
-Schema: all of them read the pydantic model :func:`~crystalkit.config.components.config_model`
-builds, whose descriptions come from ``Field(description=...)`` or, for plain keyword arguments,
-from the ``Args:`` section of the component's docstring (so a plugin author documents a parameter
-once, where Python programmers look for it).
+A component declares its parameters either as a nested pydantic ``Config`` class or simply as the
+typed keyword arguments of its constructor/function; both become a strict pydantic model
+(:func:`config_model`), so a plugin author writes ordinary Python and still gets validated recipes
+and a JSON Schema. Keyword arguments are described by the docstring's ``Args:`` section (or by
+``Annotated[..., Field(...)]``).
+
+The same model is the one source for ``crystalkit list KIND NAME``, the key tables committed in
+the docs and the JSON Schema (:func:`param_rows`), so a parameter is documented once, where Python
+programmers look for it.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -57,6 +62,32 @@ def arg_docs(obj: Any) -> dict[str, str]:
             elif current is not None:  # a continuation line
                 docs[current] = f"{docs[current]} {line.strip()}".strip()
     return {name: plain_text(text) for name, text in docs.items()}
+
+
+@functools.cache
+def config_model(obj: Any) -> type[BaseModel]:
+    """The pydantic model validating ``obj``'s recipe parameters (everything but ``name``)."""
+    declared = getattr(obj, "Config", None)
+    if isinstance(declared, type) and issubclass(declared, BaseModel):
+        return declared
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    hints = typing.get_type_hints(target, include_extras=True)  # keep Annotated[..., Field(...)]
+    docs = arg_docs(obj)
+    fields: dict[str, Any] = {}
+    extra = "forbid"
+    for i, (pname, param) in enumerate(inspect.signature(target).parameters.items()):
+        if inspect.isclass(obj) and i == 0:
+            continue  # self
+        if param.kind is param.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        if param.kind is param.VAR_POSITIONAL or pname.startswith("_"):
+            continue
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        described = {"description": docs[pname]} if pname in docs else {}
+        fields[pname] = (hints.get(pname, Any), Field(default, **described))
+    name = f"{getattr(obj, '__name__', 'Component')}Params"
+    return create_model(name, __config__=ConfigDict(extra=extra), **fields)
 
 
 @dataclass(frozen=True)

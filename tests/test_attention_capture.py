@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.crystal.layout import Packer
-from crystalkit.models.attention_probe import enable_attention_probe, record_attention
+from crystalkit.models.attention_capture import enable_attention_capture, record_attention
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
+from crystalkit.runs.build import build_backbone, build_dataset
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def setup(tiny_recipe):
     return backbone, inputs, query_index
 
 
-def test_probe_rows_match_eager_attention_and_leave_outputs_unchanged(setup):
+def test_captured_rows_match_eager_attention_and_leave_outputs_unchanged(setup):
     backbone, (embeds, mask, positions), query_index = setup
     with torch.no_grad():
         plain = backbone(embeds, mask, positions).logits
@@ -42,10 +42,10 @@ def test_probe_rows_match_eager_attention_and_leave_outputs_unchanged(setup):
             position_ids=positions,
             output_attentions=True,
         ).attentions
-    enable_attention_probe(backbone.lm)
+    enable_attention_capture(backbone.lm)
     with torch.no_grad(), record_attention({0, 2}, query_index) as recording:
-        probed = backbone(embeds, mask, positions).logits
-    torch.testing.assert_close(probed, plain)
+        captured = backbone(embeds, mask, positions).logits
+    torch.testing.assert_close(captured, plain)
     assert set(recording.rows) == {0, 2}
     for layer, rows in recording.rows.items():
         index = query_index[:, None, :, None].expand(-1, rows.shape[1], -1, rows.shape[-1])
@@ -54,10 +54,10 @@ def test_probe_rows_match_eager_attention_and_leave_outputs_unchanged(setup):
         torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:-1]))
 
 
-def test_probe_records_nothing_outside_a_recording_and_rows_have_gradients(setup):
+def test_capture_records_nothing_outside_a_recording_and_rows_have_gradients(setup):
     backbone, (embeds, mask, positions), query_index = setup
-    enable_attention_probe(backbone.lm)
-    enable_attention_probe(backbone.lm)  # idempotent
+    enable_attention_capture(backbone.lm)
+    enable_attention_capture(backbone.lm)  # idempotent
     backbone(embeds, mask, positions)
     with record_attention({1}, query_index) as recording:
         backbone(embeds.detach(), mask, positions)
@@ -67,13 +67,13 @@ def test_probe_records_nothing_outside_a_recording_and_rows_have_gradients(setup
     assert q_proj.grad is not None and q_proj.grad.abs().sum() > 0
 
 
-def test_probe_gradients_are_exact_under_gradient_checkpointing(setup):
+def test_captured_gradients_are_exact_under_gradient_checkpointing(setup):
     backbone, (embeds, mask, positions), query_index = setup
     checkpointed = copy.deepcopy(backbone)
     checkpointed.enable_gradient_checkpointing()
     grads = []
     for model in (backbone, checkpointed):
-        model.enable_attention_probe()
+        model.enable_attention_capture()
         model.train()
         model.zero_grad()
         with record_attention({0, 2}, query_index) as recording:

@@ -1,4 +1,4 @@
-"""Latent probes: replacing the latent block's keys/values goes through the same generation path."""
+"""Latent replacement: replacing the latent block's keys/values goes through the same generation path."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 from cli_process import assert_one_error_line, invoke
 
-from crystalkit.build import build_backbone, build_dataset
 from crystalkit.crystal.method import Method
 from crystalkit.evaluation.generation import generate_answers
-from crystalkit.evaluation.probes import BUILTIN, dataset_mean_kv, mean_probe
+from crystalkit.evaluation.replacement import BUILTIN, dataset_mean_kv, mean_replacement
+from crystalkit.runs.build import build_backbone, build_dataset
 
 
 @pytest.mark.parametrize("family", ["token", "recurrent"])
-def test_probes_replace_exactly_the_latent_block(tiny_recipe, family):
+def test_replacements_replace_exactly_the_latent_block(tiny_recipe, family):
     torch.manual_seed(0)
     recipe = tiny_recipe("latents.schedule.k=3", f"latents.family={family}")
     dataset = build_dataset(recipe)
@@ -26,8 +26,8 @@ def test_probes_replace_exactly_the_latent_block(tiny_recipe, family):
     samples = [dataset.split("val")[i] for i in range(4)]
     layout = method.prompt_layout(samples)
 
-    def first(probe=None, lay=layout):
-        return generate_answers(backbone, lay, 1, [-1], probe).first_logits
+    def first(replacement=None, lay=layout):
+        return generate_answers(backbone, lay, 1, [-1], replacement).first_logits
 
     plain = first()
     torch.testing.assert_close(first(lambda b, lay, kv: kv), plain, atol=1e-5, rtol=1e-4)
@@ -42,29 +42,31 @@ def test_probes_replace_exactly_the_latent_block(tiny_recipe, family):
     assert not torch.allclose(first(BUILTIN["swap"]), plain, atol=1e-4)
     # the mean over one sample is that sample's own block
     one = method.prompt_layout(samples[:1])
-    own = mean_probe(dataset_mean_kv(backbone, [one]))
+    own = mean_replacement(dataset_mean_kv(backbone, [one]))
     torch.testing.assert_close(first(own, one), first(None, one), atol=1e-5, rtol=1e-4)
 
 
-def test_probe_command_reports_accuracy_drops(tiny_recipe):
+def test_replace_command_reports_accuracy_drops(tiny_recipe):
     from crystalkit.training.trainer import train
 
-    run_dir = train(tiny_recipe("name=probed", "train.steps=2", "latents.schedule.k=2")).run_dir
-    result = invoke("eval", run_dir, "--probe", "zero,mean,shuffle,swap", "--max-samples", "16")
+    run_dir = train(tiny_recipe("name=replaced", "train.steps=2", "latents.schedule.k=2")).run_dir
+    result = invoke("eval", run_dir, "--replace", "zero,mean,shuffle,swap", "--max-samples", "16")
     assert result.exit_code == 0, result.output
-    summary = json.loads((run_dir / "probes_test.json").read_text())
+    summary = json.loads((run_dir / "replacements_test.json").read_text())
     assert set(summary["accuracy"]) == {"none", "zero", "mean", "shuffle", "swap"}
     for name, drop in summary["drop"].items():
         assert drop == pytest.approx(summary["accuracy"]["none"] - summary["accuracy"][name])
-    repeated = invoke("eval", run_dir, "--probe", "zero", "--probe", "swap", "--max-samples", "16")
+    repeated = invoke(
+        "eval", run_dir, "--replace", "zero", "--replace", "swap", "--max-samples", "16"
+    )
     assert repeated.exit_code == 0, repeated.output
-    again = json.loads((run_dir / "probes_test.json").read_text())
+    again = json.loads((run_dir / "replacements_test.json").read_text())
     assert set(again["accuracy"]) == {"none", "zero", "swap"}  # repeated options add up
-    line = assert_one_error_line(invoke("eval", run_dir, "--probe", "zeros"))
-    assert "unknown probe(s) zeros" in line
+    line = assert_one_error_line(invoke("eval", run_dir, "--replace", "zeros"))
+    assert "unknown latent replacement(s) zeros" in line
     no_latents = train(tiny_recipe("name=plain", "train.steps=2")).run_dir
-    assert "nothing to probe" in assert_one_error_line(
-        invoke("eval", no_latents, "--probe", "zero")
+    assert "nothing to replace" in assert_one_error_line(
+        invoke("eval", no_latents, "--replace", "zero")
     )
 
 

@@ -1,4 +1,5 @@
-"""Recipe -> components: the one place where registry names become objects."""
+"""A run's model and dataset, built from its recipe the same way for training, evaluation, export
+and warm starts."""
 
 from __future__ import annotations
 
@@ -8,56 +9,24 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from crystalkit.config.components import config_model
-from crystalkit.config.schema import ComponentSpec, Recipe
+from crystalkit.components import build_component
+from crystalkit.config.schema import Recipe
 from crystalkit.config.sources import Sources
+from crystalkit.config.stages import plan_stages
 from crystalkit.crystal.method import Method
 from crystalkit.data.prompt import template_text
 from crystalkit.errors import UsageError
 from crystalkit.latents.blocks import train_only_rows
 from crystalkit.models.backbone import Backbone
 from crystalkit.registries import BACKBONES, DATASETS
+from crystalkit.runs.snapshot import load_snapshot, snapshot_dir
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
 
-def check_device(name: str, where: str = "device") -> None:
-    """A one-line :class:`UsageError` (``where`` names the key) unless this machine has the torch
-    device ``name``: torch would only fail at the first tensor moved there, deep in a traceback.
-    Device kinds torch offers no availability check for are left to torch."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(
-            f"{where}: {name!r} is not a torch device (expected e.g. cpu, cuda, cuda:1 or mps)"
-        ) from None
-    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
-    is_available = getattr(backend, "is_available", None)
-    device_count = getattr(backend, "device_count", None)
-    if is_available is None or device_count is None:
-        return
-    if not is_available():
-        raise UsageError(
-            f"{where}: {name!r} is not available on this machine (torch finds no "
-            f"{device.type} device); use device=cpu or a device it has"
-        )
-    count = device_count()
-    if device.index is not None and device.index >= count:
-        has = f"{device.type}:0" + (f" to {device.type}:{count - 1}" if count > 1 else "")
-        raise UsageError(
-            f"{where}: {name!r} is not available on this machine: it has {count} {device.type} "
-            f"device{'s' if count != 1 else ''} ({has})"
-        )
-
-
-def _params(obj: Any, spec: ComponentSpec) -> Any:
-    return config_model(obj).model_validate(spec.params)
-
-
 def build_dataset(recipe: Recipe) -> Any:
-    cls = DATASETS.get(recipe.dataset.name)
-    return cls(_params(cls, recipe.dataset))
+    return build_component(DATASETS, recipe.dataset.name, recipe.dataset.params)
 
 
 def build_backbone(
@@ -65,13 +34,13 @@ def build_backbone(
 ) -> Backbone:
     """A fresh backbone, reusing the run's saved assets (tokenizer, ...) when ``assets`` has them;
     pretrained weights read straight onto ``device`` (see :meth:`Backbone.create`)."""
-    cls = BACKBONES.get(recipe.backbone.name)
+    spec = recipe.backbone
     latent = recipe.latents.template
     corpus = [*dataset.corpus(), template_text(latent.open, latent.close)]
-    kwargs: dict[str, Any] = {"corpus": corpus, "assets": assets}
-    if device is not None and "device" in signature(cls.create).parameters:
-        kwargs["device"] = device  # a plugin whose create() predates it is built on the CPU
-    return cls.create(_params(cls, recipe.backbone), **kwargs)
+    context: dict[str, Any] = {"corpus": corpus, "assets": assets}
+    if device is not None and "device" in signature(BACKBONES.get(spec.name).create).parameters:
+        context["device"] = device  # a plugin whose create() predates it is built on the CPU
+    return build_component(BACKBONES, spec.name, spec.params, **context)
 
 
 class Model(NamedTuple):
@@ -106,15 +75,12 @@ def build_model(
     not used (the saved tokenizer already holds the latent tokens, which would change the
     vocabulary the model is built with and so its init); the checkpoint's base fingerprint
     checks the result. A warm-started run is built from its snapshot of the source
-    (:mod:`crystalkit.training.warm_start`) under ``assets``. Every stage's latent tokens are added
+    (:mod:`crystalkit.runs.snapshot`) under ``assets``. Every stage's latent tokens are added
     before LoRA: peft must see the resized token matrices to keep the new rows trainable. A
     dataset with ``bind_tokenizer`` gets the backbone's tokenizer first (``llava_json`` bounds its
     records' token counts with it), so training and evaluation read the same bounded splits.
     ``device``: where training will run; pretrained weights are read straight onto it.
     """
-    from crystalkit.training.stages import plan_stages
-    from crystalkit.training.warm_start import load_snapshot, snapshot_dir
-
     torch.manual_seed(recipe.seed)
     warm = snapshot_dir(recipe, assets)
     if warm is not None:

@@ -35,12 +35,16 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from crystalkit.errors import CheckpointError
 from crystalkit.io import atomic_write_json, atomic_write_text, fsync_dir
+from crystalkit.runs.files import (
+    CHECKPOINT_META,
+    CHECKPOINT_STATE,
+    CHECKPOINT_TRAINABLE,
+    CHECKPOINT_WEIGHTS,
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    checkpoint_name,
+)
 
-WEIGHTS = "model.safetensors"
-TRAINABLE = "trainable.safetensors"
-STATE = "trainer_state.pt"
-META = "meta.json"
-LATEST = "latest"
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,20 @@ def save_checkpoint(
     """Write a complete checkpoint for ``step``, point ``latest`` at it, prune old ones.
     ``trainer_state`` ``None``: weights only (an export). ``meta``: more fields for
     ``meta.json`` (the stage the step belongs to)."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
         _save_weights(model, tmp)
         if trainer_state is not None:
             # streamed to the file, not serialised in memory first: a full finetune's optimizer
             # state is twice its fp32 weights (the folder is renamed into place once complete)
-            with (tmp / STATE).open("wb") as handle:
+            with (tmp / CHECKPOINT_STATE).open("wb") as handle:
                 torch.save(trainer_state, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-        atomic_write_json(tmp / META, {"step": step, **(meta or {})})
+        atomic_write_json(tmp / CHECKPOINT_META, {"step": step, **(meta or {})})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -81,15 +85,15 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, final.name + "\n")
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
     _prune(root, keep)
     return Checkpoint(final, step)
 
 
 def _complete(path: Path) -> int | None:
     try:
-        meta = json.loads((path / META).read_text())
-        weights = (path / WEIGHTS).is_file() or (path / TRAINABLE).is_file()
+        meta = json.loads((path / CHECKPOINT_META).read_text())
+        weights = (path / CHECKPOINT_WEIGHTS).is_file() or (path / CHECKPOINT_TRAINABLE).is_file()
         return int(meta["step"]) if weights else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -113,9 +117,9 @@ def _prune(root: Path, keep: int) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The checkpoint ``latest`` names, or the newest complete one if that pointer is unusable."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     try:
-        named = root / (root / LATEST).read_text().strip()
+        named = root / (root / LATEST_FILE).read_text().strip()
         step = _complete(named)
         if step is not None:
             return Checkpoint(named, step)
@@ -157,10 +161,10 @@ def _partial(model: torch.nn.Module) -> bool:
 
 def _save_weights(model: torch.nn.Module, directory: Path) -> None:
     if not _partial(model):
-        save_model(model, str(directory / WEIGHTS))
+        save_model(model, str(directory / CHECKPOINT_WEIGHTS))
         return
     tensors = {n: t.detach().contiguous() for n, t in trainable_state(model).items()}
-    save_file(tensors, str(directory / TRAINABLE), metadata={"base": base_fingerprint(model)})
+    save_file(tensors, str(directory / CHECKPOINT_TRAINABLE), metadata={"base": base_fingerprint(model)})
 
 
 def _first_problem(exc: BaseException) -> str:
@@ -175,7 +179,7 @@ def _first_problem(exc: BaseException) -> str:
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     """Load ``checkpoint`` into ``model``; :class:`CheckpointError` (one line) when it cannot be
     read or belongs to another model."""
-    trainable = checkpoint.path / TRAINABLE
+    trainable = checkpoint.path / CHECKPOINT_TRAINABLE
     if _partial(model) != trainable.is_file():
         raise CheckpointError(
             f"{checkpoint.path}: "
@@ -191,31 +195,31 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
         _load_trainable(model, trainable)
         return
     try:
-        missing, unexpected = load_model(model, str(checkpoint.path / WEIGHTS), strict=False)
+        missing, unexpected = load_model(model, str(checkpoint.path / CHECKPOINT_WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(
-            f"{checkpoint.path / WEIGHTS}: cannot load weights: {_first_problem(exc)}"
+            f"{checkpoint.path / CHECKPOINT_WEIGHTS}: cannot load weights: {_first_problem(exc)}"
         ) from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{checkpoint.path / WEIGHTS}: does not match the recipe's model "
+            f"{checkpoint.path / CHECKPOINT_WEIGHTS}: does not match the recipe's model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
 
 
 def load_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
-    if not (checkpoint.path / STATE).is_file():
+    if not (checkpoint.path / CHECKPOINT_STATE).is_file():
         raise CheckpointError(
-            f"{checkpoint.path}: no {STATE} (an exported checkpoint?): it evaluates but "
+            f"{checkpoint.path}: no {CHECKPOINT_STATE} (an exported checkpoint?): it evaluates but "
             "cannot resume"
         )
     try:
         # memory-mapped: the optimizer state of a full finetune is twice the fp32 weights, and
         # every rank of a node reads the same file; the pages are shared, not copied per rank
-        return torch.load(checkpoint.path / STATE, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(checkpoint.path / CHECKPOINT_STATE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # pickle/zip errors have no common base class
         raise CheckpointError(
-            f"{checkpoint.path / STATE}: cannot load trainer state: {exc}"
+            f"{checkpoint.path / CHECKPOINT_STATE}: cannot load trainer state: {exc}"
         ) from None
 
 

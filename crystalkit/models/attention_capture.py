@@ -1,4 +1,4 @@
-"""Attention rows for alignment, without switching the model to eager attention.
+"""Attention capture: attention rows for alignment, without switching the model to eager attention.
 
 Attention probabilities only come back from eager attention, which materialises every head's full
 ``T x T`` map and costs far more time and memory than SDPA or FlashAttention. CrystaL needs a few
@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-PREFIX = "crystalkit_probe_"
+PREFIX = "crystalkit_capture_"
 
 
 @dataclass
@@ -46,7 +46,7 @@ _ACTIVE: ContextVar[AttentionRecording | None] = ContextVar("crystalkit_attentio
 def record_attention(
     layers: Iterable[int], query_index: torch.Tensor
 ) -> Iterator[AttentionRecording]:
-    """Within this block, forwards of a probed model record the given query rows."""
+    """Within this block, forwards of a model with attention capture record the given query rows."""
     recording = AttentionRecording(frozenset(layers), query_index)
     token = _ACTIVE.set(recording)
     try:
@@ -92,10 +92,10 @@ def attention_rows(
     return scores.softmax(-1)
 
 
-def _probing(base: str) -> Callable[..., Any]:
+def _capturing(base: str) -> Callable[..., Any]:
     kernel = ALL_ATTENTION_FUNCTIONS[base]
 
-    def probe(
+    def capture(
         module: nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -113,10 +113,10 @@ def _probing(base: str) -> Callable[..., Any]:
             )
         return output
 
-    return probe
+    return capture
 
 
-def enable_attention_probe(model: nn.Module) -> None:
+def enable_attention_capture(model: nn.Module) -> None:
     """Route ``model``'s attention through the recording wrapper around its current kernel
     (SDPA, or eager). Forwards outside :func:`record_attention` are unchanged."""
     base = model.config._attn_implementation
@@ -124,5 +124,5 @@ def enable_attention_probe(model: nn.Module) -> None:
         return
     name = PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _probing(base))
+        AttentionInterface.register(name, _capturing(base))
     model.set_attn_implementation(name)

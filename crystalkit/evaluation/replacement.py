@@ -1,7 +1,7 @@
-"""Latent probes: does the answer actually use the latent block?
+"""Latent replacement: does the answer actually use the latent block?
 
-Each probe re-runs evaluation with the latent block's per-layer keys and values replaced (the
-block's content in both latent families: it is what the answer reads), then decodes as usual:
+Each replacement re-runs evaluation with the latent block's per-layer keys and values replaced
+(the block's content in both latent families: it is what the answer reads), then decodes as usual:
 
 * ``zero`` — all zeros;
 * ``mean`` — the mean block over the evaluated samples (no sample-specific information);
@@ -12,9 +12,10 @@ A large accuracy drop says the answer depends on what the latents computed; no d
 gain, if any, comes from the template (a critique several follow-up studies raise).
 
 With generated latents the same replacement acts on the block the model writes itself
-(:func:`written_probe`): the replacement is computed from the forced prompt, whose block the model
-writes token for token when it writes the template exactly; a row that does not write it has no
-block to replace and answers as without the probe (``probed: false`` in its prediction).
+(:func:`written_replacement`): the replacement is computed from the forced prompt, whose block the
+model writes token for token when it writes the template exactly; a row that does not write it has
+no block to replace and answers as without the replacement (``replaced: false`` in its
+prediction).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from crystalkit.errors import UsageError
 from crystalkit.evaluation.generation import WrittenBlock
 from crystalkit.models.backbone import Backbone
 
-PROBES = ("zero", "mean", "shuffle", "swap")
+REPLACEMENTS = ("zero", "mean", "shuffle", "swap")
 
 #: ``(backbone, prompt layout, the block's own KV) -> replacement KV``
-LatentProbe = Callable[[Backbone, Layout, KV], KV]
+LatentReplacement = Callable[[Backbone, Layout, KV], KV]
 
 
 @torch.inference_mode()
@@ -58,36 +59,38 @@ def _shuffle(backbone: Backbone, layout: Layout, kv: KV) -> KV:
 def _swap(backbone: Backbone, layout: Layout, kv: KV) -> KV:
     if layout.image_grid is not None:
         raise UsageError(
-            "the swap probe moves images between samples; under backbone.resolution: "
+            "the swap replacement moves images between samples; under backbone.resolution: "
             "processor their grids differ (use resolution: fixed)"
         )
     other = replace(layout, pixel_values=layout.pixel_values.roll(1, dims=0))
     return latent_kv(backbone, other)
 
 
-def written_probe(
+def written_replacement(
     backbone: Backbone,
     method: Method,
     samples: Sequence[Sample],
-    probe: LatentProbe,
+    replacement: LatentReplacement,
     corrupt_seed: int | None,
     device: torch.device,
 ) -> WrittenBlock:
-    """``probe`` for the block the model writes in generated mode: its replacement keys and values,
-    computed on the forced prompt of the same samples (images corrupted with ``corrupt_seed`` as
-    the generated prompt's are)."""
+    """``replacement`` for the block the model writes in generated mode: its replacement keys and
+    values, computed on the forced prompt of the same samples (images corrupted with
+    ``corrupt_seed`` as the generated prompt's are)."""
     forced = method.prompt_layout(samples, corrupt_seed=corrupt_seed).to(device)
     prefix, start = method.written_prefix()
-    return WrittenBlock(prefix, start, probe(backbone, forced, latent_kv(backbone, forced)))
+    return WrittenBlock(prefix, start, replacement(backbone, forced, latent_kv(backbone, forced)))
 
 
-def mean_probe(mean: KV) -> LatentProbe:
-    def probe(backbone: Backbone, layout: Layout, kv: KV) -> KV:
+def mean_replacement(mean: KV) -> LatentReplacement:
+    """The ``mean`` replacement for a mean block (:func:`dataset_mean_kv`)."""
+
+    def replace_with_mean(backbone: Backbone, layout: Layout, kv: KV) -> KV:
         return [
             (mk.expand_as(k), mv.expand_as(v)) for (mk, mv), (k, v) in zip(mean, kv, strict=True)
         ]
 
-    return probe
+    return replace_with_mean
 
 
 def dataset_mean_kv(backbone: Backbone, layouts: Sequence[Layout]) -> KV:
@@ -107,4 +110,4 @@ def dataset_mean_kv(backbone: Backbone, layouts: Sequence[Layout]) -> KV:
     return [(k / count, v / count) for k, v in sums]
 
 
-BUILTIN: dict[str, LatentProbe] = {"zero": _zero, "shuffle": _shuffle, "swap": _swap}
+BUILTIN: dict[str, LatentReplacement] = {"zero": _zero, "shuffle": _shuffle, "swap": _swap}

@@ -1,84 +1,20 @@
-"""Re-evaluate a finished (or interrupted) run from its directory alone."""
+"""Evaluate a saved run (finished or interrupted) from its directory alone: on its own splits,
+on a benchmark file, or under latent replacements; each writes its files into the run dir."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-from crystalkit.build import Model, build_dataset, build_model, check_device
-from crystalkit.config.loader import TRAINING_ONLY, load_recipe
 from crystalkit.config.schema import EvalConfig, Recipe
-from crystalkit.config.sources import read_sources, require
-from crystalkit.crystal.method import Method
 from crystalkit.errors import CheckpointError, UsageError
 from crystalkit.evaluation.accuracy import EvalResult, evaluate
-from crystalkit.models.backbone import Backbone
-from crystalkit.training.checkpoint import latest_checkpoint, load_weights
-from crystalkit.training.trainer import RECIPE_FILE
-
-
-def load_run(
-    run_dir: Path, overrides: Sequence[str] = ()
-) -> tuple[Recipe, object, Backbone, Method, int]:
-    """The run's resolved recipe, dataset, backbone with its latest weights, method, and step."""
-    recipe, dataset, model, step = load_model(run_dir, overrides)
-    return recipe, dataset, model.backbone, model.method, step
-
-
-def load_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe, object, Model, int]:
-    """The run's resolved recipe, dataset, model (:func:`build_model`) with its latest weights,
-    and step. Training-only components (corruption, objectives) are built when first used, so a
-    run evaluates after the plugin that corrupted its images is gone; a needed component that is
-    missing is an error naming what to install."""
-    if not run_dir.is_dir():
-        raise CheckpointError(
-            f"{run_dir}: not a directory (expected a run made by crystalkit train)"
-        )
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise CheckpointError(f"{run_dir}: no {RECIPE_FILE}; not a crystalkit run directory")
-    from crystalkit.io import read_yaml
-
-    sources = read_sources(run_dir)
-    tree = read_yaml(run_dir / RECIPE_FILE, CheckpointError)
-    if not isinstance(tree, dict):
-        found = "an empty file" if tree is None else type(tree).__name__
-        raise CheckpointError(
-            f"{run_dir / RECIPE_FILE}: not a recipe (expected the run's resolved recipe, a "
-            f"mapping of keys; got {found})"
-        )
-    require(run_dir, tree, sources)
-    recipe = load_recipe(run_dir / RECIPE_FILE, overrides, skip=TRAINING_ONLY)
-    check_device(recipe.device, f"{run_dir / RECIPE_FILE}: device")  # trained elsewhere?
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
-    dataset = build_dataset(recipe)
-    model = build_model(recipe, dataset, assets=run_dir, training=False, sources=sources)
-    model.backbone.to(recipe.device)
-    load_weights(model.backbone, checkpoint)
-    return recipe, dataset, model, checkpoint.step
-
-
-#: the reference's input size, for datasets and backbones that name none
-DEFAULT_IMAGE_SIZE = 448
-
-
-def run_image_size(dataset: object, backbone: Backbone) -> int | None:
-    """The square size of the run's samples: its dataset's ``image_size`` (the backbone resizes
-    from there, as in training), else the backbone's input size; ``None`` (native size) when the
-    backbone resizes each image itself (``resolution: processor``) or the dataset keeps native
-    sizes (``image_size: null``)."""
-    if backbone.resizes_itself:
-        return None
-    config = getattr(dataset, "config", None)
-    if hasattr(config, "image_size") and config.image_size is None:
-        return None
-    for component in (dataset, backbone):
-        size = getattr(getattr(component, "config", None), "image_size", None)
-        if isinstance(size, int):
-            return size
-    return DEFAULT_IMAGE_SIZE
-
+from crystalkit.evaluation.controls import control_result
+from crystalkit.evaluation.harness import answer_texts, load_samples, resolve_bench, write_bench
+from crystalkit.evaluation.replacement import REPLACEMENTS
+from crystalkit.io import atomic_write_json, read_yaml
+from crystalkit.registries import BACKBONES
+from crystalkit.runs.files import RECIPE_FILE, replacements_file
+from crystalkit.runs.load import load_run, run_image_size
 
 LATENT_BLOCKS = ("forced", "generated")
 
@@ -130,8 +66,6 @@ def evaluate_run_dir(
     ``latent_block`` (``forced`` / ``generated``; default: the recipe's ``eval.latent_block``)
     says whether the prompt holds the latent block or the model writes it; another mode than
     the recipe's adds ``_forced`` / ``_generated`` to the file names."""
-    from crystalkit.errors import UsageError
-
     if latents not in ("own", "copied", "no_copy"):
         raise UsageError(f"--latents: expected own, copied or no_copy, got {latents!r}")
     if latents != "own" and not corrupted:
@@ -165,10 +99,6 @@ def bench_resolution(run_dir: Path, resolution: str | None) -> str | None:
     ``processor`` for a run whose backbone loads a pretrained checkpoint (``name_or_path``) of a
     family that supports it (the benchmark's images at the processor's own size, as the
     checkpoint was trained for); ``None`` (the recipe's) otherwise."""
-    from crystalkit.errors import UsageError
-    from crystalkit.io import read_yaml
-    from crystalkit.registries import BACKBONES
-
     if resolution is not None:
         if resolution not in RESOLUTIONS:
             raise UsageError(f"--resolution: expected fixed or processor, got {resolution!r}")
@@ -195,8 +125,6 @@ def evaluate_bench(
     ``latent_block`` as in :func:`evaluate_run_dir` (another mode than the recipe's:
     ``bench_NAME_generated.json`` ...). ``resolution``: the backbone's (``fixed`` or
     ``processor``; default :func:`bench_resolution`); ``processor`` is recorded in the summary."""
-    from crystalkit.evaluation.harness import answer_texts, load_samples, resolve_bench, write_bench
-
     check_latent_block(latent_block)
     check_max_samples(max_samples)
     spec, root = resolve_bench(bench)
@@ -218,48 +146,46 @@ def evaluate_bench(
     return write_bench(run_dir, spec, result.predictions, bad, step, extra or None)
 
 
-def probe_run_dir(
+def evaluate_replacements(
     run_dir: Path,
     split: str,
-    probes: list[str],
+    names: list[str],
     max_samples: int | None = None,
     latent_block: str | None = None,
 ) -> dict:
-    """Accuracy with the latent block intact and under each probe; writes ``probes_SPLIT.json``
-    (``probes_SPLIT_generated.json`` ... for another mode than the recipe's). With generated
-    latents the probes replace the block the model writes (:func:`~crystalkit.evaluation.probes.
-    written_probe`) and the summary adds ``wrote_block`` and, per probe, the fraction of samples
-    whose block was replaced (``probed``)."""
-    from crystalkit.errors import UsageError
-    from crystalkit.evaluation.controls import control_result
-    from crystalkit.evaluation.probes import PROBES
-    from crystalkit.io import atomic_write_json
-
+    """Accuracy with the latent block intact and under each latent replacement (``names``, of
+    :data:`~crystalkit.evaluation.replacement.REPLACEMENTS`); writes
+    ``replacements_SPLIT.json`` (``replacements_SPLIT_generated.json`` ...
+    for another mode than the recipe's). With generated latents the replacements act on the block
+    the model writes (:func:`~crystalkit.evaluation.replacement.written_replacement`) and the
+    summary adds ``wrote_block`` and, per replacement, the fraction of samples whose block was
+    replaced (``replaced``)."""
     check_latent_block(latent_block)
-    unknown = [p for p in probes if p not in PROBES]
+    unknown = [name for name in names if name not in REPLACEMENTS]
     if unknown:
         raise UsageError(
-            f"--probe: unknown probe(s) {', '.join(unknown)}; valid: {', '.join(PROBES)}"
+            f"--replace: unknown latent replacement(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(REPLACEMENTS)}"
         )
     recipe, dataset, backbone, method, step = load_run(run_dir)
     if method.final_k == 0:
-        raise UsageError(f"{run_dir}: the run has no latent block (K = 0): nothing to probe")
+        raise UsageError(f"{run_dir}: the run has no latent block (K = 0): nothing to replace")
     cfg = _eval_config(recipe, max_samples, latent_block)
     if cfg.latent_block == "generated" and method.block.recurrent:
         raise UsageError(
             "generated latents need token latents: recurrent latents are hidden states, not "
-            "tokens the model can write (probe with --latent-block forced)"
+            "tokens the model can write (replace with --latent-block forced)"
         )
     data = dataset.split(split)
     base = evaluate(backbone, data, method, cfg)
     results = {"none": base.accuracy}
-    probed: dict[str, float] = {}
-    for name in probes:
+    replaced: dict[str, float] = {}
+    for name in names:
         result = control_result(backbone, data, method, cfg, name)
         results[name] = result.accuracy
         if result.wrote_block is not None:
             count = max(len(result.predictions), 1)
-            probed[name] = sum(p["probed"] for p in result.predictions) / count
+            replaced[name] = sum(p["replaced"] for p in result.predictions) / count
     summary = {
         "step": step,
         "split": split,
@@ -269,7 +195,11 @@ def probe_run_dir(
         "drop": {name: results["none"] - acc for name, acc in results.items() if name != "none"},
     }
     if base.wrote_block is not None:
-        summary |= {"latent_block": "generated", "wrote_block": base.wrote_block, "probed": probed}
+        summary |= {
+            "latent_block": "generated",
+            "wrote_block": base.wrote_block,
+            "replaced": replaced,
+        }
     suffix = _mode_suffix(recipe, latent_block)
-    atomic_write_json(run_dir / f"probes_{split}{suffix}.json", summary)
+    atomic_write_json(run_dir / replacements_file(split + suffix), summary)
     return summary
