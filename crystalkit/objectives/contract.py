@@ -28,7 +28,7 @@ Units = Literal["answer_tokens", "answer_samples", "samples"]
 #: have an answer token (a per-sample mean, then the mean over those samples); all samples
 UNITS: tuple[Units, ...] = ("answer_tokens", "answer_samples", "samples")
 #: the units of an objective that declares none
-DEFAULTUNITS: Units = "samples"
+DEFAULT_UNITS: Units = "samples"
 
 
 @runtime_checkable
@@ -41,8 +41,8 @@ class Objective(Protocol):
 
 def objective_units(objective: object) -> Units:
     """What ``objective``'s value is a mean over: its declared ``units``, else
-    :data:`DEFAULTUNITS`."""
-    return getattr(objective, "units", None) or DEFAULTUNITS
+    :data:`DEFAULT_UNITS`."""
+    return getattr(objective, "units", None) or DEFAULT_UNITS
 
 
 def _shape(tensor: torch.Tensor) -> str:
