@@ -57,6 +57,11 @@ class DataWarning(UserWarning):
     """Unusable records skipped in a user's data file (the CLI prints one ``warning:`` line)."""
 
 
+class ProvenanceWarning(UserWarning):
+    """A component's code differs from the code a run recorded (the CLI prints one ``warning:``
+    line): results computed now may not be the run's."""
+
+
 class PerformanceWarning(UserWarning):
     """A run much slower than it should be, and why (the CLI prints one ``warning:`` line)."""
 

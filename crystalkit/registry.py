@@ -9,7 +9,10 @@ Plugins are ``importlib.metadata`` entry points, one group per registry (e.g.
 ``crystalkit.corruptions``). An entry point may point at a module (which registers its components
 with the decorator when imported) or at a single object (registered under the entry point's name).
 A plugin that fails to import is reported as a warning naming it; it never breaks unrelated
-commands. Set ``CRYSTALKIT_DISABLE_PLUGINS=1`` to skip plugin loading altogether.
+commands, and a lookup of its name says that it failed to import (not that the name is unknown).
+A name claimed twice (a plugin naming a built-in's name, or two plugins one name) is an error where
+the name is looked up, naming both owners; the other names keep working. Set
+``CRYSTALKIT_DISABLE_PLUGINS=1`` to skip plugin loading altogether.
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ class Registry(Generic[T]):
         self.entry_point_group = entry_point_group or f"crystalkit.{kind}"
         self._builtin_modules = builtin_modules
         self._entries: dict[str, Entry[T]] = {}
+        #: names claimed by more than one owner, with every claim (the first is in _entries)
+        self._clashes: dict[str, list[Entry[T]]] = {}
+        #: entry point name -> why that plugin failed to import
+        self._failed: dict[str, str] = {}
         self._loaded = False
         self._loading = False
 
@@ -120,18 +127,24 @@ class Registry(Generic[T]):
         return decorator
 
     def add(self, name: str, obj: T, description: str | None = None, source: str = "") -> None:
-        """Register ``obj`` under ``name``; registering a different object twice is an error."""
+        """Register ``obj`` under ``name``. Registering a different object under a taken name is an
+        error; while plugins load it is recorded instead (:meth:`clash`), so that one plugin's
+        clash fails only the lookups of that name."""
         if ":" in name:
             raise ValueError(f"{self.kind} name {name!r} may not contain ':' (reserved for paths)")
+        source = source or self._current_source
+        version = self._current_version if source == self._current_source else ""
+        entry = Entry(name, obj, description or summary(obj), source, version)
         existing = self._entries.get(name)
         if existing is not None and existing.obj is not obj:
+            if source.startswith("plugin:"):
+                self._clashes.setdefault(name, [existing]).append(entry)
+                return
             raise ValueError(
                 f"{self.kind} {name!r} is already registered (by {existing.source or 'builtin'}); "
                 "choose another name"
             )
-        source = source or self._current_source
-        version = self._current_version if source == self._current_source else ""
-        self._entries[name] = Entry(name, obj, description or summary(obj), source, version)
+        self._entries[name] = entry
 
     _current_source = "builtin"
     _current_version = ""
@@ -156,10 +169,32 @@ class Registry(Generic[T]):
             obj = resolve_import_path(name, kind=self.kind)
             return Entry(name, obj, summary(obj), "path")
         self._ensure_loaded()
+        if name in self._clashes:
+            raise UsageError(self.clash_message(name))
+        if name not in self._entries and name in self._failed:
+            raise UsageError(f"{self.singular} {name!r} {self._failed[name]}")
         try:
             return self._entries[name]
         except KeyError:
             raise UsageError(self.unknown_message(name)) from None
+
+    def import_failure(self, name: str) -> str | None:
+        """Why the plugin registering ``name`` failed to import, if it did."""
+        self._ensure_loaded()
+        return None if name in self._entries else self._failed.get(name)
+
+    def clash(self, name: str) -> list[Entry[T]]:
+        """Every claim on ``name`` when more than one owner registered it, else ``[]``."""
+        self._ensure_loaded()
+        return list(self._clashes.get(name, []))
+
+    def clash_message(self, name: str) -> str:
+        owners = self._clashes[name]
+        claims = " and ".join(f"{source_text(e)} ({import_path(e.obj)})" for e in owners)
+        return (
+            f"{self.singular} {name!r} is claimed twice: by {claims}; uninstall one or rename its "
+            "entry point, or name the one you mean by its import path"
+        )
 
     def third_party(self, name: str) -> tuple[str, str] | None:
         """``("KIND 'NAME'", source)`` of a component whose code is not crystalkit's (a plugin
@@ -213,14 +248,17 @@ class Registry(Generic[T]):
             self._current_version = ep.dist.version if ep.dist is not None else ""
             try:
                 obj = ep.load()
-                if not inspect.ismodule(obj) and ep.name not in self._entries:
+                if not inspect.ismodule(obj):
                     self.add(ep.name, obj)
             except Exception as exc:  # a broken plugin must not break unrelated commands
                 where = blame(exc, module=ep.module, fallback=False)
+                error = f"{type(exc).__name__}: {one_line(exc)}{f' at {where}' if where else ''}"
+                self._failed[ep.name] = (
+                    f"is registered by the plugin package {dist} but failed to import: {error}"
+                )
                 warnings.warn(
                     f"crystalkit: skipped plugin {ep.name!r} = {ep.value!r} from distribution "
-                    f"{dist!r} (entry point group {self.entry_point_group!r}): "
-                    f"{type(exc).__name__}: {one_line(exc)}{f' at {where}' if where else ''}. "
+                    f"{dist!r} (entry point group {self.entry_point_group!r}): {error}. "
                     f"Set {DISABLE_PLUGINS_ENV}=1 to skip all plugins.",
                     PluginWarning,
                     stacklevel=2,
@@ -244,6 +282,12 @@ def source_text(entry: Entry[Any]) -> str:
     if target.endswith(".py"):
         return f"file {Path(target).expanduser().resolve()}"
     return f"module {target}"
+
+
+def import_path(obj: Any) -> str:
+    """``module:qualname`` of a registered object, the path that names it in a recipe."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    return f"{target.__module__}:{target.__qualname__}"
 
 
 def resolve_import_path(spec: str, kind: str = "component") -> Any:

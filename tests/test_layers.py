@@ -19,7 +19,7 @@ PACKAGE = ROOT / "crystalkit"
 #: bottom to top: a module may import from its own layer and the layers below
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("errors", "io", "seeding", "device")),
-    ("registries", ("registry", "params", "components", "registries")),
+    ("registries", ("registry", "params", "components", "provenance", "registries")),
     ("components", ("data", "models", "latents", "corruptions", "objectives")),
     ("recipes", ("config",)),
     ("method", ("crystal",)),

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_component_paths import CORRUPTION, OBJECTIVE
 
-from crystalkit.config.sources import install_hint
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.saved import evaluate_run_dir
+from crystalkit.provenance import code_hash, install_hint
 from crystalkit.runs.files import SOURCES_FILE
 from crystalkit.training.trainer import train
 
@@ -41,9 +41,10 @@ def test_components_and_their_sources_are_recorded(plugged_run):
         "kind": "corruptions",
         "name": f"{corruption}:Darken",
         "source": f"file {corruption}",
+        "code": code_hash(corruption),
     }
     assert sources["objectives.l2"]["source"] == f"file {objective}"
-    assert sources["backbone"]["source"] == "built-in"
+    assert sources["backbone"]["source"] == "built-in" and sources["backbone"]["version"]
 
 
 def test_a_run_evaluates_after_its_training_only_plugins_are_gone(plugged_run):
@@ -60,12 +61,23 @@ def test_a_run_evaluates_after_its_training_only_plugins_are_gone(plugged_run):
 
 
 @pytest.mark.parametrize(
-    ("source", "hint"),
+    ("record", "hint"),
     [
-        ("plugin package crystalkit-quantize 0.2.0", "pip install crystalkit-quantize"),
-        ("file /x/q.py", "restore the file /x/q.py"),
-        ("module lab.corruptions", "make the module lab.corruptions importable"),
+        (
+            {"source": "plugin package crystalkit-quantize 0.2.0", "version": "0.2.0"},
+            "pip install crystalkit-quantize==0.2.0",
+        ),
+        (
+            {"source": "plugin package q 0.2.0", "version": "0.2.0", "origin": "/src/q"},
+            "(this run was trained with 0.2.0): pip install /src/q",
+        ),
+        (
+            {"source": "plugin package q 1.0", "origin": "git+https://x.org/q.git@ab12"},
+            "pip install git+https://x.org/q.git@ab12",
+        ),
+        ({"source": "file /x/q.py"}, "restore the file /x/q.py"),
+        ({"source": "module lab.corruptions"}, "make the module lab.corruptions importable"),
     ],
 )
-def test_install_hints(source: str, hint: str):
-    assert hint in install_hint(source)
+def test_install_hints(record: dict[str, str], hint: str):
+    assert hint in install_hint(record)

@@ -102,4 +102,6 @@ def test_the_tutorial_end_to_end(project: Path):
     )
     assert corrupted.returncode == 2, corrupted.stderr
     (line,) = corrupted.stderr.strip().splitlines()
-    assert line.startswith("error: ") and "pip install crystalkit-quantize" in line
+    assert line.startswith("error: ") and "this run was trained with 0.1.0" in line
+    # pip recorded where the package came from (direct_url.json): the hint reinstalls from there
+    assert line.endswith(f"pip install {project / 'crystalkit-quantize'}")

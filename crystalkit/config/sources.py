@@ -17,7 +17,8 @@ from typing import Any
 from crystalkit.config.keys import COMPONENT_KEYS, component_name, components, get_entry, locate
 from crystalkit.config.schema import Recipe
 from crystalkit.errors import UsageError
-from crystalkit.registry import Registry, source_text
+from crystalkit.provenance import code_record, install_hint
+from crystalkit.registry import Registry
 
 Sources = dict[str, dict[str, str]]
 _PER_STAGE = tuple(key for key in COMPONENT_KEYS if key.per_stage)
@@ -33,25 +34,20 @@ def _components(recipe: Recipe) -> Iterator[tuple[str, Registry, str]]:
 
 
 def record_sources(recipe: Recipe) -> Sources:
-    """Recipe key -> ``{kind, name, source}`` for every component (resolvable: the recipe was
-    just validated)."""
+    """Recipe key -> ``{kind, name, source, version, origin?, code?}`` for every component
+    (resolvable: the recipe was just validated; see :func:`~crystalkit.provenance.code_record`)."""
     return {
-        key: {"kind": registry.kind, "name": name, "source": source_text(registry.entry(name))}
+        key: {"kind": registry.kind, "name": name, **code_record(registry.entry(name))}
         for key, registry, name in _components(recipe)
     }
 
 
-def install_hint(source: str) -> str:
-    """What to do to get a component back, from its recorded source."""
-    if source.startswith("plugin package "):
-        dist, _, version = source.removeprefix("plugin package ").partition(" ")
-        trained = f" (this run was trained with {version})" if version else ""
-        return f"install the plugin package {dist}{trained}: pip install {dist}"
-    if source.startswith("file "):
-        return f"restore the file {source.removeprefix('file ')}"
-    if source.startswith("module "):
-        return f"make the module {source.removeprefix('module ')} importable"
-    return "reinstall crystalkit"
+def recorded_entry(sources: Sources, registry: Registry, name: str) -> dict[str, str] | None:
+    """The run's record of ``registry``'s component ``name``, if it has one."""
+    return next(
+        (s for s in sources.values() if s.get("kind") == registry.kind and s.get("name") == name),
+        None,
+    )
 
 
 def resolve_or_explain(registry: Registry, name: str, sources: Sources, where: str) -> Any:
@@ -60,14 +56,13 @@ def resolve_or_explain(registry: Registry, name: str, sources: Sources, where: s
     try:
         return registry.get(name)
     except UsageError as exc:
-        kind = registry.singular
-        recorded = next(
-            (s["source"] for s in sources.values() if s.get("kind") == registry.kind
-             and s.get("name") == name),
-            None,
-        )  # fmt: skip
+        if registry.import_failure(name) or registry.clash(name):
+            raise UsageError(f"{where}: {exc}") from None
+        recorded = recorded_entry(sources, registry, name)
         detail = f"; {install_hint(recorded)}" if recorded else f" ({exc})"
-        raise UsageError(f"{where}: {kind} {name!r} is not available here{detail}") from None
+        raise UsageError(
+            f"{where}: {registry.singular} {name!r} is not available here{detail}"
+        ) from None
 
 
 def require(run_dir: Path, recipe_tree: dict[str, Any], sources: Sources) -> None:
