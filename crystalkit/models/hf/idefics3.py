@@ -4,10 +4,8 @@
 * ``smolvlm`` — ``SmolVLMForConditionalGeneration`` (SmolVLM / SmolVLM2).
 
 crystalkit feeds one global view per image (no tiling), so every image has the same tokens:
-``<fake_token_around_image> <global-img> <image> * N <fake_token_around_image>``.
-
-Positions are ordinary 1-D ids, so the :class:`~crystalkit.models.backbone.Backbone` default
-(each token's index on its own path) is already right.
+``<fake_token_around_image> <global-img> <image> * N <fake_token_around_image>``. Positions are
+plain 1-D ids: the :class:`~crystalkit.models.backbone.Backbone` default serves.
 """
 
 from __future__ import annotations
