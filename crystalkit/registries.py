@@ -10,7 +10,12 @@ from crystalkit.registry import Registry
 
 BACKBONES: Registry = Registry(
     "backbones",
-    ("crystalkit.models.embedded", "crystalkit.models.hf.qwen_vl", "crystalkit.models.hf.llava"),
+    (
+        "crystalkit.models.embedded",
+        "crystalkit.models.hf.qwen_vl",
+        "crystalkit.models.hf.llava",
+        "crystalkit.models.hf.idefics3",
+    ),
     factory="create",
 )
 DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic", "crystalkit.data.llava"))

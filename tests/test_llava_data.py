@@ -18,9 +18,10 @@ from PIL import Image
 
 from crystalkit.config.loader import load_recipe
 from crystalkit.crystal.layout import Packer
-from crystalkit.data.llava import IMAGE_PLACEHOLDER, SPLITS, LlavaJson, RecordError, first_turn
+from crystalkit.data.llava import IMAGE_PLACEHOLDER, LlavaJson, RecordError, first_turn
 from crystalkit.data.prompt import format_question
 from crystalkit.data.sample import Sample
+from crystalkit.data.splits import SPLITS
 from crystalkit.errors import DataWarning, RecipeError, UsageError
 from crystalkit.evaluation import accuracy
 from crystalkit.evaluation.accuracy import normalise_answer
@@ -409,6 +410,7 @@ def test_crystal_trains_and_evaluates_on_native_size_images(data_dir: Path, tmp_
     sizes are corrupted image by image, resized by the backbone, trained on and evaluated, and the
     saved run evaluates them at their native size again."""
     from crystalkit.runs.load import load_run, run_image_size
+
     from crystalkit.training.trainer import train
 
     overrides = _llava_overrides(data_dir, "dataset.image_size=null", "train.steps=2")

@@ -33,14 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import Sample
-from crystalkit.errors import DataWarning, UsageError, did_you_mean
+from crystalkit.data.splits import SPLITS, named_split
+from crystalkit.errors import DataWarning, UsageError
 from crystalkit.io import json_problem
 from crystalkit.registries import DATASETS
 
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN = ("human", "user")
 GPT = ("gpt", "assistant")
-SPLITS = ("train", "val", "test")
 _QUOTED = 3  # bad records quoted in the skip warning (all of them are in LlavaJson.skipped)
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
 
@@ -404,12 +404,7 @@ class LlavaJson:
 
     def split(self, name: str) -> LlavaSplit:
         """The ``train``, ``val`` or ``test`` split."""
-        if name not in self._splits:
-            raise UsageError(
-                f"llava_json has no split {name!r}{did_you_mean(name, SPLITS)}; "
-                f"valid splits: {', '.join(SPLITS)}"
-            )
-        return self._splits[name]
+        return named_split("llava_json", self._splits, name)
 
     def corpus(self) -> list[str]:
         """Every question and answer of every split (the embedded backbone's vocabulary)."""

@@ -26,10 +26,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from crystalkit.data.sample import LETTERS, Sample
-from crystalkit.errors import UsageError, did_you_mean
+from crystalkit.data.splits import SPLITS, named_split
 from crystalkit.registries import DATASETS
 
 Task = Literal["colour", "shape", "position", "count"]
@@ -47,10 +47,11 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
 QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
 COUNTS: tuple[str, ...] = tuple(str(k) for k in range(1, NUM_OPTIONS + 1))
 BACKGROUND = 128
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SHAPE_TASKS = frozenset({"colour", "shape", "position"})  # tasks that name or ask for a shape
 _MARGIN = 1  # free pixels between an object and its grid cell's edge, so objects never touch
 _SUPERSAMPLE = 8
+#: the ``(min, max)`` config fields and the least ``min`` each allows
+_RANGE_FLOORS = {"object_size": 3, "num_distractors": 0}
 
 _COLOUR_NAMES = tuple(COLOURS)
 _COLOUR_PIXELS = {
@@ -146,7 +147,7 @@ class SyntheticShapesSplit(torch.utils.data.Dataset):
         option's colour or shape (colour, shape). The change is seeded by the sample."""
         task, scene, objects, options, rng = self._scene(index)
         edit = np.random.default_rng([self.config.seed, self._split_code, index, 1])
-        objects, scene = _EDITS[task](self, objects, scene, options, edit)
+        objects, scene = _EDITS[task](self, objects, scene, edit)
         return self._sample(index, task, scene, objects, options, rng)
 
     def _scene(
@@ -349,7 +350,6 @@ def _move_target(
     split: SyntheticShapesSplit,
     objects: list[SceneObject],
     scene: _Scene,
-    options: list[str],
     rng: np.random.Generator,
 ) -> tuple[list[SceneObject], _Scene]:
     """Position: the target to a free cell of another quadrant."""
@@ -366,7 +366,6 @@ def _recount(
     split: SyntheticShapesSplit,
     objects: list[SceneObject],
     scene: _Scene,
-    options: list[str],
     rng: np.random.Generator,
 ) -> tuple[list[SceneObject], _Scene]:
     """Count: one more object of the asked colour (one fewer when there are already four)."""
@@ -389,7 +388,6 @@ def _reattribute(field: str) -> Callable[..., tuple[list[SceneObject], _Scene]]:
         split: SyntheticShapesSplit,
         objects: list[SceneObject],
         scene: _Scene,
-        options: list[str],
         rng: np.random.Generator,
     ) -> tuple[list[SceneObject], _Scene]:
         referent = objects[0]
@@ -469,23 +467,14 @@ class SyntheticShapes:
             0, ge=0, description="dataset seed; sample i of split s depends only on (seed, s, i)"
         )
 
-        @field_validator("object_size")
+        @field_validator(*_RANGE_FLOORS)
         @classmethod
-        def _check_object_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        def _check_range(cls, value: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
             lo, hi = value
-            if lo < 3 or lo > hi:
+            floor = _RANGE_FLOORS[info.field_name]
+            if lo < floor or lo > hi:
                 raise ValueError(
-                    f"object_size must be (min, max) with 3 <= min <= max, got {value}"
-                )
-            return value
-
-        @field_validator("num_distractors")
-        @classmethod
-        def _check_num_distractors(cls, value: tuple[int, int]) -> tuple[int, int]:
-            lo, hi = value
-            if lo < 0 or lo > hi:
-                raise ValueError(
-                    f"num_distractors must be (min, max) with 0 <= min <= max, got {value}"
+                    f"{info.field_name} must be (min, max) with {floor} <= min <= max, got {value}"
                 )
             return value
 
@@ -535,12 +524,7 @@ class SyntheticShapes:
 
     def split(self, name: str) -> SyntheticShapesSplit:
         """The ``train``, ``val`` or ``test`` split (disjoint: each has its own seed stream)."""
-        if name not in self._splits:
-            raise UsageError(
-                f"synthetic_shapes has no split {name!r}{did_you_mean(name, SPLITS)}; "
-                f"valid splits: {', '.join(SPLITS)}"
-            )
-        return self._splits[name]
+        return named_split("synthetic_shapes", self._splits, name)
 
     def corpus(self) -> list[str]:
         """Every word of any question, option or answer letter, sorted.

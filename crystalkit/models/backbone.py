@@ -20,6 +20,9 @@ from pydantic import BaseModel
 from torch import nn
 from transformers import PreTrainedModel
 
+from crystalkit.models.compat import cache_kwargs, enable_checkpointing, output_cache
+from crystalkit.models.masks import as_additive
+
 
 def resize_unit(images: torch.Tensor | Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """``uint8`` or [0, 1] float images -> float [0, 1] ``[B, 3, size, size]`` (antialiased
@@ -216,7 +219,6 @@ class Backbone(nn.Module, ABC):
         count = self.num_image_tokens if grid is None else self.grid_tokens(grid)
         return [self.image_token_id] * count
 
-    @abstractmethod
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -230,7 +232,31 @@ class Backbone(nn.Module, ABC):
         """Run the language model. ``attention_mask`` is additive ``[B, 1, Q, K]`` (a boolean
         "may attend" mask is converted, :func:`~crystalkit.models.masks.as_additive`);
         ``position_ids`` as :meth:`position_ids` gives them; ``layer_inputs`` as
-        :meth:`embed_inputs` gives them (for these columns)."""
+        :meth:`embed_inputs` gives them (for these columns). By default :attr:`language_model`
+        runs on them as it is (with :meth:`layer_input_kwargs`) and :meth:`output_logits`
+        reads its output, so that every backbone passes the mask, positions and cache alike."""
+        lm = self.language_model
+        out = lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=as_additive(attention_mask, inputs_embeds.dtype),
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **self.layer_input_kwargs(layer_inputs),
+            **cache_kwargs(lm, past_key_values),
+        )
+        return BackboneOutput(self.output_logits(out), out.hidden_states, output_cache(out))
+
+    def output_logits(self, output: Any) -> torch.Tensor:
+        """The logits of a :attr:`language_model` output: its own, as a causal LM returns them
+        (a decoder without the output head overrides this to apply it)."""
+        return output.logits
+
+    def layer_input_kwargs(self, layer_inputs: torch.Tensor | None) -> dict[str, Any]:
+        """Language-model keyword arguments that carry ``layer_inputs`` (none by default)."""
+        if layer_inputs is not None:
+            raise ValueError(f"{type(self).__name__} has no per-layer inputs")
+        return {}
 
     @property
     @abstractmethod
@@ -322,7 +348,6 @@ class Backbone(nn.Module, ABC):
         non-reentrant checkpointing with a context that replays attention recording, so the
         alignment rows keep exact gradients (see :mod:`crystalkit.models.attention_capture`)."""
         from crystalkit.models.attention_capture import checkpoint_context
-        from crystalkit.models.compat import enable_checkpointing
 
         kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
         enable_checkpointing(self.language_model, kwargs)

@@ -28,9 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from crystalkit.errors import UsageError, one_line
-from crystalkit.models.backbone import Backbone, BackboneOutput, resize_unit, scatter_image_features
-from crystalkit.models.compat import cache_kwargs, output_cache
-from crystalkit.models.masks import as_additive
+from crystalkit.models.backbone import Backbone, resize_unit, scatter_image_features
 from crystalkit.models.tokenizer import (
     IMAGE_TOKEN,
     TOKENIZER_FILE,
@@ -186,28 +184,6 @@ class EmbeddedBackbone(Backbone):
         features = self.encode_images(pixel_values).flatten(0, 1)
         is_image = input_ids == self.image_token_id
         return scatter_image_features(embeds, is_image, features, len(pixel_values))
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        output_hidden_states: bool = False,
-        layer_inputs: torch.Tensor | None = None,
-    ) -> BackboneOutput:
-        if layer_inputs is not None:
-            raise ValueError("the embedded backbone has no per-layer inputs")
-        out = self.lm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=as_additive(attention_mask, inputs_embeds.dtype),
-            position_ids=position_ids,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **cache_kwargs(self.lm, past_key_values),
-        )
-        return BackboneOutput(out.logits, out.hidden_states, output_cache(out))
 
 
 def _timm_features(config: EmbeddedConfig) -> nn.Module:

@@ -27,8 +27,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig, Pr
 from transformers.utils import is_flash_attn_2_available
 
 from crystalkit.errors import CheckpointError, UsageError, first_line, one_line
-from crystalkit.models.backbone import Backbone, BackboneOutput, scatter_image_features
-from crystalkit.models.compat import cache_kwargs, output_cache
+from crystalkit.models.backbone import Backbone, scatter_image_features
 from crystalkit.models.hf.chat import (
     PromptParts,
     checkpoint_chat_template,
@@ -37,7 +36,6 @@ from crystalkit.models.hf.chat import (
     split_chat_template,
 )
 from crystalkit.models.hf.offline import train_bpe_tokenizer
-from crystalkit.models.masks import as_additive
 
 TOKENIZER_DIR = "tokenizer"
 PROCESSOR_DIR = "image_processor"
@@ -565,31 +563,6 @@ class HFBackbone(Backbone):
         with ``resolution: processor`` also take ``image_grid`` ``[N, 3]`` (one per image)."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        output_hidden_states: bool = False,
-        layer_inputs: torch.Tensor | None = None,
-    ) -> BackboneOutput:
-        lm = self.language_model
-        out = lm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=as_additive(attention_mask, inputs_embeds.dtype),
-            position_ids=position_ids,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **self.layer_input_kwargs(layer_inputs),
-            **cache_kwargs(lm, past_key_values),
-        )
-        logits = self.model.lm_head(out.last_hidden_state)
-        return BackboneOutput(logits, out.hidden_states, output_cache(out))
-
-    def layer_input_kwargs(self, layer_inputs: torch.Tensor | None) -> dict[str, Any]:
-        """Language-model keyword arguments that carry ``layer_inputs`` (none by default)."""
-        if layer_inputs is not None:
-            raise ValueError(f"{type(self).__name__} has no per-layer inputs")
-        return {}
+    def output_logits(self, output: Any) -> torch.Tensor:
+        """The language model is the decoder alone: the head sits on the whole model."""
+        return self.model.lm_head(output.last_hidden_state)
