@@ -17,6 +17,7 @@ the name is looked up, naming both owners; the other names keep working. Set
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -290,6 +291,15 @@ def import_path(obj: Any) -> str:
     return f"{target.__module__}:{target.__qualname__}"
 
 
+def file_module_name(path: Path) -> str:
+    """The module name a ``file.py`` component is imported under: its stem and a digest of its
+    absolute path, the same in every process (Python's ``hash`` of a string is not), so names
+    derived from it (pickles, logs, import paths in messages) are stable across runs."""
+    resolved = str(path.expanduser().resolve())
+    stem = re.sub(r"\W", "_", path.stem)
+    return f"crystalkit_file_{stem}_{hashlib.sha1(resolved.encode()).hexdigest()[:10]}"
+
+
 def resolve_import_path(spec: str, kind: str = "component") -> Any:
     """Import ``package.module:attr`` or ``path/to/file.py:attr`` (dotted attrs allowed)."""
     target, _, attr = spec.rpartition(":")
@@ -299,7 +309,7 @@ def resolve_import_path(spec: str, kind: str = "component") -> Any:
         path = Path(target).expanduser()
         if not path.is_file():
             raise UsageError(f"{kind} {spec!r}: file {str(path)!r} does not exist")
-        mod_name = f"crystalkit_user_{abs(hash(str(path.resolve())))}"
+        mod_name = file_module_name(path)
         module = sys.modules.get(mod_name)
         if module is None:
             module_spec = importlib.util.spec_from_file_location(mod_name, path)

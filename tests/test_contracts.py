@@ -253,15 +253,16 @@ def test_image_batches_draw_small_batches_in_range():
 
     from hypothesis import given, settings
 
-    @settings(max_examples=20, deadline=None)
+    @settings(max_examples=30, deadline=None)
     @given(image_batches(max_side=8, max_batch=2))
     def draw(images):
-        seen.append(images.shape)
-        assert images.dtype == torch.float32 and images.shape[1] == 3
+        seen.append((images.shape, images.dtype))
+        assert images.dtype in (torch.float32, torch.float64) and images.shape[1] == 3
         assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
     draw()
-    assert all(1 <= s[0] <= 2 and 1 <= s[2] <= 8 and 1 <= s[3] <= 8 for s in seen)
+    assert all(1 <= s[0] <= 2 and 1 <= s[2] <= 8 and 1 <= s[3] <= 8 for s, _ in seen)
+    assert {dtype for _, dtype in seen} == {torch.float32, torch.float64}
 
 
 # -- load time: a recipe naming a breaking component ---------------------------------------
@@ -452,3 +453,94 @@ def test_cli_debug_prints_the_traceback(breaking_recipe: Path):
     assert process.returncode == 1
     assert "Traceback (most recent call last)" in process.stderr
     assert "crystalkit.errors.PluginError" in process.stderr
+
+
+# -- checks at every step, blame, parameters drawn from the signature ------------------------
+
+
+class OutOfRangeOnBigBatches:
+    """Keeps the contract on the load check's two images; leaves [0, 1] on a training batch."""
+
+    def __call__(self, images, generator):
+        return images * 2 if images.shape[0] > 4 else images.clone()
+
+
+def test_values_out_of_range_are_caught_at_the_step_not_only_at_load():
+    corruption = OutOfRangeOnBigBatches()
+    check_corruption(corruption)  # the load check passes
+    with pytest.raises(PluginError, match=r"returned values in \[0, 2\] for images in \[0, 1\]"):
+        call_corruption(corruption, dummy_images(8, 8, 8), torch.Generator(), "c", "file c.py")
+
+
+class NotCallable:
+    """A corruption class that forgot ``__call__``."""
+
+
+def test_a_class_without_call_is_blamed_on_the_class(tiny_recipe, tmp_path: Path):
+    path = tmp_path / "nocall.py"
+    path.write_text(
+        "class NoCall:\n    def corrupt(self, images, generator):\n        return images\n"
+    )
+    with pytest.raises(ContractError, match="is a NotCallable, not callable"):
+        check_corruption(NotCallable())
+    with pytest.raises(PluginError) as info:
+        tiny_recipe("method=crystal", f"corruption.name={path}:NoCall")
+    assert f"(defined at {path}:1)" in str(info.value) and "testing.py" not in str(info.value)
+
+
+def test_signature_params_draw_within_the_declared_types_and_bounds():
+    from hypothesis import given, settings
+
+    from crystalkit.testing import signature_params
+
+    class Typed:
+        def __init__(
+            self, p: float = 0.5, n: int = 3, flip: bool = False, pair: tuple[float, float] = (1, 2)
+        ):
+            self.kwargs = {"p": p, "n": n, "flip": flip, "pair": pair}
+
+    seen: list[dict] = []
+
+    @settings(max_examples=60, deadline=None)
+    @given(kwargs=signature_params(Typed))
+    def draw(kwargs):
+        seen.append(kwargs)
+        assert set(kwargs) <= {"p", "n", "flip", "pair"}
+        assert 0 <= kwargs.get("p", 0) <= 1 and 0 <= kwargs.get("n", 0) <= 6
+        assert isinstance(kwargs.get("flip", False), bool) and len(kwargs.get("pair", (0, 0))) == 2
+
+    draw()
+    assert {key for kwargs in seen for key in kwargs} == {"p", "n", "flip", "pair"}  # all drawn
+    assert any(not kwargs for kwargs in seen) or len(seen) > 1  # defaults are kept too
+
+
+def test_drawn_parameters_find_a_breach_the_defaults_hide():
+    class BreaksAtHighStrength:
+        def __init__(self, strength: float = 0.1):
+            self.strength = strength
+
+        def __call__(self, images, generator):
+            return images + self.strength if self.strength > 0.5 else images.clone()
+
+    check_corruption(BreaksAtHighStrength())  # the default keeps the contract
+    with pytest.raises(ContractError, match="returned values in"):
+        assert_corruption_contract(BreaksAtHighStrength, max_examples=40)
+
+
+def test_a_file_components_module_name_is_the_same_in_every_process(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from crystalkit.registry import file_module_name
+
+    path = tmp_path / "my-plugin.py"
+    code = "from pathlib import Path; from crystalkit.registry import file_module_name; "
+    code += f"print(file_module_name(Path({str(path)!r})))"
+    names = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert names == {file_module_name(path)}
+    assert file_module_name(path).startswith("crystalkit_file_my_plugin_")

@@ -52,9 +52,9 @@ def dummy_images(
     return images.to(dtype)
 
 
-def output_breach(images: torch.Tensor, out: Any, values: bool = True) -> str | None:
+def output_breach(images: torch.Tensor, out: Any) -> str | None:
     """Why ``out`` is not a valid corruption of ``images`` (one line), or ``None``: it must be a
-    tensor of the images' shape, dtype and device; with ``values``, finite and within [0, 1]."""
+    tensor of the images' shape, dtype and device, finite and within [0, 1]."""
     if not isinstance(out, torch.Tensor):
         return f"returned {type(out).__name__}, not a tensor; a corruption returns the image batch"
     if out.shape != images.shape:
@@ -63,7 +63,7 @@ def output_breach(images: torch.Tensor, out: Any, values: bool = True) -> str | 
         return f"returned dtype {out.dtype} for images of dtype {images.dtype}; {_KEEP}"
     if out.device != images.device:
         return f"returned a tensor on {out.device} for images on {images.device}; {_KEEP}"
-    if not values or out.numel() == 0:
+    if out.numel() == 0:
         return None
     if not bool(torch.isfinite(out).all()):
         return "returned non-finite values (NaN or inf); a corruption must return values in [0, 1]"
@@ -88,6 +88,11 @@ def check_corruption(
     shape, dtype and device, returns values outside [0, 1] (or not finite), modifies its input in
     place, or returns something else when called again with a fresh generator of the same seed.
     """
+    if not callable(corruption):
+        raise ContractError(
+            f"is a {type(corruption).__name__}, not callable; a corruption is called with the "
+            "images and a generator and returns the corrupted images (define __call__)"
+        )
     images = dummy_images() if images is None else images
     original = images.clone()
     described = f"images {_shape(images)} {str(images.dtype).removeprefix('torch.')}"
@@ -124,10 +129,13 @@ def call_corruption(
     corruption: Corruption, images: torch.Tensor, generator: torch.Generator, what: str, source: str
 ) -> torch.Tensor:
     """Call a third-party corruption: an exception it raises, or a result of another shape, dtype
-    or device than ``images``, becomes a one-line :class:`~crystalkit.errors.PluginError` naming
-    ``what`` (``"corruption 'NAME'"``), its ``source`` and the place in its code."""
+    or device than ``images``, or with values outside [0, 1], becomes a one-line
+    :class:`~crystalkit.errors.PluginError` naming ``what`` (``"corruption 'NAME'"``), its
+    ``source`` and the place in its code. Every training step runs these checks (they cost one
+    pass over the batch); the recipe loader's :func:`check_corruption` also checks determinism
+    and that the input is left unchanged, on a tiny batch."""
     out = call_plugin(what, source, corruption, images, generator)
-    breach = output_breach(images, out, values=False)
+    breach = output_breach(images, out)
     if breach is not None:
         where = defined_at(corruption)
         raise PluginError(f"{what} ({source}) {breach}{f' (defined at {where})' if where else ''}")
