@@ -410,7 +410,6 @@ def test_crystal_trains_and_evaluates_on_native_size_images(data_dir: Path, tmp_
     sizes are corrupted image by image, resized by the backbone, trained on and evaluated, and the
     saved run evaluates them at their native size again."""
     from crystalkit.runs.load import load_run, run_image_size
-
     from crystalkit.training.trainer import train
 
     overrides = _llava_overrides(data_dir, "dataset.image_size=null", "train.steps=2")

@@ -15,7 +15,6 @@ from crystalkit.config.sources import Sources
 from crystalkit.config.stages import plan_stages
 from crystalkit.crystal.method import Method
 from crystalkit.data.prompt import template_text
-from crystalkit.errors import UsageError
 from crystalkit.latents.blocks import train_only_rows
 from crystalkit.models.backbone import Backbone
 from crystalkit.registries import BACKBONES, DATASETS

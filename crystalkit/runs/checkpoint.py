@@ -46,7 +46,6 @@ from crystalkit.runs.files import (
 )
 
 
-
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
@@ -164,7 +163,9 @@ def _save_weights(model: torch.nn.Module, directory: Path) -> None:
         save_model(model, str(directory / CHECKPOINT_WEIGHTS))
         return
     tensors = {n: t.detach().contiguous() for n, t in trainable_state(model).items()}
-    save_file(tensors, str(directory / CHECKPOINT_TRAINABLE), metadata={"base": base_fingerprint(model)})
+    save_file(
+        tensors, str(directory / CHECKPOINT_TRAINABLE), metadata={"base": base_fingerprint(model)}
+    )
 
 
 def _first_problem(exc: BaseException) -> str:
@@ -195,7 +196,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
         _load_trainable(model, trainable)
         return
     try:
-        missing, unexpected = load_model(model, str(checkpoint.path / CHECKPOINT_WEIGHTS), strict=False)
+        missing, unexpected = load_model(
+            model, str(checkpoint.path / CHECKPOINT_WEIGHTS), strict=False
+        )
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(
             f"{checkpoint.path / CHECKPOINT_WEIGHTS}: cannot load weights: {_first_problem(exc)}"
@@ -216,7 +219,9 @@ def load_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
     try:
         # memory-mapped: the optimizer state of a full finetune is twice the fp32 weights, and
         # every rank of a node reads the same file; the pages are shared, not copied per rank
-        return torch.load(checkpoint.path / CHECKPOINT_STATE, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(
+            checkpoint.path / CHECKPOINT_STATE, map_location="cpu", weights_only=True, mmap=True
+        )
     except Exception as exc:  # pickle/zip errors have no common base class
         raise CheckpointError(
             f"{checkpoint.path / CHECKPOINT_STATE}: cannot load trainer state: {exc}"

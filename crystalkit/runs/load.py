@@ -34,7 +34,9 @@ def load_run(
     return recipe, dataset, model.backbone, model.method, step
 
 
-def load_run_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe, object, Model, int]:
+def load_run_model(
+    run_dir: Path, overrides: Sequence[str] = ()
+) -> tuple[Recipe, object, Model, int]:
     """The run's resolved recipe, dataset, model (:func:`build_model`) with its latest weights,
     and step. Training-only components (corruption, objectives) are built when first used, so a
     run evaluates after the plugin that corrupted its images is gone; a needed component that is
@@ -59,7 +61,9 @@ def load_run_model(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Recipe
     check_device(recipe.device, f"{run_dir / RECIPE_FILE}: device")  # trained elsewhere?
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint under {run_dir / CHECKPOINTS_DIR}")
+        raise CheckpointError(
+            f"{run_dir}: no complete checkpoint under {run_dir / CHECKPOINTS_DIR}"
+        )
     dataset = build_dataset(recipe)
     model = build_model(recipe, dataset, assets=run_dir, training=False, sources=sources)
     model.backbone.to(recipe.device)
@@ -118,7 +122,11 @@ def load_adapter(directory: Path) -> Model:
     backbone, method = built.backbone, built.method
     try:
         peft = PeftModel.from_pretrained(peft_host(backbone), str(directory), is_trainable=True)
-        buffers = load_file(str(directory / EXPORT_BUFFERS)) if (directory / EXPORT_BUFFERS).is_file() else {}
+        buffers = (
+            load_file(str(directory / EXPORT_BUFFERS))
+            if (directory / EXPORT_BUFFERS).is_file()
+            else {}
+        )
     except (ValueError, OSError, SafetensorError) as exc:
         raise CheckpointError(f"{directory}: cannot load the adapter: {exc}") from None
     if base_fingerprint(backbone) != summary.get("base"):
