@@ -182,6 +182,44 @@ class Layout:
         }
 
 
+#: the segments that hold the latent template (question and latent block): without ``write``
+#: they carry no labels, only the answer segments do
+_TEMPLATE_SEGMENTS = (S.INTACT, S.CORRUPTED, S.LATENT, S.LATENT_BLANK)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One segment's rows before padding: token ids, their labels (``None``: unlabelled), the
+    template part of each row the model writes (token counts from its start and from its end)
+    and the side the padding goes."""
+
+    rows: list[list[int]]
+    labels: list[list[int]] | None
+    written: tuple[int, int] = (0, 0)
+    side: Literal["left", "right"] = "left"
+
+    def pad(
+        self, segment: Segment, pad_id: int, labelled: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, segment labels, labels (``IGNORE_INDEX`` unless ``labelled``) and written marks
+        ``[B, width]``, every row padded to the widest on :attr:`side`."""
+        width = max(len(r) for r in self.rows)
+        ids = torch.full((len(self.rows), width), pad_id, dtype=torch.long)
+        seg = torch.zeros_like(ids)
+        lab = torch.full_like(ids, IGNORE_INDEX)
+        written = torch.zeros_like(ids, dtype=torch.bool)
+        head, tail = self.written
+        for i, row in enumerate(self.rows):
+            cols = slice(width - len(row), width) if self.side == "left" else slice(0, len(row))
+            ids[i, cols] = torch.tensor(row, dtype=torch.long)
+            seg[i, cols] = int(segment)
+            if labelled and self.labels is not None:
+                lab[i, cols] = torch.tensor(self.labels[i], dtype=torch.long)
+            written[i, cols.start : cols.start + head] = True
+            written[i, cols.stop - tail : cols.stop] = True
+        return ids, seg, lab, written & (lab != IGNORE_INDEX)
+
+
 class Packer:
     """Lays out samples for one backbone (``answer``: train on the option letter or its text;
     ``template``: the latent template's opening and closing text; ``write``: label the template
@@ -243,8 +281,40 @@ class Packer:
         two_paths = corrupted_images is not None
         if until_question and (two_paths or len(block)):
             raise ValueError("a prompt that ends at the question has no block and no 2nd image")
+        grids = self._grids(samples, corrupted_images)
         opening = [] if until_question else self._open
         closing = [] if until_question else [*self._close, *self._cue]
+        blocks = [list(block)] * len(samples)
+        pieces = {
+            S.PREFIX: _Piece([self._prefix] * len(samples), None),
+            S.INTACT: self._questions(samples, grids, opening),
+            S.LATENT: _Piece(blocks, blocks, (0, len(block))),
+            S.ANSWER_INTACT: self._answers(samples, closing, with_answer and not until_question),
+        }
+        if two_paths:
+            pieces[S.CORRUPTED] = pieces[S.INTACT]
+            pieces[S.ANSWER_CORRUPTED] = pieces[S.ANSWER_INTACT]
+            if blank_latents:
+                pieces[S.LATENT_BLANK] = pieces[S.LATENT]
+        ids, segments, labels, written, regions = self._columns(pieces)
+        preprocess = self.backbone.preprocess_images
+        return Layout(
+            input_ids=ids,
+            segments=segments,
+            labels=labels,
+            regions=regions,
+            recurrent=recurrent and len(block) > 0,
+            pixel_values=self._pixels(samples),
+            corrupted_pixels=preprocess(corrupted_images) if two_paths else None,
+            written=written if self.write else None,
+            image_grid=None if grids[0] is None else torch.stack(grids),
+        )
+
+    def _grids(
+        self, samples: Sequence[Sample], corrupted_images: torch.Tensor | None
+    ) -> list[torch.Tensor | None]:
+        """Each sample's image grid (``None`` when the backbone has none); a corrupted image must
+        have its intact image's grid, or the two paths would hold different placeholder counts."""
         backbone = self.backbone
         grids = [backbone.image_grid_of(*s.image.shape[-2:]) for s in samples]
         if corrupted_images is not None and grids[0] is not None:
@@ -255,89 +325,68 @@ class Packer:
                         f"a corrupted image of grid {other.tolist()} for an image of grid "
                         f"{grid.tolist()}: both paths of a sample need the same grid"
                     )
-        questions: list[list[int]] = []
-        question_labels: list[list[int]] = []
+        return grids
+
+    def _questions(
+        self,
+        samples: Sequence[Sample],
+        grids: Sequence[torch.Tensor | None],
+        opening: list[int],
+    ) -> _Piece:
+        """The question segment: image placeholders, question, then the template's ``opening``
+        text (labelled: the model writes it)."""
+        rows: list[list[int]] = []
+        labels: list[list[int]] = []
         for s, grid in zip(samples, grids, strict=True):
-            prefix, question = backbone.prompt_ids(format_question(s.question, s.options))
+            prefix, question = self.backbone.prompt_ids(format_question(s.question, s.options))
             if prefix != self._prefix:
                 raise ValueError(f"the prompt's prefix depends on the question: {s.question!r}")
-            image = self._image if grid is None else backbone.image_prompt_ids(grid)
+            image = self._image if grid is None else self.backbone.image_prompt_ids(grid)
             ids = [*image, *question, *opening]
-            questions.append(ids)
-            question_labels.append([IGNORE_INDEX] * (len(ids) - len(opening)) + opening)
-        answers: list[tuple[list[int], list[int]]] = []
+            rows.append(ids)
+            labels.append([IGNORE_INDEX] * (len(ids) - len(opening)) + opening)
+        return _Piece(rows, labels, (0, len(opening)))
+
+    def _answers(self, samples: Sequence[Sample], closing: list[int], answer: bool) -> _Piece:
+        """The answer segment: the template's ``closing`` text and cue (labelled only with
+        ``write``), then with ``answer`` the answer and eos."""
+        closing_labels = closing if self.write else [IGNORE_INDEX] * len(closing)
+        rows: list[list[int]] = []
+        labels: list[list[int]] = []
         for s in samples:
-            closed = (closing, closing if self.write else [IGNORE_INDEX] * len(closing))
-            if with_answer and not until_question:
+            ids: list[int] = []
+            if answer:
                 target = s.answer if self.answer == "letter" else s.answer_text
                 ids = [*self._encode(target), self._eos]
-                answers.append((closed[0] + ids, closed[1] + ids))
-            else:
-                answers.append((list(closed[0]), list(closed[1])))
-        # segment -> (rows, labels or None, written part of each row: (from the start, from the
-        # end) as token counts, padding side)
-        Piece = tuple[list[list[int]], list[list[int]] | None, tuple[int, int], str]
-        pieces: dict[Segment, Piece] = {
-            S.PREFIX: ([self._prefix] * len(samples), None, (0, 0), "left"),
-            S.INTACT: (questions, question_labels, (0, len(opening)), "left"),
-            S.LATENT: (
-                [list(block)] * len(samples),
-                [list(block)] * len(samples),
-                (0, len(block)),
-                "left",
-            ),
-            S.ANSWER_INTACT: (
-                [a for a, _ in answers],
-                [lab for _, lab in answers],
-                (len(closing), 0),
-                "right",
-            ),
-        }
-        if two_paths:
-            pieces[S.CORRUPTED] = pieces[S.INTACT]
-            pieces[S.ANSWER_CORRUPTED] = pieces[S.ANSWER_INTACT]
-            if blank_latents:
-                pieces[S.LATENT_BLANK] = pieces[S.LATENT]
-        ids_parts, seg_parts, lab_parts, written_parts, regions, start = [], [], [], [], {}, 0
+            rows.append(closing + ids)
+            labels.append(closing_labels + ids)
+        return _Piece(rows, labels, (len(closing), 0), "right")
+
+    def _columns(
+        self, pieces: dict[Segment, _Piece]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[Segment, range]]:
+        """``pieces`` padded and joined in packed order: ids, segments, labels and written marks
+        ``[B, T]``, and each segment's columns."""
+        parts: list[tuple[torch.Tensor, ...]] = []
+        regions: dict[Segment, range] = {}
+        start = 0
         for segment in ORDER:
             if segment not in pieces:
                 continue
-            rows, labels, (head, tail), side = pieces[segment]
-            if not self.write and segment in (S.INTACT, S.CORRUPTED, S.LATENT, S.LATENT_BLANK):
-                labels = None  # only the answer segments carry labels of their own
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(samples), width), self._pad, dtype=torch.long)
-            seg = torch.zeros_like(ids)
-            lab = torch.full_like(ids, IGNORE_INDEX)
-            written = torch.zeros_like(ids, dtype=torch.bool)
-            for i, row in enumerate(rows):
-                cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-                ids[i, cols] = torch.tensor(row, dtype=torch.long)
-                seg[i, cols] = int(segment)
-                if labels is not None:
-                    lab[i, cols] = torch.tensor(labels[i], dtype=torch.long)
-                first = cols.start
-                written[i, first : first + head] = True
-                written[i, cols.stop - tail : cols.stop] = True
-            ids_parts.append(ids)
-            seg_parts.append(seg)
-            lab_parts.append(lab)
-            written_parts.append(written & (lab != IGNORE_INDEX))
+            labelled = self.write or segment not in _TEMPLATE_SEGMENTS
+            parts.append(pieces[segment].pad(segment, self._pad, labelled))
+            width = parts[-1][0].shape[1]
             regions[segment] = range(start, start + width)
             start += width
-        preprocess = backbone.preprocess_images
-        if backbone.resizes_itself:  # at their own sizes: the processor resizes (and rescales)
-            pixels = preprocess([s.image for s in samples])
-        else:  # at any sizes: resized to the backbone's square
-            pixels = preprocess([s.image.float() / 255.0 for s in samples])
-        return Layout(
-            input_ids=torch.cat(ids_parts, 1),
-            segments=torch.cat(seg_parts, 1),
-            labels=torch.cat(lab_parts, 1),
-            regions=regions,
-            recurrent=recurrent and len(block) > 0,
-            pixel_values=pixels,
-            corrupted_pixels=preprocess(corrupted_images) if two_paths else None,
-            written=torch.cat(written_parts, 1) if self.write else None,
-            image_grid=None if grids[0] is None else torch.stack(grids),
+        ids, segments, labels, written = (
+            torch.cat(column, 1) for column in zip(*parts, strict=True)
         )
+        return ids, segments, labels, written, regions
+
+    def _pixels(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """The intact images as the backbone reads them."""
+        preprocess = self.backbone.preprocess_images
+        if self.backbone.resizes_itself:  # at their own sizes: the processor resizes (and rescales)
+            return preprocess([s.image for s in samples])
+        # at any sizes: resized to the backbone's square
+        return preprocess([s.image.float() / 255.0 for s in samples])

@@ -136,21 +136,25 @@ def run_intact(
     return intact, run, layers
 
 
+def _intact_side(intact: Layout, run: SequenceRun, layers: dict[int, int], needs: Needs) -> Side:
+    """The intact path's side, from :func:`run_intact`'s path layout and run."""
+    queries = intact.answer_queries(S.ANSWER_INTACT)
+    return _side(run, queries, 0, intact.regions[S.LATENT], layers, needs.hidden)
+
+
+def _intact_owners(layout: Layout, run: SequenceRun) -> dict[str, tuple[SequenceRun, torch.Tensor]]:
+    """The written owners the intact path's run computes (for :func:`_written`): its own
+    columns, and the latent block D, which it computes for both paths."""
+    cols = layout.select(INTACT_PATH)[1]
+    return {"intact": (run, cols), "shared": (run, cols)}
+
+
 def intact_only(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
     intact, run, layers = run_intact(backbone, layout, layout_inputs(backbone, layout), needs)
-    intact_side = _side(
-        run,
-        intact.answer_queries(S.ANSWER_INTACT),
-        0,
-        intact.regions[S.LATENT],
-        layers,
-        needs.hidden,
-    )
     written = {}
     if layout.written is not None:
-        cols = layout.select(INTACT_PATH)[1]
-        written = _written(layout, {"intact": (run, cols), "shared": (run, cols)})
-    return _pair(layout, intact_side, written=written)
+        written = _written(layout, _intact_owners(layout, run))
+    return _pair(layout, _intact_side(intact, run, layers, needs), written=written)
 
 
 def packed(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> PathOutputs:
@@ -193,26 +197,12 @@ def two_pass(backbone: Backbone, layout: Layout, needs: Needs = Needs()) -> Path
         hidden=needs.hidden,
     )
     read = S.LATENT_BLANK if blank else S.LATENT
-    intact = _side(
-        intact_run,
-        intact_layout.answer_queries(S.ANSWER_INTACT),
-        0,
-        intact_layout.regions[S.LATENT],
-        layers,
-        needs.hidden,
-    )
+    intact = _intact_side(intact_layout, intact_run, layers, needs)
     corrupted = _side(corrupted_run, f, 0, corrupted_layout.regions[read], layers, needs.hidden)
     written = {}
     if layout.written is not None:
-        intact_cols = layout.select(INTACT_PATH)[1]
-        written = _written(
-            layout,
-            {
-                "intact": (intact_run, intact_cols),
-                "shared": (intact_run, intact_cols),  # D: the intact pass computes it
-                "corrupted": (corrupted_run, cols),
-            },
-        )
+        owners = {**_intact_owners(layout, intact_run), "corrupted": (corrupted_run, cols)}
+        written = _written(layout, owners)
     return _pair(layout, intact, corrupted, written)
 
 

@@ -13,14 +13,14 @@ the last-layer hidden state at the column before a slot becomes that slot's inpu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from crystalkit.crystal.packing import packed_allowed
-from crystalkit.models.attention_capture import record_attention
+from crystalkit.models.attention_capture import AttentionRecording, record_attention
 from crystalkit.models.backbone import Backbone
 from crystalkit.models.compat import cache_layers_kv
 from crystalkit.models.masks import additive
@@ -103,8 +103,7 @@ def run_sequence(
     columns; ``inject``: a column range and its per-layer keys/values; ``queries``: column ranges
     whose attention rows are recorded at ``layers`` (each range must lie between two slots);
     ``hidden``: keep last-layer hidden states."""
-    embeds = inputs.embeds
-    length = embeds.shape[1]
+    length = inputs.embeds.shape[1]
     allowed = packed_allowed(inputs.segments)
     slot_cols = {c for r in slots for c in r}
     skip = inject[0] if inject is not None and len(inject[0]) else None
@@ -115,47 +114,75 @@ def run_sequence(
     while t < length:
         if skip is not None and t == skip.start:
             for i, (keys, values) in enumerate(inject[1]):
-                cache.update(keys, values, i)
+                run.cache.update(keys, values, i)
             t = skip.stop
             continue
         end = next((c for c in stops if c > t), length)
         chunk = inputs.columns(slice(t, end))
-        chunk_embeds = chunk.embeds
-        if t in run.slot_inputs:
-            slot = run.slot_inputs[t][:, None].to(chunk_embeds.dtype)
-            chunk_embeds = torch.cat([slot, chunk_embeds[:, 1:]], 1)
         inside = [
             (j, q) for j, q in enumerate(queries) if len(q) and t <= q.start and q.stop <= end
         ]
-        recording = None
-        if inside and layers:
-            index = torch.cat([torch.arange(q.start - t, q.stop - t) for _, q in inside])
-            recording = record_attention(layers, index.to(embeds.device).expand(len(embeds), -1))
-        with recording or nullcontext() as rec:
+        with _recording(inside, layers, t, inputs.embeds) or nullcontext() as rec:
             out = backbone(
-                chunk_embeds,
-                additive(allowed[:, t:end, :end], embeds.dtype),
+                _chunk_embeds(run, chunk, t),
+                additive(allowed[:, t:end, :end], inputs.embeds.dtype),
                 chunk.positions,
-                past_key_values=cache,
-                use_cache=cache is not None,
+                past_key_values=run.cache,
+                use_cache=run.cache is not None,
                 output_hidden_states=hidden or end in slot_cols,
                 layer_inputs=chunk.layer_inputs,
             )
-        span = range(t, end)
-        run.logits_chunks.append((span, out.logits))
-        if out.hidden_states is not None:
-            last = out.hidden_states[-1]
-            if hidden:
-                run.hidden_chunks.append((span, last))
-            if end in slot_cols:
-                run.slot_inputs[end] = last[:, -1]
+        _keep(run, range(t, end), out, hidden, feeds_slot=end in slot_cols)
         if rec is not None:
-            offset = 0
-            for j, q in inside:
-                for layer in layers:
-                    run.attention[(j, layer)] = rec.rows[layer][:, :, offset : offset + len(q)]
-                offset += len(q)
-        if out.past_key_values is not None:
-            run.cache = cache = out.past_key_values
+            _keep_attention(run, rec, inside, layers)
         t = end
     return run
+
+
+def _chunk_embeds(run: SequenceRun, chunk: Inputs, start: int) -> torch.Tensor:
+    """The input embeddings of a chunk that begins at column ``start``; at a recurrent slot its
+    first column is the hidden state the slot receives."""
+    if start not in run.slot_inputs:
+        return chunk.embeds
+    slot = run.slot_inputs[start][:, None].to(chunk.embeds.dtype)
+    return torch.cat([slot, chunk.embeds[:, 1:]], 1)
+
+
+def _recording(
+    inside: list[tuple[int, range]], layers: Sequence[int], start: int, embeds: torch.Tensor
+) -> AbstractContextManager[AttentionRecording] | None:
+    """A recorder of the attention rows of the query ranges ``inside`` a chunk that begins at
+    column ``start`` (``None`` when the chunk records nothing)."""
+    if not (inside and layers):
+        return None
+    index = torch.cat([torch.arange(q.start - start, q.stop - start) for _, q in inside])
+    return record_attention(layers, index.to(embeds.device).expand(len(embeds), -1))
+
+
+def _keep(run: SequenceRun, span: range, out: Any, hidden: bool, feeds_slot: bool) -> None:
+    """Keep a chunk's logits, its last-layer hidden states (with ``hidden``), the input of the
+    slot right after it (``feeds_slot``: its last hidden state) and the extended cache."""
+    run.logits_chunks.append((span, out.logits))
+    if out.hidden_states is not None:
+        last = out.hidden_states[-1]
+        if hidden:
+            run.hidden_chunks.append((span, last))
+        if feeds_slot:
+            run.slot_inputs[span.stop] = last[:, -1]
+    if out.past_key_values is not None:
+        run.cache = out.past_key_values
+
+
+def _keep_attention(
+    run: SequenceRun,
+    recording: AttentionRecording,
+    inside: list[tuple[int, range]],
+    layers: Sequence[int],
+) -> None:
+    """Split a chunk's recorded attention rows (per layer: the query ranges ``inside`` it one
+    after the other) into :attr:`SequenceRun.attention`, by query request and layer."""
+    offset = 0
+    for j, q in inside:
+        for layer in layers:
+            run.attention[(j, layer)] = recording.rows[layer][:, :, offset : offset + len(q)]
+        offset += len(q)

@@ -8,7 +8,7 @@ import json
 import re
 import string
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,16 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from crystalkit.config.schema import EvalConfig
+from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.method import Method
-from crystalkit.data.sample import LETTERS
+from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
-from crystalkit.evaluation.generation import View, generate_answers, split_written
+from crystalkit.evaluation.generation import (
+    View,
+    WrittenBlock,
+    generate_answers,
+    split_written,
+)
 from crystalkit.evaluation.replacement import LatentReplacement, written_replacement
 from crystalkit.io import atomic_write_json, atomic_write_text
 from crystalkit.models.backbone import Backbone
@@ -72,6 +78,22 @@ class EvalResult:
             "".join(json.dumps(p) + "\n" for p in self.predictions),
         )
 
+    @classmethod
+    def from_predictions(cls, predictions: list[dict[str, Any]], generated: bool) -> EvalResult:
+        """The summary of prediction records (``wrote_block`` with ``generated`` latents)."""
+        by_category: dict[str, list[bool]] = defaultdict(list)
+        for p in predictions:
+            by_category[p["category"]].append(p["correct"])
+        count = max(len(predictions), 1)
+        return cls(
+            accuracy=sum(p["correct"] for p in predictions) / count,
+            chance=sum(1 / p["num_options"] for p in predictions if p["num_options"]) / count,
+            num_samples=len(predictions),
+            per_category={k: sum(v) / len(v) for k, v in sorted(by_category.items())},
+            predictions=predictions,
+            wrote_block=sum(p["wrote_block"] for p in predictions) / count if generated else None,
+        )
+
     def summary(self) -> dict[str, Any]:
         summary = {
             "accuracy": self.accuracy,
@@ -105,85 +127,130 @@ def evaluate(
     answer is read after the block (:func:`~crystalkit.evaluation.generation.split_written`) and
     each prediction also records the whole generation (``written``, special tokens shown) and
     whether it began with exactly the forced template and block (``wrote_block``)."""
-    generated = cfg.latent_block == "generated"
-    if generated and view != "intact":
-        raise UsageError(
-            "generated latents: the copied/no_copy views put the intact images' latent block on "
-            "the corrupted path at known columns; run them with forced latents"
-        )
-    written = method.written_ids() if generated else []
-    block = method.block.ids(method.final_k)
-    block_end = block[-1] if block else None
-    budget = cfg.max_new_tokens + len(written)
+    decoding = _Decoding(backbone, method, cfg, corrupted, replacement, view)
     was_training = backbone.training
     backbone.eval()
-    tokenizer = backbone.tokenizer
-    device = next(backbone.parameters()).device
+    predictions = [
+        prediction
+        for start, samples in eval_batches(dataset, cfg)
+        for prediction in decoding.batch(samples, start)
+    ]
+    backbone.train(was_training)
+    return EvalResult.from_predictions(predictions, generated=decoding.generated)
+
+
+def eval_batches(dataset: Dataset, cfg: EvalConfig) -> Iterator[tuple[int, list[Sample]]]:
+    """``(index of the first sample, samples)`` of each evaluation batch: the first
+    ``cfg.max_samples`` samples (all without it), ``cfg.batch_size`` at a time."""
     total = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
-    predictions: list[dict[str, Any]] = []
     for start in range(0, total, cfg.batch_size):
-        samples = [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
-        seed = derived_seed(method.recipe.seed, -1 - start)
-        corrupt_seed = seed if corrupted else None
-        written_block = None
-        if generated:
-            layout = method.generated_prompt_layout(samples, corrupt_seed=corrupt_seed)
-            if replacement is not None:
-                written_block = written_replacement(
-                    backbone, method, samples, replacement, corrupt_seed, device
-                )
-        elif view == "intact":
-            layout = method.prompt_layout(samples, corrupt_seed=corrupt_seed)
-        else:
-            layout = method.control_layout(samples, seed, blank=view == "no_copy")
+        yield start, [dataset[i] for i in range(start, min(start + cfg.batch_size, total))]
+
+
+class _Decoding:
+    """What one evaluation decodes, and the steps every batch goes through: its prompt layout,
+    greedy decoding, and a prediction record per row."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: Method,
+        cfg: EvalConfig,
+        corrupted: bool,
+        replacement: LatentReplacement | None,
+        view: View,
+    ):
+        self.generated = cfg.latent_block == "generated"
+        if self.generated and view != "intact":
+            raise UsageError(
+                "generated latents: the copied/no_copy views put the intact images' latent block "
+                "on the corrupted path at known columns; run them with forced latents"
+            )
+        self.backbone, self.method, self.tokenizer = backbone, method, backbone.tokenizer
+        self.corrupted, self.replacement, self.view = corrupted, replacement, view
+        self.device = next(backbone.parameters()).device
+        #: what the model should write before the answer (generated latents; none when forced)
+        self.written = method.written_ids() if self.generated else []
+        block = method.block.ids(method.final_k)
+        self.block_end = block[-1] if block else None
+        self.budget = cfg.max_new_tokens + len(self.written)
+
+    def batch(self, samples: list[Sample], start: int) -> list[dict[str, Any]]:
+        """The prediction records of the batch of ``samples`` that begins at index ``start``."""
+        layout, written_block = self.prompt(
+            samples, derived_seed(self.method.recipe.seed, -1 - start)
+        )
         answers = generate_answers(
-            backbone,
-            layout.to(device),
-            budget,
-            [tokenizer.eos_token_id],
-            None if generated else replacement,
-            view,
+            self.backbone,
+            layout.to(self.device),
+            self.budget,
+            [self.tokenizer.eos_token_id],
+            None if self.generated else self.replacement,
+            self.view,
             written_block,
         )
-        for i, (sample, row) in enumerate(zip(samples, answers.tokens.tolist(), strict=True)):
-            extra: dict[str, Any] = {}
-            if generated:
-                stop = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
-                text = tokenizer.decode(row[:stop], skip_special_tokens=False)
-                row, exact = split_written(row, written, method.packer.cue_ids, block_end)
-                extra = {"written": text, "wrote_block": exact}
-                if answers.replaced is not None:
-                    extra["replaced"] = bool(answers.replaced[i])
-            raw = tokenizer.decode(row, skip_special_tokens=True)
-            if sample.options:
-                choice = extract_choice(raw, sample.options)
-                correct = choice == sample.answer
-            else:
-                choice = normalise_answer(raw)
-                correct = choice == normalise_answer(sample.answer)
-            predictions.append(
-                {
-                    "index": sample.index,
-                    "category": sample.category,
-                    "question": sample.question,
-                    "raw": raw,
-                    "prediction": choice,
-                    "answer": sample.answer,
-                    "num_options": len(sample.options),
-                    "correct": correct,
-                    **extra,
-                }
-            )
-    backbone.train(was_training)
-    by_category: dict[str, list[bool]] = defaultdict(list)
-    for p in predictions:
-        by_category[p["category"]].append(p["correct"])
-    count = max(len(predictions), 1)
-    return EvalResult(
-        accuracy=sum(p["correct"] for p in predictions) / count,
-        chance=sum(1 / p["num_options"] for p in predictions if p["num_options"]) / count,
-        num_samples=len(predictions),
-        per_category={k: sum(v) / len(v) for k, v in sorted(by_category.items())},
-        predictions=predictions,
-        wrote_block=sum(p["wrote_block"] for p in predictions) / count if generated else None,
-    )
+        rows = answers.tokens.tolist()
+        replaced = [None] * len(rows) if answers.replaced is None else answers.replaced.tolist()
+        return [
+            self.record(sample, row, was_replaced)
+            for sample, row, was_replaced in zip(samples, rows, replaced, strict=True)
+        ]
+
+    def prompt(self, samples: list[Sample], seed: int) -> tuple[Layout, WrittenBlock | None]:
+        """The batch's prompt layout (its images corrupted with ``seed`` when they are shown
+        corrupted) and, with generated latents, the replacement of the block the model writes."""
+        method = self.method
+        corrupt_seed = seed if self.corrupted else None
+        if not self.generated:
+            if self.view == "intact":
+                return method.prompt_layout(samples, corrupt_seed=corrupt_seed), None
+            return method.control_layout(samples, seed, blank=self.view == "no_copy"), None
+        layout = method.generated_prompt_layout(samples, corrupt_seed=corrupt_seed)
+        if self.replacement is None:
+            return layout, None
+        written_block = written_replacement(
+            self.backbone, method, samples, self.replacement, corrupt_seed, self.device
+        )
+        return layout, written_block
+
+    def record(self, sample: Sample, row: list[int], replaced: bool | None) -> dict[str, Any]:
+        """The prediction record of a generated ``row``; ``replaced``: whether a replacement
+        acted on the block the model wrote (``None``: no replacement on a written block)."""
+        extra: dict[str, Any] = {}
+        if self.generated:
+            row, extra = self.read_written(row)
+            if replaced is not None:
+                extra["replaced"] = replaced
+        raw = self.tokenizer.decode(row, skip_special_tokens=True)
+        choice, correct = _score(raw, sample)
+        return {
+            "index": sample.index,
+            "category": sample.category,
+            "question": sample.question,
+            "raw": raw,
+            "prediction": choice,
+            "answer": sample.answer,
+            "num_options": len(sample.options),
+            "correct": correct,
+            **extra,
+        }
+
+    def read_written(self, row: list[int]) -> tuple[list[int], dict[str, Any]]:
+        """With generated latents: the answer part of ``row``, and what the model wrote (the
+        whole generation up to eos, special tokens shown; whether it began with exactly the
+        forced prompt's template, block and cue)."""
+        eos = self.tokenizer.eos_token_id
+        stop = row.index(eos) if eos in row else None
+        text = self.tokenizer.decode(row[:stop], skip_special_tokens=False)
+        answer, exact = split_written(row, self.written, self.method.packer.cue_ids, self.block_end)
+        return answer, {"written": text, "wrote_block": exact}
+
+
+def _score(raw: str, sample: Sample) -> tuple[str | None, bool]:
+    """The prediction in ``raw`` and whether it is right: the extracted choice for a
+    multiple-choice sample, the normalised text against the normalised answer otherwise."""
+    if sample.options:
+        choice = extract_choice(raw, sample.options)
+        return choice, choice == sample.answer
+    choice = normalise_answer(raw)
+    return choice, choice == normalise_answer(sample.answer)

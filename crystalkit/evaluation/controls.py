@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from crystalkit.config.schema import EvalConfig
 from crystalkit.crystal.method import Method
-from crystalkit.evaluation.accuracy import EvalResult, evaluate
+from crystalkit.evaluation.accuracy import EvalResult, eval_batches, evaluate
 from crystalkit.evaluation.replacement import (
     BUILTIN,
     REPLACEMENTS,
@@ -55,14 +55,8 @@ def control_result(
     if name in VIEWS:
         return evaluate(backbone, data, method, cfg, view=name)
     if name == "mean":
-        total = min(cfg.max_samples or len(data), len(data))
         device = next(backbone.parameters()).device
-        layouts = [
-            method.prompt_layout([data[i] for i in range(s, min(s + cfg.batch_size, total))]).to(
-                device
-            )
-            for s in range(0, total, cfg.batch_size)
-        ]
+        layouts = [method.prompt_layout(batch).to(device) for _, batch in eval_batches(data, cfg)]
         replacement = mean_replacement(dataset_mean_kv(backbone.eval(), layouts))
     else:
         replacement = BUILTIN[name]
