@@ -7,32 +7,23 @@ another run's weights (:mod:`crystalkit.training.warm_start`).
 Determinism on CPU: model init from ``seed``; each step re-seeds torch from ``(seed, step)`` and
 draws its batch from :class:`StepSampler`, so a resumed run replays the exact batches and random
 ops an uninterrupted run would have, and ends with the same weights, whatever stage it stopped in.
+
+The loop reads as a recipe (:class:`_TrainingRun`): set up, then per step train, log, evaluate
+and checkpoint when due, then finish.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch.utils.data import Dataset
 
 from crystalkit.config.loader import dump_recipe
@@ -44,25 +35,19 @@ from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
 from crystalkit.evaluation.inspect import sample_figure
-from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
+from crystalkit.io import atomic_write_text
 from crystalkit.latents.blocks import reset_token_rows
 from crystalkit.models.backbone import Backbone
 from crystalkit.runs.build import build_dataset, build_model
 from crystalkit.runs.checkpoint import (
+    Checkpoint,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
     save_checkpoint,
 )
-from crystalkit.runs.files import (
-    CHECKPOINTS_DIR,
-    EVALUATION_PATTERNS,
-    METRICS_FILE,
-    RECIPE_FILE,
-    RESULTS_FILE,
-    SNAPSHOT_DIR,
-)
-from crystalkit.runs.snapshot import read_record, write_snapshot
+from crystalkit.runs.files import RECIPE_FILE
+from crystalkit.runs.snapshot import write_snapshot
 from crystalkit.runs.sources import write_sources
 from crystalkit.seeding import StepSampler, derived_seed
 from crystalkit.training.distributed import (
@@ -75,8 +60,19 @@ from crystalkit.training.distributed import (
 )
 from crystalkit.training.loggers import Loggers, LogRun
 from crystalkit.training.optim import build_optimizer
+from crystalkit.training.progress import RunProgress
+from crystalkit.training.run_dir import (
+    FreshOutputs,
+    check_resumable,
+    check_run_dir,
+    clear_outputs,
+    default_run_dir,
+    write_results,
+)
 from crystalkit.training.threads import Window, check_oversubscription, resolve_num_threads
 from crystalkit.training.warm_start import load_source
+
+__all__ = ["TrainResult", "check_resumable", "default_run_dir", "train"]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,164 +82,6 @@ class TrainResult:
     run_dir: Path
     steps: int
     final: EvalResult | None
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    return Path(recipe.output_dir) / recipe.name
-
-
-def check_resumable(recipe: Recipe, run_dir: Path | None = None) -> None:
-    """``crystalkit train --resume`` continues a run: refuse (one line) where there is none, rather
-    than quietly train from scratch after a mistyped name or ``--run-dir``. :func:`train` itself
-    resumes what is there and starts what is not, as the ablation runner needs."""
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise UsageError(
-            f"{run_dir}: no run to resume (no {RECIPE_FILE} there); check the recipe's name and "
-            "output_dir or --run-dir, or drop --resume to start a new run"
-        )
-
-
-def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
-    """Refuse to train over an existing run unless told how; ``True`` for the leftovers of a run
-    that stopped before its first checkpoint, which a new run reuses as if it were empty."""
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(
-            f"{run_dir}: {existing} is a file, not a folder (expected a run directory)"
-        )
-    saved = run_dir / RECIPE_FILE
-    if not saved.exists():
-        return False
-    if overwrite:
-        return False
-    if latest_checkpoint(run_dir) is None and not (run_dir / RESULTS_FILE).exists():
-        return True  # killed (SIGKILL, a lost node) before it could clean up: nothing to keep
-    if not resume:
-        raise UsageError(
-            f"{run_dir}: a run already exists here; pass --resume to continue it, --overwrite to "
-            "start over, or set name=... / --run-dir for a new run"
-        )
-    previous = read_yaml(saved, CheckpointError)
-    if not isinstance(previous, dict):
-        found = "an empty file" if previous is None else type(previous).__name__
-        raise CheckpointError(
-            f"{saved}: not a recipe (expected a mapping of keys, got {found}); pass --overwrite "
-            "to start the run over"
-        )
-    with suppress(ValidationError):  # recipe keys added since that run take their defaults
-        previous = Recipe.model_validate(previous).to_dict()
-    current = recipe.to_dict()
-    for tree in (previous, current):  # where metrics go is not what the run computes
-        if isinstance(tree, dict) and isinstance(tree.get("train"), dict):
-            tree["train"].pop("loggers", None)
-    diff = _first_difference(previous, current)
-    if diff is not None:
-        key, old, new = diff
-        raise UsageError(
-            f"{saved}: cannot resume: {key} was {old!r} in the saved run but is {new!r} now "
-            "(resume with the same recipe and overrides)"
-        )
-    return False
-
-
-def _clear_outputs(run_dir: Path) -> None:
-    """Remove a previous run's outputs so that nothing stale (a later checkpoint, old
-    predictions) can be mistaken for this run's."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    shutil.rmtree(run_dir / SNAPSHOT_DIR, ignore_errors=True)
-    for pattern in (METRICS_FILE, RESULTS_FILE, *EVALUATION_PATTERNS):
-        for stale in run_dir.glob(pattern):
-            stale.unlink()
-
-
-class _FreshOutputs:
-    """What a run that starts at step 0 writes into its run dir, removed again when the run fails
-    (any exception, Ctrl-C included) before its first complete checkpoint, so that a retry does
-    not find a run in the way. Only the process that writes (rank 0) claims the outputs."""
-
-    #: written by a fresh start even where an earlier run left a file of the same name
-    WRITTEN = (RECIPE_FILE, METRICS_FILE, CHECKPOINTS_DIR, SNAPSHOT_DIR)
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.claimed = False
-        self.created = False
-        self.before: set[str] = set()
-
-    def claim(self) -> None:
-        """Called before this run writes anything: remember what was there already."""
-        self.created = not self.run_dir.exists()
-        self.before = set() if self.created else {p.name for p in self.run_dir.iterdir()}
-        self.claimed = True
-
-    def keep(self) -> None:
-        """Called once a complete checkpoint exists: from now on the run dir is a run."""
-        self.claimed = False
-
-    def discard(self) -> None:
-        """Remove the run dir if this run created it, else what this run wrote into it. Silent:
-        the error that stopped the run stays the one line the user reads."""
-        if not self.claimed:
-            return
-        self.claimed = False
-        if self.created:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        else:
-            for path in list(self.run_dir.iterdir()) if self.run_dir.is_dir() else []:
-                if path.name in self.before and path.name not in self.WRITTEN:
-                    continue  # not this run's (an ablation cell's status.json and train.log)
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if a == b else (prefix.rstrip("."), a, b)
-
-
-def _progress(console: Console, disable: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[terms]}"),
-        TextColumn("{task.fields[rate]:.0f} samples/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=disable,
-    )
-
-
-def _check_checkpointing(recipe: Recipe) -> None:
-    """transformers turns the KV cache off in checkpointed layers (a replay would append to it
-    twice), and recurrent latents and the two-pass copy are built on that cache."""
-    if not recipe.train.gradient_checkpointing:
-        return
-    if recipe.latents.family == "recurrent" or (
-        recipe.method == "crystal" and recipe.crystal.strategy == "two_pass"
-    ):
-        raise UsageError(
-            "train.gradient_checkpointing: not supported with latents.family=recurrent or "
-            "crystal.strategy=two_pass (they need the KV cache, which transformers disables "
-            "under checkpointing); use token latents with the packed strategy"
-        )
-
-
-def _autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
 
 
 def train(
@@ -313,14 +151,14 @@ def _train(
 ) -> TrainResult:
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
-    leftover = _check_run_dir(run_dir, recipe, resume, overwrite)
+    leftover = check_run_dir(run_dir, recipe, resume, overwrite)
     if leftover and parallel.world.main:
         console.print(f"{run_dir}: a run stopped here before its first checkpoint; starting over")
     torch.set_num_threads(resolve_num_threads(num_threads or recipe.train.num_threads))
-    outputs = _FreshOutputs(run_dir)
+    outputs = FreshOutputs(run_dir)
     try:
-        with ExitStack() as closing:  # the loggers _run opens: closed before outputs.discard()
-            return _run(
+        with ExitStack() as closing:  # the run's loggers: closed before outputs.discard()
+            run = _TrainingRun(
                 recipe,
                 parallel,
                 run_dir=run_dir,
@@ -328,224 +166,293 @@ def _train(
                 console=console,
                 stop_after=stop_after,
                 outputs=outputs,
-                observers=(loggers, log_group, closing),
             )
+            return run.run(loggers, log_group, closing)
     except BaseException:
         outputs.discard()
         raise
 
 
-def _run(
-    recipe: Recipe,
-    parallel: Replicas,
-    *,
-    run_dir: Path,
-    resume: bool,
-    console: Console,
-    stop_after: int | None,
-    outputs: _FreshOutputs,
-    observers: tuple[list[ComponentSpec], str | None, ExitStack],
-) -> TrainResult:
-    cfg, world = recipe.train, parallel.world
-    device = world.device(recipe.device)
+@dataclass
+class _StepValues:
+    """What a training step hands to :meth:`_TrainingRun.log`. ``shares`` are this rank's
+    ``[loss, *terms]``, summed over its micro-batches; only a log step sums them over the ranks
+    (every rank takes part in that)."""
 
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    world.barrier()  # every rank has read the run dir before rank 0 changes it
-    torch.manual_seed(recipe.seed)
-    dataset = build_dataset(recipe)
-    warm = recipe.warm_start.source is not None
-    if checkpoint is None and world.main:
-        source = load_source(recipe, dataset) if warm else None  # a bad source clears nothing
-        if resume:
-            console.print(f"{run_dir}: no complete checkpoint to resume from; starting at step 0")
-        outputs.claim()
-        _clear_outputs(run_dir)
+    shares: torch.Tensor
+    terms: tuple[str, ...]
+    weights: dict[str, float]
+    k: int
+    lr: float
+    grad_norm: float
+
+
+class _TrainingRun:
+    """One call of :func:`train`, as a recipe: :meth:`setup`; then for each step
+    :meth:`train_step` and, when due, :meth:`log`, :meth:`evaluate` and :meth:`checkpoint`
+    (:meth:`enter_stage` where a stage starts); then :meth:`finish`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        parallel: Replicas,
+        *,
+        run_dir: Path,
+        resume: bool,
+        console: Console,
+        stop_after: int | None,
+        outputs: FreshOutputs,
+    ):
+        self.recipe, self.cfg = recipe, recipe.train
+        self.parallel, self.world = parallel, parallel.world
+        self.device = self.world.device(recipe.device)
+        self.run_dir, self.resume, self.console, self.outputs = run_dir, resume, console, outputs
+        self.end = self.cfg.steps if stop_after is None else min(stop_after, self.cfg.steps)
+        # a sharded model evaluates together
+        self.evaluating = self.world.main or parallel.collective_forward
+        # several threads on a busy machine: warned about once per run
+        self.watch_threads = self.device.type == "cpu" and self.world.main
+        self.loggers: Loggers | None = None
+
+    def run(
+        self, loggers: list[ComponentSpec], log_group: str | None, closing: ExitStack
+    ) -> TrainResult:
+        """Train from the checkpoint (or step 0) to the end; ``closing`` closes the loggers."""
+        self.setup(loggers, log_group, closing)
+        cfg = self.cfg
+        self.backbone.train()
+        self.window = Window()  # samples/s of the training steps since it opened
+        started = time.perf_counter()
+        self.progress = RunProgress(
+            self.console,
+            self.recipe.name,
+            steps=cfg.steps,
+            start=self.start,
+            end=self.end,
+            stages=len(self.plan),
+            main=self.world.main,
+            started=started,
+        )
+        with self.progress:
+            for step in range(self.start, self.end):
+                if step == self.start or step >= self.stage.stop:
+                    self.enter_stage(step)
+                values = self.train_step(step)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == self.end:
+                    self.log(done, values)
+                self.progress.advance(done)
+                periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
+                if periodic and self.evaluating:
+                    self.evaluate(done)
+                if (cfg.save_every and done % cfg.save_every == 0) or done == self.end:
+                    self.checkpoint(done)
+        return self.finish(train_time=time.perf_counter() - started)
+
+    def setup(
+        self, loggers: list[ComponentSpec], log_group: str | None, closing: ExitStack
+    ) -> None:
+        """Data, a fresh start's run dir (with the warm-start snapshot), the model (resumed from
+        the latest checkpoint where there is one), the stages and rank 0's loggers."""
+        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        self.world.barrier()  # every rank has read the run dir before rank 0 changes it
+        torch.manual_seed(self.recipe.seed)
+        self.dataset = build_dataset(self.recipe)
+        if checkpoint is None and self.world.main:
+            self._start_outputs()
+        self.world.barrier()  # the warm-start snapshot is complete before any rank reads it
+        self._setup_model(checkpoint)
+        self.plan = plan_stages(self.recipe)
+        _check_stages(self.recipe, self.plan, self.model.introduced)
+        latents = self.recipe.latents
+        self.frozen_rows = self.backbone.token_matrices() if latents.train_new_rows_only else []
+        self._setup_start(checkpoint)
+        if self.world.main:  # only the main process logs; a resumed run continues its logs
+            info = LogRun(
+                self.run_dir, self.recipe.name, self.recipe.to_dict(), self.start, log_group
+            )
+            self.loggers = closing.enter_context(Loggers(loggers, info))
+        self.train_split = self.dataset.split("train")
+        self.sampler = StepSampler(len(self.train_split), self.cfg.batch_size, self.recipe.seed)
+        self.micro_batches = self.world.micro_batches(
+            self.cfg.batch_size, self.cfg.grad_accum_steps
+        )
+
+    def _start_outputs(self) -> None:
+        """Rank 0 of a run that starts at step 0: clear what a previous run left and write the
+        warm-start snapshot (a bad source is refused before anything is cleared)."""
+        warm = self.recipe.warm_start.source is not None
+        source = load_source(self.recipe, self.dataset) if warm else None
+        if self.resume:
+            self.console.print(
+                f"{self.run_dir}: no complete checkpoint to resume from; starting at step 0"
+            )
+        self.outputs.claim()
+        clear_outputs(self.run_dir)
         if source is not None:
-            write_snapshot(source.backbone, source.record, run_dir)
+            write_snapshot(source.backbone, source.record, self.run_dir)
             record = source.record
-            console.print(
+            self.console.print(
                 f"warm start from {record['source']} (step {record['step']}"
                 + (", LoRA merged" if record["lora_merged"] else "")
                 + ")"
             )
-    world.barrier()  # the warm-start snapshot is complete before any rank reads it
-    # latent tokens of every stage, then LoRA: all before the optimizer sees the parameters
-    model = build_model(
-        recipe, dataset, assets=run_dir if checkpoint or warm else None, device=device
-    )
-    backbone = model.backbone
-    if cfg.gradient_checkpointing:
-        backbone.enable_gradient_checkpointing()
-    backbone.to(device)
-    if checkpoint is not None:
-        load_weights(backbone, checkpoint)
-    parallel.prepare(backbone, device)
-    plan = plan_stages(recipe)
-    _check_stages(recipe, plan, model.introduced)
-    frozen_rows = backbone.token_matrices() if recipe.latents.train_new_rows_only else []
-    start, state = 0, None
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        start = checkpoint.step
-        if world.main:
-            console.print(f"resuming {run_dir} from step {start}")
-    elif world.main:
-        atomic_write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
-        write_sources(run_dir, recipe)  # what to install if a plugin is missing later
-        backbone.save_assets(run_dir)
-    log: Loggers | None = None
-    if world.main:  # only the main process logs; a resumed run continues its logs at `start`
-        specs, group, closing = observers
-        run_info = LogRun(run_dir, recipe.name, recipe.to_dict(), start, group)
-        log = closing.enter_context(Loggers(specs, run_info))
 
-    train_split = dataset.split("train")
-    sampler = StepSampler(len(train_split), cfg.batch_size, recipe.seed)
-    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-    evaluating = world.main or parallel.collective_forward  # a sharded model evaluates together
+    def _setup_model(self, checkpoint: Checkpoint | None) -> None:
+        """The model with the latent tokens of every stage, then LoRA (all before the optimizer
+        sees the parameters), on its device, in its data-parallel form."""
+        warm = self.recipe.warm_start.source is not None
+        assets = self.run_dir if checkpoint or warm else None
+        self.model = build_model(self.recipe, self.dataset, assets=assets, device=self.device)
+        self.backbone = self.model.backbone
+        if self.cfg.gradient_checkpointing:
+            self.backbone.enable_gradient_checkpointing()
+        self.backbone.to(self.device)
+        if checkpoint is not None:
+            load_weights(self.backbone, checkpoint)
+        self.parallel.prepare(self.backbone, self.device)
 
-    def run_eval(step: int, split_name: str, stage: Stage, method: Method) -> EvalResult:
-        split = dataset.split(split_name)
-        result = evaluate(backbone, split, method, recipe.eval)
-        if log is not None:
+    def _setup_start(self, checkpoint: Checkpoint | None) -> None:
+        """The first step and the trainer state to resume from; a fresh run (rank 0) writes its
+        resolved recipe, its plugins' sources and the backbone's assets."""
+        self.start, self.state = 0, None
+        if checkpoint is not None:
+            self.state = load_trainer_state(checkpoint)
+            self.start = checkpoint.step
+            if self.world.main:
+                self.console.print(f"resuming {self.run_dir} from step {self.start}")
+        elif self.world.main:
+            atomic_write_text(self.run_dir / RECIPE_FILE, dump_recipe(self.recipe))
+            write_sources(self.run_dir, self.recipe)  # what to install if a plugin is missing later
+            self.backbone.save_assets(self.run_dir)
+
+    def enter_stage(self, step: int) -> None:
+        """Switch to the stage of ``step``: its method and a fresh optimizer (mid-stage, a
+        resumed run restores its state); where the stage starts, its new latent rows reset."""
+        stage = stage_at(self.plan, step)
+        self.stage, self.method = stage, self.model.stage_methods[stage.index]
+        self.shard_loss = ShardLoss(self.method)
+        resumed = self.state if step == self.start and step > stage.start else None
+        self.opt = _StageOptimizer(self.backbone, stage, self.parallel, self.frozen_rows, resumed)
+        if step == stage.start:
+            init_from = stage.recipe.latents.init_from or self.backbone.tokenizer.eos_token
+            reset_token_rows(self.backbone, list(self.model.introduced[stage.index]), init_from)
+        self.progress.enter_stage(stage, self.method, step)
+
+    def train_step(self, step: int) -> _StepValues:
+        """One optimizer step: the global batch laid out (and corrupted) as one process would,
+        this rank's micro-batches forward and backward, gradients synced, the optimizer step."""
+        method, local, seed = self.method, self.stage.local(step), self.recipe.seed
+        torch.manual_seed(self.world.step_seed(seed, step))
+        samples = [self.train_split[i] for i in self.sampler.indices(step)]
+        layout = method.layout(samples, local, corrupt_seed=derived_seed(seed, step))
+        weights = method.weights_at(local)
+        global_counts = unit_counts(layout)
+        self.opt.optimizer.zero_grad(set_to_none=True)
+        shares = []  # this rank's shares of [loss, *terms], one per micro-batch
+        for rows in self.micro_batches:
+            micro = layout.rows(rows)
+            with _autocast(self.device, self.cfg.precision):
+                total, terms = method.loss(self.backbone, micro.to(self.device), weights)
+            loss, terms = self.shard_loss(total, terms, unit_counts(micro), global_counts, weights)
+            self.parallel.backward(self.opt.scaler.scale(loss))
+            shares.append(torch.stack([loss.detach(), *terms.values()]).float())
+        self.parallel.sync(self.backbone)
+        grad_norm = self.opt.step()
+        self.window.samples += len(samples)
+        lr = self.opt.scheduler.get_last_lr()[0]
+        summed = torch.stack(shares).sum(0)
+        return _StepValues(summed, tuple(terms), weights, method.k_at(local), lr, grad_norm)
+
+    def log(self, done: int, values: _StepValues) -> None:
+        """The metrics record of step ``done`` to the loggers and the progress display."""
+        rate = self._samples_per_s()
+        loss, *term_values = self.world.sum(values.shares).tolist()
+        terms = dict(zip(values.terms, term_values, strict=True))
+        record = {
+            "step": done,
+            "stage": self.stage.name,
+            "loss": loss,
+            **{f"loss/{k}": v for k, v in terms.items()},
+            **{f"weight/{k}": v for k, v in values.weights.items()},
+            "k": values.k,
+            "lr": values.lr,
+            "grad_norm": values.grad_norm,
+            "samples_per_s": rate,
+        }
+        if self.loggers is not None:
+            self.loggers.log(record)
+        self.progress.logged(done, record, terms)
+        self.window = Window()
+
+    def _samples_per_s(self) -> float:
+        """The training rate since the window opened; on CPU, a starved run warns (once)."""
+        rate = self.window.samples / max(time.perf_counter() - self.window.wall, 1e-9)
+        if self.watch_threads:
+            slow = check_oversubscription(self.window, torch.get_num_threads(), rate)
+            if slow is not None:
+                warnings.warn(slow, PerformanceWarning, stacklevel=2)
+                self.watch_threads = False
+        return rate
+
+    def evaluate(self, done: int) -> None:
+        """The periodic evaluation on ``eval.split``; its time is left out of samples/s."""
+        split = self.recipe.eval.split
+        result = self._evaluate(done, split, self.stage, self.method)
+        if self.world.main:
+            self.progress.print(
+                f"step {done}: {split} accuracy {result.accuracy:.1%} (chance {result.chance:.1%})"
+            )
+        self.window = Window()  # rate: training only
+
+    def _evaluate(self, step: int, split_name: str, stage: Stage, method: Method) -> EvalResult:
+        """Evaluate ``method`` on a split; rank 0 logs the result and, for loggers that take
+        images, the inspect figure of the split's first sample."""
+        split = self.dataset.split(split_name)
+        result = evaluate(self.backbone, split, method, self.recipe.eval)
+        if self.loggers is not None:
             record = {"step": step, "stage": stage.name, "split": split_name}
-            log.log(record | result.summary())
-            drawable = method.final_k and backbone.image_grid is not None and len(split)
-            if log.wants_images and drawable and not parallel.collective_forward:
-                log.image(step, f"inspect/{split_name}", _inspect_figure(backbone, method, split))
+            self.loggers.log(record | result.summary())
+            drawable = method.final_k and self.backbone.image_grid is not None and len(split)
+            if self.loggers.wants_images and drawable and not self.parallel.collective_forward:
+                figure = _inspect_figure(self.backbone, method, split)
+                self.loggers.image(step, f"inspect/{split_name}", figure)
         return result
 
-    micro_batches = world.micro_batches(cfg.batch_size, cfg.grad_accum_steps)
-    backbone.train()
-    window = Window()
-    watch_threads = device.type == "cpu" and world.main  # several threads on a busy machine
-    train_start = time.perf_counter()
-    stage: Stage | None = None
-    # a log file (cluster job, nohup) gets plain lines; a live bar would leave one truncated line
-    plain = world.main and not (console.is_terminal or console.is_jupyter)
-    with _progress(console, disable=plain or not world.main) as progress:
-        task = progress.add_task(
-            escape(recipe.name),
-            total=cfg.steps,
-            completed=start,
-            loss=float("nan"),
-            rate=0,
-            terms="",
-        )
-        for step in range(start, end):
-            if stage is None or step >= stage.stop:
-                stage = stage_at(plan, step)
-                method = model.stage_methods[stage.index]
-                shard_loss = ShardLoss(method)
-                # a stage starts a fresh optimizer; mid-stage, a resumed run restores its state
-                resumed = state if step == start and step > stage.start else None
-                opt = _StageOptimizer(backbone, stage, parallel, frozen_rows, resumed)
-                if step == stage.start:
-                    init_from = stage.recipe.latents.init_from or backbone.tokenizer.eos_token
-                    reset_token_rows(backbone, list(model.introduced[stage.index]), init_from)
-                if len(plan) > 1:
-                    progress.update(task, description=escape(f"{recipe.name} [{stage.name}]"))
-                    if world.main and step == stage.start:
-                        progress.console.print(_stage_line(stage, method, len(plan)))
-            local = stage.local(step)
-            torch.manual_seed(world.step_seed(recipe.seed, step))
-            samples = [train_split[i] for i in sampler.indices(step)]
-            # the global batch: corrupted as one process would
-            layout = method.layout(samples, local, corrupt_seed=derived_seed(recipe.seed, step))
-            weights = method.weights_at(local)
-            global_counts = unit_counts(layout)
-            opt.optimizer.zero_grad(set_to_none=True)
-            shares = []  # this rank's shares of [loss, *terms], one per micro-batch
-            for rows in micro_batches:
-                micro = layout.rows(rows)
-                with _autocast(device, cfg.precision):
-                    total, terms = method.loss(backbone, micro.to(device), weights)
-                loss, terms = shard_loss(total, terms, unit_counts(micro), global_counts, weights)
-                parallel.backward(opt.scaler.scale(loss))
-                shares.append(torch.stack([loss.detach(), *terms.values()]).float())
-            parallel.sync(backbone)
-            grad_norm = opt.step()
-            window.samples += len(samples)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == end:
-                elapsed = time.perf_counter() - window.wall
-                rate = window.samples / max(elapsed, 1e-9)
-                if watch_threads:
-                    slow = check_oversubscription(window, torch.get_num_threads(), rate)
-                    if slow is not None:
-                        warnings.warn(slow, PerformanceWarning, stacklevel=2)
-                        watch_threads = False  # once per run
-                loss_value, *term_values = world.sum(torch.stack(shares).sum(0)).tolist()
-                values = dict(zip(terms, term_values, strict=True))
-                record = {
-                    "step": done,
-                    "stage": stage.name,
-                    "loss": loss_value,
-                    **{f"loss/{k}": v for k, v in values.items()},
-                    **{f"weight/{k}": v for k, v in weights.items()},
-                    "k": method.k_at(local),
-                    "lr": opt.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "samples_per_s": rate,
-                }
-                if log is not None:
-                    log.log(record)
-                shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
-                progress.update(task, loss=record["loss"], rate=rate, terms=shown)
-                if plain:
-                    left = (time.perf_counter() - train_start) / (done - start) * (end - done)
-                    name = recipe.name + (f" [{stage.name}]" if len(plan) > 1 else "")
-                    console.print(
-                        _plain_line(name, done, cfg.steps, record, shown, left),
-                        markup=False,
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-                window = Window()
-            progress.update(task, completed=done)
-            periodic = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
-            if periodic and evaluating:
-                result = run_eval(done, recipe.eval.split, stage, method)
-                if world.main:
-                    progress.console.print(
-                        f"step {done}: {recipe.eval.split} accuracy {result.accuracy:.1%} "
-                        f"(chance {result.chance:.1%})"
-                    )
-                window = Window()  # rate: training only
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-                weights_state, optimizer_state = parallel.checkpoint_state(backbone, opt.optimizer)
-                if world.main:
-                    save_checkpoint(
-                        run_dir,
-                        done,
-                        weights_state,
-                        opt.state(optimizer_state),
-                        cfg.keep_checkpoints,
-                        meta={"stage": stage.name},
-                    )
-                    outputs.keep()
-                window = Window()
+    def checkpoint(self, done: int) -> None:
+        """Save the weights and optimizer state (rank 0 writes what every rank gathered); from
+        the first checkpoint on, a failure keeps the run dir."""
+        parallel, opt = self.parallel, self.opt
+        weights_state, optimizer_state = parallel.checkpoint_state(self.backbone, opt.optimizer)
+        if self.world.main:
+            save_checkpoint(
+                self.run_dir,
+                done,
+                weights_state,
+                opt.state(optimizer_state),
+                self.cfg.keep_checkpoints,
+                meta={"stage": self.stage.name},
+            )
+            self.outputs.keep()
+        self.window = Window()
 
-    train_time = time.perf_counter() - train_start
-    world.barrier()  # rank 0's last checkpoint is complete before any rank returns
-    if end < cfg.steps:
-        return TrainResult(run_dir, end, None)
-    last = plan[-1]
-    final = run_eval(end, recipe.eval.final_split, last, model.method) if evaluating else None
-    if world.main:
-        final.save(run_dir, recipe.eval.final_split, end)
-        controls = run_controls(
-            backbone,
-            dataset.split(recipe.eval.final_split),
-            model.method,
-            recipe.eval,
-            recipe.eval.controls,
-        )
-        _write_results(
-            run_dir, recipe, final, end, train_time if start == 0 else None, plan, controls
-        )
-    world.barrier()
-    return TrainResult(run_dir, end, final if world.main else None)
+    def finish(self, train_time: float) -> TrainResult:
+        """Unless stopped early: the final evaluation, the controls and ``results.json``."""
+        world, recipe, run_dir, end = self.world, self.recipe, self.run_dir, self.end
+        world.barrier()  # rank 0's last checkpoint is complete before any rank returns
+        if end < self.cfg.steps:
+            return TrainResult(run_dir, end, None)
+        split, method = recipe.eval.final_split, self.model.method
+        final = self._evaluate(end, split, self.plan[-1], method) if self.evaluating else None
+        if world.main:
+            final.save(run_dir, split, end)
+            controls = run_controls(
+                self.backbone, self.dataset.split(split), method, recipe.eval, recipe.eval.controls
+            )
+            seconds = train_time if self.start == 0 else None
+            write_results(run_dir, recipe, final, end, seconds, self.plan, controls)
+        world.barrier()
+        return TrainResult(run_dir, end, final if world.main else None)
 
 
 class _StageOptimizer:
@@ -597,15 +504,6 @@ class _StageOptimizer:
         }
 
 
-def _plain_line(
-    name: str, step: int, steps: int, record: dict[str, Any], terms: str, left: float
-) -> str:
-    """One progress line for a log file: step, loss and its terms, lr, samples/s, ETA."""
-    parts = [f"{name} step {step}/{steps} loss {record['loss']:.4f}", terms]
-    parts += [f"lr {record['lr']:.3g}", f"{record['samples_per_s']:.0f} samples/s"]
-    return " ".join([*filter(None, parts), f"ETA {timedelta(seconds=round(left))}"])
-
-
 def _inspect_figure(backbone: Backbone, method: Method, split: Dataset) -> bytes:
     """`crystalkit inspect`'s figure of the split's first sample: where the latents look."""
     training = backbone.training
@@ -614,14 +512,6 @@ def _inspect_figure(backbone: Backbone, method: Method, split: Dataset) -> bytes
         return sample_figure(backbone, method, split[0], 0)
     finally:
         backbone.train(training)
-
-
-def _stage_line(stage: Stage, method: Method, stages: int) -> str:
-    what = stage.recipe.method + (f", K {method.final_k}" if method.final_k else "")
-    return (
-        f"stage {stage.index + 1}/{stages} {stage.name}: steps {stage.start}-{stage.stop} "
-        f"({what}, lr {stage.recipe.train.lr:g})"
-    )
 
 
 def _check_stages(recipe: Recipe, plan: list[Stage], introduced: tuple) -> None:
@@ -635,26 +525,22 @@ def _check_stages(recipe: Recipe, plan: list[Stage], introduced: tuple) -> None:
         )
 
 
-def _write_results(
-    run_dir: Path,
-    recipe: Recipe,
-    final: EvalResult,
-    steps: int,
-    train_time: float | None,
-    plan: list[Stage],
-    controls: dict[str, float],
-) -> None:
-    results: dict[str, Any] = {
-        "name": recipe.name,
-        "steps": steps,
-        "split": recipe.eval.final_split,
-        **final.summary(),
-        "train_seconds": train_time,
-        "stages": [{"name": s.name, "start": s.start, "steps": s.steps} for s in plan],
-    }
-    if controls:
-        results["controls"] = controls
-    if recipe.warm_start.source is not None:
-        record = read_record(run_dir / SNAPSHOT_DIR)
-        results["warm_start"] = {k: record.get(k) for k in ("source", "step", "fingerprint")}
-    atomic_write_json(run_dir / RESULTS_FILE, results)
+def _check_checkpointing(recipe: Recipe) -> None:
+    """transformers turns the KV cache off in checkpointed layers (a replay would append to it
+    twice), and recurrent latents and the two-pass copy are built on that cache."""
+    if not recipe.train.gradient_checkpointing:
+        return
+    if recipe.latents.family == "recurrent" or (
+        recipe.method == "crystal" and recipe.crystal.strategy == "two_pass"
+    ):
+        raise UsageError(
+            "train.gradient_checkpointing: not supported with latents.family=recurrent or "
+            "crystal.strategy=two_pass (they need the KV cache, which transformers disables "
+            "under checkpointing); use token latents with the packed strategy"
+        )
+
+
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
