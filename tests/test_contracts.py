@@ -384,6 +384,25 @@ def test_plugin_raising_at_train_time_is_a_plugin_error_naming_its_line(
     assert set(terms) == {"ce_intact", "ce_corrupted", "big"} and total.ndim == 0
 
 
+def test_a_plugin_failing_during_training_names_the_step_and_stage(tiny_recipe, plugin_file):
+    from crystalkit.training.trainer import train
+
+    recipe = tiny_recipe(
+        "latents.schedule.k=2",
+        "train.steps=4",
+        "train.batch_size=4",
+        "stages=[{name: warm, fraction: 0.5}, {name: crystal, fraction: 0.5, method: crystal, "
+        f"corruption: {{name: {plugin_file}:BigBatchFails}}}}]",
+    )  # passes the load-time check on two images; a training batch has four
+    with pytest.raises(PluginError) as info:
+        train(recipe)
+    message = str(info.value)
+    assert message.startswith(f"step 3/4, stage crystal: corruption '{plugin_file}:BigBatchFails'")
+    assert message.endswith(
+        f"more than two images at {plugin_file}:{_line_of(plugin_file, 'raise')}"
+    )
+
+
 def test_runtime_shape_change_is_a_plugin_error_not_a_stack_error():
     images = dummy_images(4, 8, 8)
     with pytest.raises(PluginError, match=r"corruption 'x' \(file x.py\) returned shape \[4, 1"):

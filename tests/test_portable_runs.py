@@ -4,6 +4,7 @@ missing one is named together with what to install (recorded in RUN_DIR/componen
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,32 @@ def test_a_run_evaluates_after_its_training_only_plugins_are_gone(plugged_run):
 )
 def test_install_hints(record: dict[str, str], hint: str):
     assert hint in install_hint(record)
+
+
+def test_eval_and_resume_warn_when_a_plugins_code_changed(tiny_recipe, tmp_path: Path):
+    """Editing a file plugin after training: evaluating the run and resuming it each warn once,
+    naming the component and both hashes; the unchanged code warns about nothing."""
+    from crystalkit.errors import ProvenanceWarning
+
+    corruption = tmp_path / "darken.py"
+    corruption.write_text(CORRUPTION)
+    recipe = tiny_recipe(
+        "method=crystal",
+        "latents.schedule.k=2",
+        "train.steps=3",
+        "eval.max_samples=8",
+        f"corruption={{name: '{corruption}:Darken'}}",
+    )
+    run_dir = train(recipe, stop_after=2).run_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProvenanceWarning)  # unchanged: nothing to say
+        evaluate_run_dir(run_dir, "test", max_samples=8)
+    before = code_hash(corruption)
+    corruption.write_text(CORRUPTION + "\n# tuned\n")
+    with pytest.warns(ProvenanceWarning) as caught:
+        evaluate_run_dir(run_dir, "test", max_samples=8)
+    (message,) = [str(w.message) for w in caught if w.category is ProvenanceWarning]
+    assert f"corruption: corruption '{corruption}:Darken' (file {corruption}) changed" in message
+    assert f"code {before} -> {code_hash(corruption)}" in message
+    with pytest.warns(ProvenanceWarning, match="changed since the run was trained"):
+        train(recipe, resume=True)

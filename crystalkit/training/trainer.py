@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.stages import SINGLE_STAGE, Stage, plan_stages, stage_at
 from crystalkit.crystal.method import Method
 from crystalkit.device import check_device
-from crystalkit.errors import CheckpointError, PerformanceWarning, UsageError
+from crystalkit.errors import CheckpointError, PerformanceWarning, PluginError, UsageError
 from crystalkit.evaluation import EvalResult, evaluate
 from crystalkit.evaluation.controls import run_controls
 from crystalkit.evaluation.inspect import sample_figure
@@ -48,7 +48,7 @@ from crystalkit.runs.checkpoint import (
 )
 from crystalkit.runs.files import RECIPE_FILE
 from crystalkit.runs.snapshot import write_snapshot
-from crystalkit.runs.sources import write_sources
+from crystalkit.runs.sources import read_sources, warn_code_changes, write_sources
 from crystalkit.seeding import StepSampler, derived_seed
 from crystalkit.training.distributed import (
     Replicas,
@@ -97,10 +97,11 @@ def train(
     log_group: str | None = None,
 ) -> TrainResult:
     """Train ``recipe`` to completion (or up to step ``stop_after``, for tests and schedulers).
-    ``num_threads`` overrides ``train.num_threads`` (a grid runner sharing the machine sets it;
-    it is how the run executes, not what it computes, so resuming does not compare it); with
-    neither, the run uses :func:`~crystalkit.training.threads.resolve_num_threads` (the available cores). On CPU, a run whose
-    threads starve on an oversubscribed machine warns once (:class:`PerformanceWarning`).
+    ``num_threads``: the torch threads when the recipe sets no ``train.num_threads`` (an explicit
+    count always wins; a grid runner sharing the machine passes its share of the cores); with
+    neither, :func:`~crystalkit.training.threads.resolve_num_threads` decides. It is how the run
+    executes, not what it computes, so resuming does not compare it. On CPU, a run whose threads
+    starve on an oversubscribed machine warns once (:class:`PerformanceWarning`).
 
     Writes ``recipe.yaml`` (fully resolved), ``tokenizer.json`` and other backbone assets,
     ``metrics.jsonl``, ``checkpoints/`` and, once finished, ``results.json`` into the run dir.
@@ -154,7 +155,7 @@ def _train(
     leftover = check_run_dir(run_dir, recipe, resume, overwrite)
     if leftover and parallel.world.main:
         console.print(f"{run_dir}: a run stopped here before its first checkpoint; starting over")
-    torch.set_num_threads(resolve_num_threads(num_threads or recipe.train.num_threads))
+    torch.set_num_threads(resolve_num_threads(recipe.train.num_threads or num_threads))
     outputs = FreshOutputs(run_dir)
     try:
         with ExitStack() as closing:  # the run's loggers: closed before outputs.discard()
@@ -237,7 +238,8 @@ class _TrainingRun:
             for step in range(self.start, self.end):
                 if step == self.start or step >= self.stage.stop:
                     self.enter_stage(step)
-                values = self.train_step(step)
+                with self._naming(step):
+                    values = self.train_step(step)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == self.end:
                     self.log(done, values)
@@ -248,6 +250,18 @@ class _TrainingRun:
                 if (cfg.save_every and done % cfg.save_every == 0) or done == self.end:
                     self.checkpoint(done)
         return self.finish(train_time=time.perf_counter() - started)
+
+    @contextmanager
+    def _naming(self, step: int) -> Iterator[None]:
+        """A plugin's error or a usage error raised inside names the step and stage, so a
+        component that fails only on some batch is found where it failed."""
+        try:
+            yield
+        except (PluginError, UsageError) as exc:
+            where = f"step {step + 1}/{self.cfg.steps}"
+            stage = f", stage {self.stage.name}" if len(self.plan) > 1 else ""
+            error = PluginError if isinstance(exc, PluginError) else UsageError
+            raise error(f"{where}{stage}: {exc}") from exc
 
     def setup(
         self, loggers: list[ComponentSpec], log_group: str | None, closing: ExitStack
@@ -321,6 +335,7 @@ class _TrainingRun:
             self.start = checkpoint.step
             if self.world.main:
                 self.console.print(f"resuming {self.run_dir} from step {self.start}")
+                warn_code_changes(self.run_dir, read_sources(self.run_dir))
         elif self.world.main:
             atomic_write_text(self.run_dir / RECIPE_FILE, dump_recipe(self.recipe))
             write_sources(self.run_dir, self.recipe)  # what to install if a plugin is missing later
