@@ -334,46 +334,27 @@ def analyze_runs(
 ) -> None:
     """Do the latents read the image, does the answer read them, do they rescue the corrupted
     path? Writes RUN_DIR/analysis_SPLIT.{json,png}; several runs or a grid: side by side."""
-    from crystalkit.analysis.report import (
-        analyze_run,
-        comparison_table,
-        grouped,
-        headline,
-        load_cached,
-        write_grouped,
-    )
+    from crystalkit.analysis.report import analyze_run, comparison_table, side_by_side
 
-    rows: list[tuple[str, int, dict[str, float]]] = []
     if grid is not None:
         if run_dirs:
             raise UsageError("analyze: pass run directories or --grid, not both")
-        from crystalkit.ablation.grid import load_grid
-        from crystalkit.ablation.runner import cell_dir, cell_state
+        from crystalkit.analysis.grid import analyze_grid
 
-        loaded = load_grid(grid)
-        for cell in loaded.cells():
-            directory = cell_dir(loaded, cell)
-            if cell_state(directory) != "done":
-                continue
-            report = None if bench else load_cached(directory, split)  # reuse earlier analyses
-            if report is None or max_samples not in (None, report.get("num_samples")):
-                report = analyze_run(directory, split, max_samples, bench)
-            rows.append((cell.label(), cell.seed, headline(report)))
-        if not rows:
-            raise UsageError(f"{grid}: no finished cells to analyse")
-        stem = loaded.output_dir / f"analysis_{'bench' if bench else split}"
-        write_grouped(grouped(rows), rows, stem)
-        err.print(f"{stem}.md and {stem.name}_seeds.csv", highlight=False)
-    else:
-        if not run_dirs:
-            raise UsageError("analyze: pass one or more run directories, or --grid FILE")
-        for run_dir in run_dirs:
-            report = analyze_run(run_dir, split, max_samples, bench)
-            err.print(f"{run_dir}: analysis_{report['split']}.json and .png", highlight=False)
-            for note in report["notes"]:
-                err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-            rows.append((str(run_dir), 0, headline(report)))
-    out.print(comparison_table(grouped(rows)))
+        analysis = analyze_grid(grid, split, max_samples, bench)
+        err.print(f"{analysis.markdown} and {analysis.seeds_csv.name}", highlight=False)
+        out.print(comparison_table(analysis.rows))
+        return
+    if not run_dirs:
+        raise UsageError("analyze: pass one or more run directories, or --grid FILE")
+    reports = []
+    for run_dir in run_dirs:  # each run's files and notes shown as soon as it is analysed
+        report = analyze_run(run_dir, split, max_samples, bench)
+        err.print(f"{run_dir}: analysis_{report['split']}.json and .png", highlight=False)
+        for note in report["notes"]:
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        reports.append(report)
+    out.print(comparison_table(side_by_side(reports)))
 
 
 @app.command()
