@@ -289,26 +289,12 @@ def inspect_run(
     ] = None,
 ) -> None:
     """Draw where the latents look for one sample; score their grounding over a split."""
-    from crystalkit.evaluation.inspect import sample_figure, split_grounding
-    from crystalkit.io import atomic_write_json, write_user_file
-    from crystalkit.runs.load import load_run
+    from crystalkit.evaluation.inspect import inspect_run_dir
 
-    recipe, dataset, backbone, method, step = load_run(run_dir)
-    backbone.eval()
-    data = dataset.split(split)
-    if not 0 <= sample < len(data):
-        raise UsageError(f"--sample: {split} has samples 0..{len(data) - 1}, got {sample}")
-    target = out_png or run_dir / f"inspect_{split}_{sample}.png"
-    write_user_file(target, sample_figure(backbone, method, data[sample], sample, layer), "--out")
-    err.print(f"figure: {target}")
-    if grounding:
-        total = min(max_samples or recipe.eval.max_samples or len(data), len(data))
-        summary = split_grounding(
-            backbone, method, [data[i] for i in range(total)], recipe.eval.batch_size, layer
-        )
-        atomic_write_json(
-            run_dir / f"inspect_{split}.json", {"step": step, "split": split, **summary}
-        )
+    written = inspect_run_dir(run_dir, sample, split, out_png, layer, grounding, max_samples)
+    err.print(f"figure: {written.figure}")
+    if written.grounding is not None:
+        summary = written.grounding
         out.print(
             f"grounding {summary['grounding']:.2f} over {summary['num_samples']} {split} samples "
             f"(layer {layer}; 1.00 = latents attend to the object no more than to any other area)"
@@ -608,32 +594,26 @@ def ablate(
         raise UsageError(f"--launcher: expected local or submitit, got {launcher!r}")
     from crystalkit.ablation.grid import load_grid
     from crystalkit.ablation.report import write_report
-    from crystalkit.ablation.runner import cell_dir, cell_state, run_local, run_submitit
+    from crystalkit.ablation.runner import run_local, run_submitit
 
     loaded = load_grid(grid)
     if dry_run:
-        from crystalkit.ablation.grid import join_overrides
+        from crystalkit.ablation.plan import plan_grid
 
-        sources, cells = loaded.sources(), loaded.cells()
-        title = f"{grid}: {len(cells)} cells" + (
-            f" after {len(sources)} warm-start sources" if sources else ""
+        plan = plan_grid(loaded)
+        title = f"{grid}: {len(plan.cells)} cells" + (
+            f" after {len(plan.sources)} warm-start sources" if plan.sources else ""
         )
         table = Table(title=f"{title} -> {loaded.output_dir}")
-        for column in ("cell", *loaded.varied_keys, "seed", "state"):
+        for column in ("cell", *plan.keys, "seed", "state"):
             table.add_column(escape(column))
-        # the overrides `cells:` rules add: the part of a cell's recipe no column above shows
-        shown = loaded.has_cell_overrides
-        if shown:
+        if plan.overrides:
             table.add_column("overrides", overflow="fold")
-        for cell in [*sources, *cells]:
-            loaded.recipe(cell)
-            values = [
-                json.dumps(cell.values[k]).strip('"') if k in cell.values else "(source)"
-                for k in loaded.varied_keys
-            ]
-            state = cell_state(cell_dir(loaded, cell))
-            extra = [join_overrides(loaded.extra_overrides(cell))] if shown else []
-            table.add_row(cell.id, *(escape(v) for v in [*values, str(cell.seed), state, *extra]))
+        for row in [*plan.sources, *plan.cells]:
+            extra = [row.overrides] if plan.overrides else []
+            table.add_row(
+                row.id, *(escape(v) for v in [*row.values, str(row.seed), row.state, *extra])
+            )
         out.print(table)
         return
     if launcher == "local":
