@@ -289,26 +289,12 @@ def inspect_run(
     ] = None,
 ) -> None:
     """Draw where the latents look for one sample; score their grounding over a split."""
-    from crystalkit.evaluation.inspect import sample_figure, split_grounding
-    from crystalkit.io import atomic_write_json, write_user_file
-    from crystalkit.runs.load import load_run
+    from crystalkit.evaluation.inspect import inspect_run_dir
 
-    recipe, dataset, backbone, method, step = load_run(run_dir)
-    backbone.eval()
-    data = dataset.split(split)
-    if not 0 <= sample < len(data):
-        raise UsageError(f"--sample: {split} has samples 0..{len(data) - 1}, got {sample}")
-    target = out_png or run_dir / f"inspect_{split}_{sample}.png"
-    write_user_file(target, sample_figure(backbone, method, data[sample], sample, layer), "--out")
-    err.print(f"figure: {target}")
-    if grounding:
-        total = min(max_samples or recipe.eval.max_samples or len(data), len(data))
-        summary = split_grounding(
-            backbone, method, [data[i] for i in range(total)], recipe.eval.batch_size, layer
-        )
-        atomic_write_json(
-            run_dir / f"inspect_{split}.json", {"step": step, "split": split, **summary}
-        )
+    written = inspect_run_dir(run_dir, sample, split, out_png, layer, grounding, max_samples)
+    err.print(f"figure: {written.figure}")
+    if written.grounding is not None:
+        summary = written.grounding
         out.print(
             f"grounding {summary['grounding']:.2f} over {summary['num_samples']} {split} samples "
             f"(layer {layer}; 1.00 = latents attend to the object no more than to any other area)"
@@ -334,46 +320,27 @@ def analyze_runs(
 ) -> None:
     """Do the latents read the image, does the answer read them, do they rescue the corrupted
     path? Writes RUN_DIR/analysis_SPLIT.{json,png}; several runs or a grid: side by side."""
-    from crystalkit.analysis.report import (
-        analyze_run,
-        comparison_table,
-        grouped,
-        headline,
-        load_cached,
-        write_grouped,
-    )
+    from crystalkit.analysis.report import analyze_run, comparison_table, side_by_side
 
-    rows: list[tuple[str, int, dict[str, float]]] = []
     if grid is not None:
         if run_dirs:
             raise UsageError("analyze: pass run directories or --grid, not both")
-        from crystalkit.ablation.grid import load_grid
-        from crystalkit.ablation.runner import cell_dir, cell_state
+        from crystalkit.analysis.grid import analyze_grid
 
-        loaded = load_grid(grid)
-        for cell in loaded.cells():
-            directory = cell_dir(loaded, cell)
-            if cell_state(directory) != "done":
-                continue
-            report = None if bench else load_cached(directory, split)  # reuse earlier analyses
-            if report is None or max_samples not in (None, report.get("num_samples")):
-                report = analyze_run(directory, split, max_samples, bench)
-            rows.append((cell.label(), cell.seed, headline(report)))
-        if not rows:
-            raise UsageError(f"{grid}: no finished cells to analyse")
-        stem = loaded.output_dir / f"analysis_{'bench' if bench else split}"
-        write_grouped(grouped(rows), rows, stem)
-        err.print(f"{stem}.md and {stem.name}_seeds.csv", highlight=False)
-    else:
-        if not run_dirs:
-            raise UsageError("analyze: pass one or more run directories, or --grid FILE")
-        for run_dir in run_dirs:
-            report = analyze_run(run_dir, split, max_samples, bench)
-            err.print(f"{run_dir}: analysis_{report['split']}.json and .png", highlight=False)
-            for note in report["notes"]:
-                err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-            rows.append((str(run_dir), 0, headline(report)))
-    out.print(comparison_table(grouped(rows)))
+        analysis = analyze_grid(grid, split, max_samples, bench)
+        err.print(f"{analysis.markdown} and {analysis.seeds_csv.name}", highlight=False)
+        out.print(comparison_table(analysis.rows))
+        return
+    if not run_dirs:
+        raise UsageError("analyze: pass one or more run directories, or --grid FILE")
+    reports = []
+    for run_dir in run_dirs:  # each run's files and notes shown as soon as it is analysed
+        report = analyze_run(run_dir, split, max_samples, bench)
+        err.print(f"{run_dir}: analysis_{report['split']}.json and .png", highlight=False)
+        for note in report["notes"]:
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        reports.append(report)
+    out.print(comparison_table(side_by_side(reports)))
 
 
 @app.command()
@@ -627,32 +594,26 @@ def ablate(
         raise UsageError(f"--launcher: expected local or submitit, got {launcher!r}")
     from crystalkit.ablation.grid import load_grid
     from crystalkit.ablation.report import write_report
-    from crystalkit.ablation.runner import cell_dir, cell_state, run_local, run_submitit
+    from crystalkit.ablation.runner import run_local, run_submitit
 
     loaded = load_grid(grid)
     if dry_run:
-        from crystalkit.ablation.grid import join_overrides
+        from crystalkit.ablation.plan import plan_grid
 
-        sources, cells = loaded.sources(), loaded.cells()
-        title = f"{grid}: {len(cells)} cells" + (
-            f" after {len(sources)} warm-start sources" if sources else ""
+        plan = plan_grid(loaded)
+        title = f"{grid}: {len(plan.cells)} cells" + (
+            f" after {len(plan.sources)} warm-start sources" if plan.sources else ""
         )
         table = Table(title=f"{title} -> {loaded.output_dir}")
-        for column in ("cell", *loaded.varied_keys, "seed", "state"):
+        for column in ("cell", *plan.keys, "seed", "state"):
             table.add_column(escape(column))
-        # the overrides `cells:` rules add: the part of a cell's recipe no column above shows
-        shown = loaded.has_cell_overrides
-        if shown:
+        if plan.overrides:
             table.add_column("overrides", overflow="fold")
-        for cell in [*sources, *cells]:
-            loaded.recipe(cell)
-            values = [
-                json.dumps(cell.values[k]).strip('"') if k in cell.values else "(source)"
-                for k in loaded.varied_keys
-            ]
-            state = cell_state(cell_dir(loaded, cell))
-            extra = [join_overrides(loaded.extra_overrides(cell))] if shown else []
-            table.add_row(cell.id, *(escape(v) for v in [*values, str(cell.seed), state, *extra]))
+        for row in [*plan.sources, *plan.cells]:
+            extra = [row.overrides] if plan.overrides else []
+            table.add_row(
+                row.id, *(escape(v) for v in [*row.values, str(row.seed), row.state, *extra])
+            )
         out.print(table)
         return
     if launcher == "local":

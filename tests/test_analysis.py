@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from cli_process import assert_one_error_line, invoke
 from hf_models import build as build_hf
 
-from crystalkit.analysis.report import HEADLINE, comparison_table, grouped, headline
+from crystalkit.analysis.report import HEADLINE, analyze, comparison_table, grouped, headline
 from crystalkit.analysis.sections import (
     Collected,
-    analyze,
     collapse_section,
+    collect,
     intervention_section,
     mediation_section,
     probing_section,
@@ -53,7 +54,7 @@ def test_rescue_is_one_when_the_copied_latents_restore_the_intact_answer():
     data = Collected(answers=_answers())
     right, wrong = _answers(), _wrong(_answers())
     _options(data, intact=right, own=wrong, copied=right, no_copy=wrong)
-    section = rescue_section(data, seed=0)
+    section = rescue_section(data)
     assert section["accuracy"] == {"intact": 1.0, "own": 0.0, "copied": 1.0, "no_copy": 0.0}
     assert section["rescue"] == pytest.approx(1.0) and section["kl_rescue"] == pytest.approx(1.0)
     assert section["kl_to_intact"]["copied"] == pytest.approx(0.0, abs=1e-6)
@@ -64,11 +65,11 @@ def test_rescue_is_zero_when_copying_changes_nothing_and_undefined_when_nothing_
     data = Collected(answers=_answers())
     right, wrong = _answers(), _wrong(_answers())
     _options(data, intact=right, own=wrong, copied=wrong, no_copy=wrong)
-    section = rescue_section(data, seed=0)
+    section = rescue_section(data)
     assert section["rescue"] == pytest.approx(0.0) and section["kl_rescue"] == pytest.approx(0.0)
     lossless = Collected(answers=_answers())
     _options(lossless, intact=right, own=right, copied=right, no_copy=right)
-    assert math.isnan(rescue_section(lossless, seed=0)["rescue"])
+    assert math.isnan(rescue_section(lossless)["rescue"])
 
 
 def test_an_answer_that_ignores_its_latents_shows_no_mediation():
@@ -76,7 +77,7 @@ def test_an_answer_that_ignores_its_latents_shows_no_mediation():
     right = _answers()
     _options(data, intact=right, donor=_wrong(right), zero=right, mean=right, shuffle=right)
     _options(data, swap=right)
-    section = mediation_section(data, seed=0)
+    section = mediation_section(data)
     for name in ("zero", "mean", "shuffle", "swap"):
         assert section[name]["kl"] == pytest.approx(0.0, abs=1e-6)
         assert section[name]["flip_rate"] == 0.0 and section[name]["accuracy_drop"] == 0.0
@@ -87,7 +88,7 @@ def test_an_answer_that_reads_only_its_latents_follows_the_donor_under_swap():
     data = Collected(answers=_answers())
     right, donor = _answers(), _wrong(_answers())
     _options(data, intact=right, donor=donor, zero=donor, mean=donor, shuffle=donor, swap=donor)
-    section = mediation_section(data, seed=0)
+    section = mediation_section(data)
     assert section["swap"]["follows_donor"] == 1.0 and section["swap"]["flip_rate"] == 1.0
     assert section["swap"]["accuracy_drop"] == 1.0
     low, high = section["swap"]["kl_ci"]
@@ -137,7 +138,7 @@ def test_probes_read_an_answer_written_into_the_latents_and_not_into_the_questio
     data = Collected(answers=answers, samples=samples)
     data.add("base", _states(latents, torch.randn(L, 96, D)), into="states")
     data.add("blank_image", _states(latents, torch.randn(L, 96, D)), into="states")
-    section = probing_section(data, seed=0)
+    section = probing_section(data)
     for layer in section["answer"]["latents"]:
         assert layer["accuracy"] > 0.9 and layer["control"] < 0.5
         assert layer["majority"] == pytest.approx(0.25)
@@ -168,8 +169,9 @@ def _embedded(tiny_recipe, *overrides: str):
     return backbone, Method(recipe, backbone), samples, test
 
 
-def _report(backbone, method, samples, test) -> dict:
-    return analyze(backbone, method, samples, 8, 0, lambda s: test.counterfactual(s.index))
+def _report(backbone, method, samples, test, batch_size: int = 8) -> dict:
+    data = collect(backbone, method, samples, batch_size, 0, lambda s: test.counterfactual(s.index))
+    return analyze(data, latent_block=method.final_k > 0)
 
 
 def test_an_image_blind_model_shows_no_x_to_z_and_nothing_to_rescue(tiny_recipe):
@@ -209,6 +211,21 @@ def test_without_a_latent_block_only_the_rescue_section_is_reported(tiny_recipe)
     report = _report(backbone, method, samples, test)
     assert set(report) == {"num_samples", "rescue"}
     assert set(report["rescue"]["accuracy"]) == {"intact", "own"}
+    head = headline(report)
+    assert list(head) == [entry.key for entry in HEADLINE]
+    # no latent block to copy: of the headline, only the intact accuracy and KL own apply
+    assert [k for k, v in head.items() if not math.isnan(v)] == ["accuracy_intact", "kl_own"]
+
+
+def test_headline_keeps_the_committed_columns():
+    """Results under docs/results/regime/ were written with these keys and labels, in this order:
+    a new measure may add columns, never rename or reorder these."""
+    results = Path(__file__).resolve().parents[1] / "docs" / "results" / "regime"
+    keys = (results / "analysis_test_seeds.csv").read_text().splitlines()[0].split(",")[2:]
+    labels = (results / "analysis_test.md").read_text().splitlines()[0].strip("| ").split(" | ")[2:]
+    assert [e.key for e in HEADLINE if e.key in keys] == keys
+    assert [e.label for e in HEADLINE if e.label in labels] == labels
+    assert len({e.key for e in HEADLINE}) == len(HEADLINE)
 
 
 def test_analysis_runs_on_a_tiny_qwen2_5_vl():
@@ -217,7 +234,7 @@ def test_analysis_runs_on_a_tiny_qwen2_5_vl():
 
     test = dataset_of(method.recipe).split("test")
     samples = [test[i] for i in range(8)]
-    report = analyze(backbone, method, samples, 4, 0, lambda s: test.counterfactual(s.index))
+    report = _report(backbone, method, samples, test, batch_size=4)
     assert len(report["collapse"]["effective_rank"]) == backbone.num_layers
     assert report["collapse"]["dimensions"] == 2 * _kv_width(backbone)
     assert report["x_to_z"]["other_image"]["latent_change"][0] == pytest.approx(0.0, abs=1e-4)

@@ -5,35 +5,28 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from crystalkit.ablation.stats import summary
-from crystalkit.analysis.sections import INTERVENTIONS, PROBES, analyze
+from crystalkit.analysis.sections import (
+    INTERVENTIONS,
+    PROBES,
+    SECTIONS,
+    Collected,
+    Headline,
+    collect,
+)
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.saved import check_max_samples
 from crystalkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from crystalkit.runs.files import analysis_file
 from crystalkit.runs.load import load_run, run_image_size
 
-#: the numbers a comparison table shows, as (key, label, higher means)
-HEADLINE = (
-    ("accuracy_intact", "acc intact", "the answer"),
-    ("rescue", "rescue", "intact latents win back the accuracy the corruption cost"),
-    ("kl_rescue", "KL rescue", "... the answer distribution the corruption moved"),
-    ("kl_own", "KL own", "corrupted answer far from intact with its own latents"),
-    ("kl_copied", "KL copied", "... with the intact latents copied in"),
-    ("x_to_z", "X→Z", "latents move when only the answer's evidence changes"),
-    ("x_to_z_image", "X→Z img", "the image tokens' own move (scale)"),
-    ("z_to_y_swap_kl", "Z→Y swap KL", "the answer moves with another image's latents"),
-    ("follows_donor", "follows donor", "the answer follows the donor image under swap"),
-    ("collapse", "cos inst", "latents alike across instances (after removing the mean)"),
-    ("rank", "eff rank", "latent states span many directions"),
-    ("probe_answer", "probe ans", "the answer is linearly readable from the latents (- majority)"),
-)
+#: the numbers a comparison table shows, section by section
+HEADLINE: tuple[Headline, ...] = tuple(entry for section in SECTIONS for entry in section.headline)
 
 
 def analyze_run(
@@ -70,39 +63,31 @@ def analyze_run(
         raise UsageError(f"{run_dir}: nothing to analyse in {name}")
     if method.final_k == 0:
         notes.append("no latent block (K = 0): only the rescue section applies")
-    report = analyze(backbone, method, samples, recipe.eval.batch_size, recipe.seed, counterfactual)
-    report = {"run": str(run_dir), "step": step, "split": name, "notes": notes, **report}
+    data = collect(backbone, method, samples, recipe.eval.batch_size, recipe.seed, counterfactual)
+    sections = analyze(data, latent_block=method.final_k > 0)
+    report = {"run": str(run_dir), "step": step, "split": name, "notes": notes, **sections}
     report["headline"] = headline(report)
     atomic_write_json(run_dir / analysis_file(name), report)
     atomic_write_bytes(run_dir / analysis_file(name, ".png"), figure(report))
     return report
 
 
-def _last(values: list[float] | None) -> float:
-    return values[-1] if values else math.nan
+def analyze(data: Collected, latent_block: bool) -> dict[str, Any]:
+    """Every section of :data:`~crystalkit.analysis.sections.SECTIONS` on the collected outputs;
+    those that need a latent block are absent without one."""
+    report: dict[str, Any] = {"num_samples": len(data.answers)}
+    for section in SECTIONS:
+        if latent_block or not section.needs_latents:
+            report[section.key] = section.measure(data)
+    return report
 
 
 def headline(report: dict[str, Any]) -> dict[str, float]:
-    """The comparison table's numbers (NaN where a section does not apply)."""
-    rescue = report["rescue"]
-    x_to_z = report.get("x_to_z", {})
-    moved = x_to_z.get("answer_changed") or x_to_z.get("other_image") or {}
-    probes = report.get("probing", {}).get("answer", {}).get("latents") or []
-    gains = [p["accuracy"] - p["majority"] for p in probes if p is not None]
-    swap = report.get("z_to_y", {}).get("swap", {})
+    """The comparison table's numbers (NaN where a section, or a part of one, does not apply)."""
     return {
-        "accuracy_intact": rescue["accuracy"]["intact"],
-        "rescue": rescue.get("rescue", math.nan),
-        "kl_rescue": rescue.get("kl_rescue", math.nan),
-        "kl_own": rescue["kl_to_intact"].get("own", math.nan),
-        "kl_copied": rescue["kl_to_intact"].get("copied", math.nan),
-        "x_to_z": _last(moved.get("latent_change")),
-        "x_to_z_image": _last(moved.get("image_change")),
-        "z_to_y_swap_kl": swap.get("kl", math.nan),
-        "follows_donor": swap.get("follows_donor", math.nan),
-        "collapse": _last(report.get("collapse", {}).get("cosine_across_instances")),
-        "rank": _last(report.get("collapse", {}).get("effective_rank")),
-        "probe_answer": max(gains) if gains else math.nan,
+        entry.key: entry.read(report[section.key]) if section.key in report else math.nan
+        for section in SECTIONS
+        for entry in section.headline
     }
 
 
@@ -156,13 +141,18 @@ def grouped(reports: Sequence[tuple[str, int, dict[str, float]]]) -> list[dict[s
     out = []
     for label, runs in rows.items():
         row: dict[str, Any] = {"label": label, "seeds": len(runs)}
-        for key, _, _ in HEADLINE:
-            values = [r[key] for r in runs if not math.isnan(r[key])]
+        for entry in HEADLINE:
+            values = [r[entry.key] for r in runs if not math.isnan(r[entry.key])]
             if values:
                 stats = summary(values)
-                row[key] = {"mean": stats.mean, "ci": list(stats.ci) if stats.ci else None}
+                row[entry.key] = {"mean": stats.mean, "ci": list(stats.ci) if stats.ci else None}
         out.append(row)
     return out
+
+
+def side_by_side(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs' reports as :func:`grouped` rows, one per run (labelled by its directory)."""
+    return grouped([(report["run"], 0, report["headline"]) for report in reports])
 
 
 def _cell(value: dict[str, Any] | None) -> str:
@@ -188,34 +178,28 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Any:
         label = escape(row["label"]) + (f"\n({seeds} seeds)" if seeds > 1 else "")
         table.add_column(label, justify="right", overflow="fold")
     table.add_column("higher means", style="dim")
-    for key, label, meaning in HEADLINE:
-        table.add_row(escape(label), *(_cell(row.get(key)) for row in rows), escape(meaning))
+    for entry in HEADLINE:
+        cells = (_cell(row.get(entry.key)) for row in rows)
+        table.add_row(escape(entry.label), *cells, escape(entry.meaning))
     return table
 
 
 def write_grouped(
     rows: Sequence[dict[str, Any]], seeds: Sequence[tuple[str, int, dict[str, float]]], stem: Path
-) -> None:
+) -> tuple[Path, Path]:
     """A grid's analysis next to its cells: ``STEM.md`` (one row per grid point: mean [95 % CI]
-    over its seeds) and ``STEM_seeds.csv`` (every cell's headline)."""
-    lines = ["| cell | seeds | " + " | ".join(label for _, label, _ in HEADLINE) + " |"]
+    over its seeds) and ``STEM_seeds.csv`` (every cell's headline); returns both paths."""
+    markdown, per_seed = stem.parent / f"{stem.name}.md", stem.parent / f"{stem.name}_seeds.csv"
+    lines = ["| cell | seeds | " + " | ".join(entry.label for entry in HEADLINE) + " |"]
     lines.append("|---" * (len(HEADLINE) + 2) + "|")
     for row in rows:
-        cells = " | ".join(_cell(row.get(key)) for key, _, _ in HEADLINE)
+        cells = " | ".join(_cell(row.get(entry.key)) for entry in HEADLINE)
         lines.append(f"| {row['label']} | {row['seeds']} | {cells} |")
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(markdown, "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["cell", "seed", *(key for key, _, _ in HEADLINE)])
+    writer.writerow(["cell", "seed", *(entry.key for entry in HEADLINE)])
     for label, seed, numbers in seeds:
-        writer.writerow([label, seed, *(f"{numbers[key]:.6g}" for key, _, _ in HEADLINE)])
-    atomic_write_text(stem.parent / f"{stem.name}_seeds.csv", buffer.getvalue())
-
-
-def load_cached(run_dir: Path, split: str) -> dict[str, Any] | None:
-    """A run's saved analysis for ``split``, if any (grids reuse it instead of recomputing)."""
-    try:
-        report = json.loads((run_dir / analysis_file(split)).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return report if isinstance(report, dict) else None
+        writer.writerow([label, seed, *(f"{numbers[entry.key]:.6g}" for entry in HEADLINE)])
+    atomic_write_text(per_seed, buffer.getvalue())
+    return markdown, per_seed

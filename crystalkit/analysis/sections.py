@@ -18,6 +18,11 @@
 Everything is computed from option log-likelihoods (:mod:`crystalkit.evaluation.options`) and
 per-layer keys/values (:mod:`crystalkit.analysis.states`) of the run's own forward; bootstrap
 intervals resample the evaluated samples.
+
+A measure is one function of the :class:`Collected` outputs and its entry in :data:`SECTIONS`
+(report key, whether it needs a latent block, the headline numbers it contributes): the report,
+its headline and the comparison tables are built from that list alone
+(:mod:`crystalkit.analysis.report`).
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ INTERVENTIONS = ("corrupted", "other_image", "blank_image", "answer_changed")
 
 @dataclass
 class Collected:
-    """Per-sample outputs gathered batch by batch."""
+    """Per-sample outputs gathered batch by batch, and the seed they were gathered with (it drew
+    the corrupted views; bootstrap intervals and probes derive theirs from it)."""
 
+    seed: int = 0
     answers: list[int] = field(default_factory=list)
     options: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     states: dict[str, list[States]] = field(default_factory=dict)
@@ -100,7 +107,7 @@ def collect(
     prompts = [method.prompt_layout(batch).to(device) for batch in batches]
     has_latents = method.final_k > 0
     mean = mean_replacement(dataset_mean_kv(backbone, prompts)) if has_latents else None
-    out = Collected()
+    out = Collected(seed)
     for start, batch, prompt in zip(
         range(0, len(samples), batch_size), batches, prompts, strict=True
     ):
@@ -148,7 +155,10 @@ def _ci(statistic: Callable[[torch.Tensor], float], rows: int, seed: int) -> lis
     return list(bootstrap_ci(statistic, rows, draws=500, seed=seed))
 
 
-def rescue_section(data: Collected, seed: int) -> dict[str, Any]:
+def rescue_section(data: Collected) -> dict[str, Any]:
+    """Rescue: accuracy and KL to the intact answer of each latent view on the corrupted image,
+    and the share of the loss the copied latents win back."""
+    seed = data.seed
     answers = torch.tensor(data.answers)
     intact = data.logp("intact")
     views = {v: data.logp(v) for v in VIEWS if v in data.options}
@@ -182,8 +192,9 @@ def rescue_section(data: Collected, seed: int) -> dict[str, Any]:
     return section
 
 
-def mediation_section(data: Collected, seed: int) -> dict[str, Any]:
+def mediation_section(data: Collected) -> dict[str, Any]:
     """Z -> Y: each probe's effect on the answer distribution."""
+    seed = data.seed
     answers = torch.tensor(data.answers)
     intact = data.logp("intact")
     base_correct = (intact.argmax(-1) == answers).double()
@@ -240,6 +251,8 @@ def intervention_section(data: Collected) -> dict[str, Any]:
 
 
 def collapse_section(data: Collected) -> dict[str, Any]:
+    """Collapse: per layer, how alike the latent states are across instances and across indexes,
+    and their effective rank."""
     base = data.latents("base")  # [L, N, K, D]
     tokens = torch.cat([s.tokens for s in data.states["base"]], dim=1).mean(1)  # [L, D]
     across_instances, across_indexes, rank = [], [], []
@@ -275,7 +288,7 @@ def _first_distractor(sample: Sample) -> dict | None:
     return objects[len(targets)] if len(objects) > len(targets) else None
 
 
-def probing_section(data: Collected, seed: int) -> dict[str, Any]:
+def probing_section(data: Collected) -> dict[str, Any]:
     """Probes per target, feature set and layer: hundreds of small independent fits, spread over
     ``torch.get_num_threads()`` worker processes with one BLAS thread each (BLAS threads inside
     one small fit only wait for each other: 40x slower on a busy 2-core machine)."""
@@ -296,7 +309,7 @@ def probing_section(data: Collected, seed: int) -> dict[str, Any]:
     ]
     workers = Parallel(n_jobs=max(1, torch.get_num_threads()))
     with threadpool_limits(1), parallel_config("loky", inner_max_num_threads=1):  # 1 job: here
-        results = workers(delayed(probe)(x, labels, seed=seed) for *_, x, labels in jobs)
+        results = workers(delayed(probe)(x, labels, seed=data.seed) for *_, x, labels in jobs)
     section: dict[str, Any] = {}
     for (target, name, *_), result in zip(jobs, results, strict=True):
         layers = section.setdefault(target, {}).setdefault(name, [])
@@ -304,21 +317,170 @@ def probing_section(data: Collected, seed: int) -> dict[str, Any]:
     return section
 
 
-def analyze(
-    backbone: Backbone,
-    method: Method,
-    samples: Sequence[Sample],
-    batch_size: int,
-    seed: int,
-    counterfactual: Callable[[Sample], Sample] | None,
-) -> dict[str, Any]:
-    """Every section on ``samples``; sections that need a latent block are absent without one,
-    and the re-rendered intervention without ``counterfactual``."""
-    data = collect(backbone, method, samples, batch_size, seed, counterfactual)
-    report: dict[str, Any] = {"num_samples": len(samples), "rescue": rescue_section(data, seed)}
-    if method.final_k > 0:
-        report["z_to_y"] = mediation_section(data, seed)
-        report["x_to_z"] = intervention_section(data)
-        report["collapse"] = collapse_section(data)
-        report["probing"] = probing_section(data, seed)
-    return report
+#: reads a headline number from a section's output
+Reader = Callable[[dict[str, Any]], float]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A number of the comparison table: its key in ``headline``, its column label, what a
+    higher value means, and how to read it from its section's output."""
+
+    key: str
+    label: str
+    meaning: str
+    read: Reader
+
+
+@dataclass(frozen=True)
+class Section:
+    """A measure of the analysis: ``measure(collected)`` is stored in the report under ``key``;
+    with ``needs_latents`` only for runs with a latent block (K > 0)."""
+
+    key: str
+    measure: Callable[[Collected], dict[str, Any]]
+    needs_latents: bool
+    headline: tuple[Headline, ...] = ()
+
+
+def _at(*keys: str) -> Reader:
+    """``section[keys[0]][keys[1]]...``; NaN where a key is absent (that part did not apply)."""
+
+    def read(section: dict[str, Any]) -> float:
+        value: Any = section
+        for key in keys:
+            value = value.get(key, math.nan) if isinstance(value, dict) else math.nan
+        return value
+
+    return read
+
+
+def _last(values: list[float] | None) -> float:
+    return values[-1] if values else math.nan
+
+
+def _last_layer(key: str) -> Reader:
+    """A per-layer list's last layer."""
+    return lambda section: _last(section.get(key))
+
+
+def _moved(key: str) -> Reader:
+    """The last layer's change under ``answer_changed``, the sharpest intervention (else under
+    ``other_image``: no re-rendered scenes)."""
+    return lambda section: _last(
+        (section.get("answer_changed") or section.get("other_image") or {}).get(key)
+    )
+
+
+def _probe_gain(section: dict[str, Any]) -> float:
+    """The best layer's answer-probe accuracy above the majority class."""
+    probes = section.get("answer", {}).get("latents") or []
+    gains = [p["accuracy"] - p["majority"] for p in probes if p is not None]
+    return max(gains) if gains else math.nan
+
+
+#: every measure, in the order of the report and of the comparison table's rows
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "rescue",
+        rescue_section,
+        needs_latents=False,
+        headline=(
+            Headline("accuracy_intact", "acc intact", "the answer", _at("accuracy", "intact")),
+            Headline(
+                "rescue",
+                "rescue",
+                "intact latents win back the accuracy the corruption cost",
+                _at("rescue"),
+            ),
+            Headline(
+                "kl_rescue",
+                "KL rescue",
+                "... the answer distribution the corruption moved",
+                _at("kl_rescue"),
+            ),
+            Headline(
+                "kl_own",
+                "KL own",
+                "corrupted answer far from intact with its own latents",
+                _at("kl_to_intact", "own"),
+            ),
+            Headline(
+                "kl_copied",
+                "KL copied",
+                "... with the intact latents copied in",
+                _at("kl_to_intact", "copied"),
+            ),
+        ),
+    ),
+    Section(
+        "x_to_z",
+        intervention_section,
+        needs_latents=True,
+        headline=(
+            Headline(
+                "x_to_z",
+                "X→Z",
+                "latents move when only the answer's evidence changes",
+                _moved("latent_change"),
+            ),
+            Headline(
+                "x_to_z_image",
+                "X→Z img",
+                "the image tokens' own move (scale)",
+                _moved("image_change"),
+            ),
+        ),
+    ),
+    Section(
+        "z_to_y",
+        mediation_section,
+        needs_latents=True,
+        headline=(
+            Headline(
+                "z_to_y_swap_kl",
+                "Z→Y swap KL",
+                "the answer moves with another image's latents",
+                _at("swap", "kl"),
+            ),
+            Headline(
+                "follows_donor",
+                "follows donor",
+                "the answer follows the donor image under swap",
+                _at("swap", "follows_donor"),
+            ),
+        ),
+    ),
+    Section(
+        "collapse",
+        collapse_section,
+        needs_latents=True,
+        headline=(
+            Headline(
+                "collapse",
+                "cos inst",
+                "latents alike across instances (after removing the mean)",
+                _last_layer("cosine_across_instances"),
+            ),
+            Headline(
+                "rank",
+                "eff rank",
+                "latent states span many directions",
+                _last_layer("effective_rank"),
+            ),
+        ),
+    ),
+    Section(
+        "probing",
+        probing_section,
+        needs_latents=True,
+        headline=(
+            Headline(
+                "probe_answer",
+                "probe ans",
+                "the answer is linearly readable from the latents (- majority)",
+                _probe_gain,
+            ),
+        ),
+    ),
+)

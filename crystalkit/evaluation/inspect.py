@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,10 @@ from crystalkit.crystal.runner import run_sequence
 from crystalkit.data.prompt import IGNORE_INDEX
 from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
+from crystalkit.io import atomic_write_json, write_user_file
 from crystalkit.models.backbone import Backbone
+from crystalkit.runs.files import inspect_figure, inspect_file
+from crystalkit.runs.load import load_run
 from crystalkit.seeding import derived_seed
 
 
@@ -154,6 +158,44 @@ def sample_figure(
     (maps,) = attention_maps(backbone, method, [sample], layer)
     corrupted = method.corrupt([sample], derived_seed(method.recipe.seed, -1 - index))[0]
     return figure(sample, corrupted, maps)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What ``crystalkit inspect`` wrote: the figure, and the grounding summary (``None`` when
+    not asked for)."""
+
+    figure: Path
+    grounding: dict[str, Any] | None
+
+
+def inspect_run_dir(
+    run_dir: Path,
+    sample: int = 0,
+    split: str = "test",
+    out: Path | None = None,
+    layer: int = -1,
+    grounding: bool = True,
+    max_samples: int | None = None,
+) -> Inspection:
+    """Draw the ``sample``-th sample of ``split`` (:func:`sample_figure`) to ``out`` (default
+    ``RUN_DIR/inspect_SPLIT_I.png``); with ``grounding``, score the grounding over the split's
+    first ``max_samples`` (default ``eval.max_samples``) into ``RUN_DIR/inspect_SPLIT.json``."""
+    recipe, dataset, backbone, method, step = load_run(run_dir)
+    backbone.eval()
+    data = dataset.split(split)
+    if not 0 <= sample < len(data):
+        raise UsageError(f"--sample: {split} has samples 0..{len(data) - 1}, got {sample}")
+    target = out or run_dir / inspect_figure(split, sample)
+    write_user_file(target, sample_figure(backbone, method, data[sample], sample, layer), "--out")
+    if not grounding:
+        return Inspection(target, None)
+    total = min(max_samples or recipe.eval.max_samples or len(data), len(data))
+    summary = split_grounding(
+        backbone, method, [data[i] for i in range(total)], recipe.eval.batch_size, layer
+    )
+    atomic_write_json(run_dir / inspect_file(split), {"step": step, "split": split, **summary})
+    return Inspection(target, summary)
 
 
 def figure(sample: Sample, corrupted: torch.Tensor, maps: SampleAttention) -> bytes:
