@@ -11,7 +11,8 @@ starts with:
 
 * ``spin`` — ``OMP_WAIT_POLICY=ACTIVE``: a thread that reaches a barrier spins until the others
   arrive (what the OpenMP runtime does for a while by default);
-* ``default`` — the environment as a user has it (``crystalkit`` chooses its own default);
+* ``default`` — no wait-policy variable set: what ``crystalkit`` does then;
+* ``short spin`` — ``GOMP_SPINCOUNT=10000`` (GNU OpenMP, torch's runtime on Linux): spin briefly;
 * ``passive`` — ``OMP_WAIT_POLICY=PASSIVE``: a waiting thread sleeps at once.
 
 The rate is the run's own training samples/s (``results.json``: training steps x batch size /
@@ -35,15 +36,20 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = {"spin": "ACTIVE", "default": None, "passive": "PASSIVE"}
-CONFIGS = [(1, "default"), (2, "spin"), (2, "default"), (2, "passive")]
+#: configuration -> environment a run starts with (None: removed)
+POLICIES: dict[str, dict[str, str | None]] = {
+    "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "default": {},
+    "short spin": {"GOMP_SPINCOUNT": "10000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+CONFIGS = [(1, "default"), (2, "spin"), (2, "default"), (2, "short spin"), (2, "passive")]
 
 
 def train(recipe: Path, steps: int, threads: int, policy: str, folder: Path, name: str) -> float:
     """Training samples/s of one run in a fresh process."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if POLICIES[policy] is not None:
-        env["OMP_WAIT_POLICY"] = POLICIES[policy]
+    env.update(POLICIES[policy])
     overrides = [
         f"train.steps={steps}",
         f"train.num_threads={threads}",

@@ -29,7 +29,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crystalkit.errors import DataWarning, PerformanceWarning, PluginError, UsageError, did_you_mean
+from crystalkit.errors import (
+    DataWarning,
+    PerformanceWarning,
+    PluginError,
+    ProvenanceWarning,
+    UsageError,
+    did_you_mean,
+)
 from crystalkit.registry import PluginWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,6 +59,8 @@ out = Console()
 err = Console(stderr=True)
 
 DEBUG_ENV = "CRYSTALKIT_DEBUG"
+#: warnings shown as one ``warning:`` line each
+_ONE_LINE_WARNINGS = (PluginWarning, DataWarning, PerformanceWarning, ProvenanceWarning)
 #: set by ``--debug`` for the command being run
 _debug = False
 
@@ -92,7 +101,7 @@ def user_errors(func: F) -> F:
             if (category, str(message)) in shown:
                 return
             shown.add((category, str(message)))
-            if issubclass(category, PluginWarning | DataWarning | PerformanceWarning):
+            if issubclass(category, _ONE_LINE_WARNINGS):
                 err.print(
                     f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
                 )
@@ -100,9 +109,8 @@ def user_errors(func: F) -> F:
                 original(message, category, filename, lineno, file, line)
 
         with warnings.catch_warnings():
-            warnings.simplefilter("always", PluginWarning)
-            warnings.simplefilter("always", DataWarning)
-            warnings.simplefilter("always", PerformanceWarning)
+            for category in _ONE_LINE_WARNINGS:
+                warnings.simplefilter("always", category)
             warnings.showwarning = show
             try:
                 return func(*args, **kwargs)
@@ -231,34 +239,12 @@ def evaluate_run(
         raise UsageError("--resolution applies to --bench evaluations")
     if replace is not None:
         names = [r.strip() for value in replace for r in value.split(",") if r.strip()]
-        summary = evaluate_replacements(run_dir, split, names, max_samples, latent_block)
-        written = "replaced" in summary  # generated latents: the written block was replaced
-        table = Table(title=f"{run_dir} — latent replacements on {split}", show_edge=False)
-        for column in ("latents", "accuracy", "drop", *(("replaced",) if written else ())):
-            table.add_column(column, justify="left" if column == "latents" else "right")
-        for name, accuracy in summary["accuracy"].items():
-            drop = summary["drop"].get(name)
-            row = [name, f"{accuracy:.1%}", "" if drop is None else f"{drop:+.1%}"]
-            if written:
-                replaced = summary["replaced"].get(name)
-                row.append("" if replaced is None else f"{replaced:.0%}")
-            table.add_row(*row)
-        out.print(table)
-        if written:
-            out.print(f"generated latents, {summary['wrote_block']:.0%} wrote the block")
+        _print_replacements(
+            evaluate_replacements(run_dir, split, names, max_samples, latent_block), run_dir
+        )
         return
     if bench is not None:
-        summary = evaluate_bench(run_dir, bench, max_samples, latent_block, resolution)
-        title = f"{run_dir} — {summary['bench']} ({summary['scorer']})"
-        out.print(_category_table(title, summary["per_category"], summary["accuracy"]))
-        out.print(
-            f"{summary['bench']} score {summary['score']:.1%} on {summary['num_samples']} samples; "
-            f"{len(summary['skipped'])} rows skipped"
-        )
-        for row in summary["skipped"]:
-            err.print(
-                f"[yellow]skipped[/] row {escape(str(row['index']))}: {escape(row['reason'])}"
-            )
+        _print_bench(evaluate_bench(run_dir, bench, max_samples, latent_block, resolution), run_dir)
         return
     result = evaluate_run_dir(run_dir, split, max_samples, corrupted, latents, latent_block)
     notes = ["corrupted"] if corrupted else []
@@ -266,6 +252,35 @@ def evaluate_run(
     if result.wrote_block is not None:
         notes.append(f"generated latents, {result.wrote_block:.0%} wrote the block")
     _print_eval(result, split + (f" ({', '.join(notes)})" if notes else ""), run_dir)
+
+
+def _print_replacements(summary: dict[str, Any], run_dir: Path) -> None:
+    written = "replaced" in summary  # generated latents: the written block was replaced
+    title = f"{run_dir} — latent replacements on {summary['split']}"
+    table = Table(title=title, show_edge=False)
+    for column in ("latents", "accuracy", "drop", *(("replaced",) if written else ())):
+        table.add_column(column, justify="left" if column == "latents" else "right")
+    for name, accuracy in summary["accuracy"].items():
+        drop = summary["drop"].get(name)
+        row = [name, f"{accuracy:.1%}", "" if drop is None else f"{drop:+.1%}"]
+        if written:
+            replaced = summary["replaced"].get(name)
+            row.append("" if replaced is None else f"{replaced:.0%}")
+        table.add_row(*row)
+    out.print(table)
+    if written:
+        out.print(f"generated latents, {summary['wrote_block']:.0%} wrote the block")
+
+
+def _print_bench(summary: dict[str, Any], run_dir: Path) -> None:
+    title = f"{run_dir} — {summary['bench']} ({summary['scorer']})"
+    out.print(_category_table(title, summary["per_category"], summary["accuracy"]))
+    out.print(
+        f"{summary['bench']} score {summary['score']:.1%} on {summary['num_samples']} samples; "
+        f"{len(summary['skipped'])} rows skipped"
+    )
+    for row in summary["skipped"]:
+        err.print(f"[yellow]skipped[/] row {escape(str(row['index']))}: {escape(row['reason'])}")
 
 
 @app.command("inspect")
@@ -460,7 +475,13 @@ def list_components(
         table.add_column("source")
         table.add_column("description")
         for entry in registry.entries():
-            table.add_row(entry.name, source_text(entry), _prose(entry.description))
+            claims = registry.clash(entry.name)
+            source = (
+                "claimed twice: " + " and ".join(source_text(c) for c in claims)
+                if claims
+                else source_text(entry)
+            )
+            table.add_row(entry.name, source, _prose(entry.description))
         if not len(table.rows):
             table.add_row(
                 "—", "", f"none registered (entry point group {registry.entry_point_group})"

@@ -6,6 +6,8 @@ from, and a run warns when a component's code changed since it was trained."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -175,3 +177,31 @@ def test_the_warning_is_one_line_of_its_own_category(site: Path, tmp_path: Path)
     with pytest.warns(ProvenanceWarning) as caught:
         warn_code_changes(tmp_path, sources, {"widgets": widgets})
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
+
+
+def test_crystalkit_list_shows_a_clash(site: Path):
+    install(site, "widgets-z", "widgets_z", "class Blur:\n    pass\n", {"blur": "widgets_z:Blur"})
+    entry = site / "crystalkit_clash-0.1.0.dist-info"
+    entry.mkdir()
+    (entry / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: crystalkit-clash\nVersion: 0.1.0\n"
+    )
+    (entry / "entry_points.txt").write_text("[crystalkit.corruptions]\nblur = widgets_z:Blur\n")
+    listed = subprocess.run(
+        [sys.executable, "-m", "crystalkit", "list", "corruptions"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.strip().startswith("blur"))
+    assert "claimed twice: built-in and plugin package crystalkit-clash 0.1.0" in row
+    used = subprocess.run(
+        [sys.executable, "-m", "crystalkit", "list", "corruption", "blur"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        check=False,
+    )
+    assert used.returncode == 2 and "is claimed twice" in used.stderr
