@@ -598,6 +598,14 @@ def ablate(
     jobs: Annotated[
         int, typer.Option(min=1, help="cells trained in parallel (local launcher)")
     ] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch threads per cell whose recipe sets no train.num_threads (default: the "
+            "available cores // --jobs)",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="print the planned cells and exit")] = False,
     launcher: Annotated[
         str, typer.Option(help="local (processes on this machine) or submitit (job array)")
@@ -638,9 +646,9 @@ def ablate(
         out.print(table)
         return
     if launcher == "local":
-        outcome = run_local(loaded, jobs, err)
+        outcome = run_local(loaded, jobs, err, threads)
     else:
-        outcome = run_submitit(loaded, cluster, err)
+        outcome = run_submitit(loaded, cluster, err, threads=threads)
     err.print(
         f"{len(outcome.done)} cells trained, {len(outcome.skipped)} already done, "
         f"{len(outcome.failed)} failed"

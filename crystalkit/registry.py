@@ -132,7 +132,9 @@ class Registry(Generic[T]):
         error; while plugins load it is recorded instead (:meth:`clash`), so that one plugin's
         clash fails only the lookups of that name."""
         if ":" in name:
-            raise ValueError(f"{self.kind} name {name!r} may not contain ':' (reserved for paths)")
+            raise ValueError(
+                f"{self.singular} name {name!r} may not contain ':' (reserved for paths)"
+            )
         source = source or self._current_source
         version = self._current_version if source == self._current_source else ""
         entry = Entry(name, obj, description or summary(obj), source, version)
@@ -142,7 +144,7 @@ class Registry(Generic[T]):
                 self._clashes.setdefault(name, [existing]).append(entry)
                 return
             raise ValueError(
-                f"{self.kind} {name!r} is already registered (by {existing.source or 'builtin'}); "
+                f"{self.singular} {name!r} is already registered (by {existing.source or 'builtin'}); "
                 "choose another name"
             )
         self._entries[name] = entry
@@ -155,7 +157,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """Resolve a registered name, ``package.module:attr`` or ``path/to/file.py:attr``."""
         if ":" in name and name not in self._entries:
-            return resolve_import_path(name, kind=self.kind)
+            return resolve_import_path(name, kind=self.singular)
         return self.entry(name).obj
 
     def unknown_message(self, name: str) -> str:
@@ -167,7 +169,7 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Entry[T]:
         """The entry of a registered name, or an ``Entry`` describing an import path."""
         if ":" in name and name not in self._entries:
-            obj = resolve_import_path(name, kind=self.kind)
+            obj = resolve_import_path(name, kind=self.singular)
             return Entry(name, obj, summary(obj), "path")
         self._ensure_loaded()
         if name in self._clashes:

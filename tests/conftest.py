@@ -46,7 +46,7 @@ TINY = [
     "train.log_every=2",
     "train.eval_every=0",
     "train.save_every=0",
-    "train.num_threads=2",
+    f"train.num_threads={THREADS}",
     "eval.batch_size=32",
 ]
 

@@ -460,3 +460,62 @@ def test_cells_overrides_show_in_the_dry_run_and_the_reports(tmp_path: Path):
     assert by_lr["0.003"].endswith("| train.steps=2 |") and by_lr["0.001"].endswith("|  |")
     tex = paths["tex"].read_text()
     assert r"\begin{tabular}{lrrrl}" in tex and "train.steps=2" in tex
+
+
+def test_an_explicit_thread_count_survives_a_grid_and_threads_sets_the_others(tmp_path: Path):
+    """A cell whose recipe sets train.num_threads keeps it whatever --jobs / --threads say; the
+    other cells take --threads (default: the available cores // --jobs)."""
+    path = _tiny_grid(tmp_path, grid={"train.num_threads": [1, None]}, seeds=[0])
+    result = invoke("ablate", "--grid", path, "--jobs", "1", "--threads", "2")
+    assert result.exit_code == 0, result.output
+    grid = load_grid(path)
+    used = {
+        cell.values["train.num_threads"]: json.loads(
+            (cell_dir(grid, cell) / "results.json").read_text()
+        )["num_threads"]
+        for cell in grid.cells()
+    }
+    assert used == {1: 1, None: 2}
+
+
+CHANGING = '''
+import torch
+
+
+class Dim:
+    """A corruption whose code the test edits between two ablate invocations."""
+
+    def __call__(self, images, generator):
+        return images * 0.5
+'''
+
+
+def test_a_cell_whose_plugin_code_changed_trains_again(tmp_path: Path):
+    plugin = tmp_path / "dim.py"
+    plugin.write_text(CHANGING)
+    path = _tiny_grid(
+        tmp_path,
+        grid={"train.lr": [0.001]},
+        seeds=[0],
+        overrides=[
+            *TINY, "train.steps=2", "eval.max_samples=8", "method=crystal",
+            "latents.schedule.k=2", f"corruption.name={plugin}:Dim",
+        ],
+    )  # fmt: skip
+    assert invoke("ablate", "--grid", path).exit_code == 0
+    grid = load_grid(path)
+    (cell,) = grid.cells()
+    first = json.loads((cell_dir(grid, cell) / "components.json").read_text())["corruption"]
+    assert cell_state(cell_dir(grid, cell)) == "done"
+    plugin.write_text(CHANGING.replace("0.5", "0.25"))
+    assert cell_state(cell_dir(grid, cell)) == "code changed"
+    dry = invoke("ablate", "--grid", path, "--dry-run")
+    assert "code changed" in dry.stdout
+    again = invoke("ablate", "--grid", path)
+    assert again.exit_code == 0, again.output
+    assert "1 cells trained, 0 already done" in " ".join(again.output.split())
+    assert "code changed: trains from the start" in again.output
+    second = json.loads((cell_dir(grid, cell) / "components.json").read_text())["corruption"]
+    assert second["code"] != first["code"] and cell_state(cell_dir(grid, cell)) == "done"
+    log = (cell_dir(grid, cell) / "train.log").read_text()
+    assert "resuming" not in log.split("--- attempt 2")[1]  # from the start, not resumed

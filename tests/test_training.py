@@ -152,21 +152,48 @@ def test_oversubscription_is_warned_once_per_run(tiny_recipe, monkeypatch):
     assert len([w for w in caught if w.category is PerformanceWarning]) == 1
 
 
-def test_default_num_threads_is_the_available_cores(tiny_recipe, monkeypatch):
+def test_default_num_threads_is_the_available_cores_nobody_keeps_busy(tiny_recipe, monkeypatch):
     import os
 
+    from crystalkit.training import threads
     from crystalkit.training.threads import resolve_num_threads
 
     applied: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", applied.append)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert resolve_num_threads(None) == 3
+    for busy, expected in ((0.0, 3), (0.4, 3), (1.2, 2), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(threads, "busy_cores", lambda busy=busy: busy)
+        assert resolve_num_threads(None) == expected
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1.0)
     recipe = tiny_recipe("name=threads", "train.steps=1", "train.num_threads=null")
     assert recipe.train.num_threads is None
     train(recipe)
-    assert applied == [3]
-    train(recipe, overwrite=True, num_threads=1)  # the ablation runner's one thread per cell
-    assert applied == [3, 1]
+    assert applied == [2]
+    train(recipe, overwrite=True, num_threads=1)  # the ablation runner's share of the cores
+    assert applied == [2, 1]
+    explicit = tiny_recipe("name=explicit", "train.steps=1", "train.num_threads=3")
+    train(explicit, num_threads=1)  # an explicit count wins over the runner's share
+    assert applied == [2, 1, 3]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for several processes
     assert resolve_num_threads(None) == 1 and resolve_num_threads(2) == 2
+
+
+def test_busy_cores_reads_the_machines_cpu_time(monkeypatch):
+    import subprocess
+    import sys
+
+    from crystalkit.training import threads
+
+    samples = iter([(100, 1000, 4), (300, 1400, 4)])  # 200 of 400 jiffies busy on 4 CPUs
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    assert threads.busy_cores(0.0) == pytest.approx(2.0)
+    monkeypatch.undo()
+    if threads._cpu_times() is None:
+        pytest.skip("no /proc/stat on this system")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert threads.busy_cores(0.5) >= 0.7  # at least the spinner's core
+    finally:
+        spinner.kill()
+        spinner.wait()

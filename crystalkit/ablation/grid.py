@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -215,8 +216,8 @@ class Grid:
 
     @property
     def output_dir(self) -> Path:
-        if self.spec.output_dir is not None:
-            return self.path.parent / self.spec.output_dir
+        if self.spec.output_dir is not None:  # "grids/../out" printed as "out"
+            return Path(os.path.normpath(self.path.parent / self.spec.output_dir))
         return Path("runs") / "ablations" / self.path.stem
 
     @property

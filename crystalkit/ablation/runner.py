@@ -6,7 +6,10 @@ function — locally (``--jobs N`` processes at a time) or as a Slurm job array 
 The cell's folder holds the run itself (recipe, metrics, checkpoints, ``results.json``), its log
 ``train.log`` and ``status.json``. A cell counts as done only when ``status.json`` says so *and*
 ``results.json`` exists; both are written atomically, so a killed process or a Ctrl-C leaves
-nothing the next invocation would trust. Unfinished cells resume from their last checkpoint.
+nothing the next invocation would trust. Unfinished cells resume from their last checkpoint. A
+finished cell whose third-party components' code changed since it trained (another plugin
+version, an edited ``file.py``: :mod:`crystalkit.provenance`) is ``code changed`` and trains
+again from the start.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from crystalkit.ablation.grid import Cell, Grid, load_grid
 from crystalkit.errors import first_line
 from crystalkit.io import atomic_write_json
 from crystalkit.runs.files import RESULTS_FILE
+from crystalkit.runs.sources import code_changes, read_sources
+from crystalkit.training.threads import available_cores
 
 STATUS_FILE = "status.json"
 LOG_FILE = "train.log"
 
-State = Literal["pending", "running", "done", "failed"]
+State = Literal["pending", "running", "done", "failed", "code changed"]
 
 
 def _now() -> str:
@@ -59,12 +64,15 @@ def read_status(directory: Path) -> dict[str, Any]:
 
 
 def cell_state(directory: Path) -> State:
-    """``done`` needs both the status and the results file; a ``running`` cell whose process is
-    gone (killed, Ctrl-C, machine reboot) counts as ``failed``, to be resumed."""
+    """``done`` needs both the status and the results file, and the code of the cell's
+    third-party components as it was (else ``code changed``); a ``running`` cell whose process
+    is gone (killed, Ctrl-C, machine reboot) counts as ``failed``, to be resumed."""
     status = read_status(directory)
     state = status["state"]
     if state == "done":
-        return "done" if (directory / RESULTS_FILE).is_file() else "failed"
+        if not (directory / RESULTS_FILE).is_file():
+            return "failed"
+        return "code changed" if code_changes(read_sources(directory)) else "done"
     if state == "running" and not _alive(status):
         return "failed"
     return state
@@ -103,6 +111,7 @@ def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict
 
     grid = load_grid(grid_path)
     directory = cell_dir(grid, cell)
+    retrain = cell_state(directory) == "code changed"  # from the start, with the new code
     directory.mkdir(parents=True, exist_ok=True)
     previous = read_status(directory).get("attempts", 0)
     attempts = (previous if isinstance(previous, int) else 0) + 1
@@ -129,7 +138,8 @@ def run_cell(grid_path: str, cell: Cell, num_threads: int | None = None) -> dict
             result = train(
                 grid.recipe(cell),
                 run_dir=directory,
-                resume=True,
+                resume=not retrain,
+                overwrite=retrain,
                 console=Console(file=sys.stderr, width=120),
                 num_threads=num_threads,
                 log_group=grid.path.stem,  # a grid's cells share a W&B group
@@ -177,28 +187,32 @@ def pending_cells(grid: Grid, cells: list[Cell] | None = None) -> tuple[list[Cel
     return todo, done
 
 
-def run_local(grid: Grid, jobs: int, console: Console, poll: float = 0.5) -> GridOutcome:
+def run_local(
+    grid: Grid, jobs: int, console: Console, threads: int | None = None, poll: float = 0.5
+) -> GridOutcome:
     """Run the unfinished warm-start sources, then the unfinished cells, ``jobs`` processes at a
-    time, each with its share of the CPU. A cell whose source failed fails without running."""
+    time, each with ``threads`` torch threads (default: its share of the available cores) unless
+    its recipe sets ``train.num_threads``. A cell whose source failed fails without running."""
+    threads = threads or max(1, available_cores() // jobs)
     sources_todo, _ = pending_cells(grid, grid.sources())
     todo, done = pending_cells(grid)
     for cell in [*sources_todo, *todo]:
         grid.recipe(cell)  # a bad cell fails here, before anything runs
-    finished, failed = _run_processes(grid, sources_todo, jobs, console, poll)
+    finished, failed = _run_processes(grid, sources_todo, jobs, threads, console, poll)
     lost = {cell.seed for cell in failed}
     for cell in [c for c in todo if c.seed in lost]:
         _mark_failed(cell_dir(grid, cell), f"the warm-start source of seed {cell.seed} failed")
         failed.append(cell)
         console.print(f"[red]failed[/]  {cell.id}  {cell.label()}: its warm-start source failed")
-    ran, broke = _run_processes(grid, [c for c in todo if c.seed not in lost], jobs, console, poll)
+    todo = [c for c in todo if c.seed not in lost]
+    ran, broke = _run_processes(grid, todo, jobs, threads, console, poll)
     return GridOutcome(finished + ran, done, failed + broke)
 
 
 def _run_processes(
-    grid: Grid, todo: list[Cell], jobs: int, console: Console, poll: float
+    grid: Grid, todo: list[Cell], jobs: int, threads: int, console: Console, poll: float
 ) -> tuple[list[Cell], list[Cell]]:
     """Train ``todo`` in child processes, ``jobs`` at a time: (finished, failed)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     queue, running = deque(todo), {}
     finished, failed = [], []
@@ -206,12 +220,14 @@ def _run_processes(
         while queue or running:
             while queue and len(running) < jobs:
                 cell = queue.popleft()
+                again = cell_state(cell_dir(grid, cell)) == "code changed"
                 process = context.Process(
                     target=_child, args=(str(grid.path), cell, threads), daemon=False
                 )
                 process.start()
                 running[cell.id] = (process, cell, time.perf_counter())
-                console.print(f"[dim]started[/] {cell.id}  {cell.label()}  seed {cell.seed}")
+                note = "  (code changed: trains from the start)" if again else ""
+                console.print(f"[dim]started[/] {cell.id}  {cell.label()}  seed {cell.seed}{note}")
             time.sleep(poll)
             for key, (process, cell, start) in list(running.items()):
                 if process.is_alive():
@@ -244,12 +260,17 @@ def _run_processes(
 
 
 def run_submitit(
-    grid: Grid, cluster: str | None, console: Console, wait: bool | None = None
+    grid: Grid,
+    cluster: str | None,
+    console: Console,
+    wait: bool | None = None,
+    threads: int | None = None,
 ) -> GridOutcome:
     """Submit the unfinished cells as one job array through submitit (``cluster="local"`` runs
     them as local processes; ``None`` lets submitit pick Slurm when it is available). Unfinished
     warm-start sources go first, as their own array; on Slurm the cells are submitted by the
-    next invocation, once the sources are done."""
+    next invocation, once the sources are done. ``threads``: torch threads of the cells whose
+    recipe sets none (default: the cores of the node a cell lands on)."""
     import submitit
 
     sources_todo, _ = pending_cells(grid, grid.sources())
@@ -261,7 +282,7 @@ def run_submitit(
     waits = wait is not False and not (wait is None and executor.cluster == "slurm")
     finished, failed = [], []
     if sources_todo:
-        batch = _submit(executor, grid, sources_todo, console, "warm-start sources")
+        batch = _submit(executor, grid, sources_todo, console, "warm-start sources", threads)
         if not waits:
             console.print("re-run this command once the sources are done to submit the cells")
             return GridOutcome([], done, [])
@@ -271,15 +292,18 @@ def run_submitit(
         todo = [c for c in todo if c.seed not in lost]
     if not todo:
         return GridOutcome(finished, done, failed)
-    batch = _submit(executor, grid, todo, console, "cells")
+    batch = _submit(executor, grid, todo, console, "cells", threads)
     if not waits:
         return GridOutcome([], done, [])
     ran, broke = _collect(batch, grid, console)
     return GridOutcome(finished + ran, done, failed + broke)
 
 
-def _submit(executor: Any, grid: Grid, cells: list[Cell], console: Console, what: str) -> list:
-    jobs = executor.map_array(run_cell, [str(grid.path)] * len(cells), cells, [None] * len(cells))
+def _submit(
+    executor: Any, grid: Grid, cells: list[Cell], console: Console, what: str, threads: int | None
+) -> list:
+    paths, counts = [str(grid.path)] * len(cells), [threads] * len(cells)
+    jobs = executor.map_array(run_cell, paths, cells, counts)
     console.print(
         f"submitted {len(jobs)} {what} to {executor.cluster}: job {jobs[0].job_id.split('_')[0]}"
     )

@@ -1,1 +1,2 @@
-"""Training: the loop, optimisation, checkpoints and metrics."""
+"""Training: the loop as a recipe, data-parallel training, optimisation, warm starts, metric
+loggers and CPU threads."""

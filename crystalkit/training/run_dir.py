@@ -4,11 +4,13 @@ failed fresh start's, and the ``results.json`` a finished run writes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from crystalkit.config.schema import Recipe
@@ -29,14 +31,20 @@ from crystalkit.runs.snapshot import read_record
 
 
 def default_run_dir(recipe: Recipe) -> Path:
-    return Path(recipe.output_dir) / recipe.name
+    return normalised(Path(recipe.output_dir) / recipe.name)
+
+
+def normalised(path: Path) -> Path:
+    """``path`` without ``.`` and ``..`` parts (``elsewhere/../exp2`` is ``exp2``), as messages
+    print it; symlinks are left alone."""
+    return Path(os.path.normpath(path))
 
 
 def check_resumable(recipe: Recipe, run_dir: Path | None = None) -> None:
     """``crystalkit train --resume`` continues a run: refuse (one line) where there is none, rather
     than quietly train from scratch after a mistyped name or ``--run-dir``. :func:`train` itself
     resumes what is there and starts what is not, as the ablation runner needs."""
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
+    run_dir = normalised(Path(run_dir)) if run_dir is not None else default_run_dir(recipe)
     if not (run_dir / RECIPE_FILE).is_file():
         raise UsageError(
             f"{run_dir}: no run to resume (no {RECIPE_FILE} there); check the recipe's name and "
@@ -159,14 +167,15 @@ def write_results(
     plan: list[Stage],
     controls: dict[str, float],
 ) -> None:
-    """``results.json``: the final evaluation's summary, the stages, and the training time
-    (``None`` for a resumed run, which did not see all of it)."""
+    """``results.json``: the final evaluation's summary, the stages, the training time (``None``
+    for a resumed run, which did not see all of it) and the torch threads it ran with."""
     results: dict[str, Any] = {
         "name": recipe.name,
         "steps": steps,
         "split": recipe.eval.final_split,
         **final.summary(),
         "train_seconds": train_time,
+        "num_threads": torch.get_num_threads(),
         "stages": [{"name": s.name, "start": s.start, "steps": s.steps} for s in plan],
     }
     if controls:

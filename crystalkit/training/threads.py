@@ -1,9 +1,12 @@
 """How many torch threads a CPU run uses, and noticing when the machine starves them.
 
-Several torch threads synchronise after every operation: on a machine where other work keeps the
-cores busy, each waits for the descheduled one and a step can take an order of magnitude longer
-(30 steps: 3 min 14 s with 2 threads next to one busy process, 23 s with 1). The trainer resolves
-its thread count here and warns once when a logging window shows the symptoms.
+torch's threads synchronise at the end of every operation (an OpenMP barrier): when another busy
+process shares one of their cores, every operation waits for the descheduled thread, and the
+waiting thread first spins, taking CPU from the one it waits for. Beside one busy core on a
+2-core machine a 2-thread run trains at half the rate of a 1-thread run
+(``benchmarks/thread_contention.py``, figures in docs/performance.md). So a run that is not told
+its thread count takes only the cores nobody else keeps busy when it starts, and warns once when
+a logging window shows the symptoms later (the machine got busy after it started).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def available_cores() -> int:
@@ -24,15 +28,52 @@ def available_cores() -> int:
 
 def resolve_num_threads(requested: int | None) -> int:
     """The torch threads a run uses: ``requested``; else ``OMP_NUM_THREADS`` when the environment
-    sets it (``torchrun`` sets 1 for several processes on one machine); else every available core.
-    """
+    sets it (``torchrun`` sets 1 for several processes on one machine); else the available cores
+    that other work does not keep busy as the run starts (at least one): a thread sharing its
+    core with another busy process makes every operation wait for it
+    (``benchmarks/thread_contention.py``)."""
     if requested:
         return requested
     with suppress(ValueError):
         from_env = int(os.environ.get("OMP_NUM_THREADS", ""))
         if from_env >= 1:
             return from_env
-    return available_cores()
+    cores = available_cores()
+    return max(1, cores - round(min(busy_cores(), cores)))
+
+
+#: how long :func:`busy_cores` watches the machine
+SAMPLE_SECONDS = 0.25
+
+
+def busy_cores(seconds: float = SAMPLE_SECONDS) -> float:
+    """How many cores other processes keep busy now: the machine's non-idle CPU time over
+    ``seconds`` (``/proc/stat``; this process sleeps meanwhile), else the 1-minute load average,
+    else 0."""
+    before = _cpu_times()
+    if before is None:
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average (Windows)
+            return 0.0
+    time.sleep(seconds)
+    after = _cpu_times()
+    if after is None:
+        return 0.0
+    (busy0, total0, cpus), (busy1, total1, _) = before, after
+    return cpus * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def _cpu_times() -> tuple[int, int, int] | None:
+    """Busy and total jiffies over all CPUs, and the CPU count, from ``/proc/stat``."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields), max(cpus, 1)
 
 
 #: a window in which the process got less than this share of the CPU time its threads could use

@@ -67,6 +67,7 @@ from crystalkit.training.run_dir import (
     check_run_dir,
     clear_outputs,
     default_run_dir,
+    normalised,
     write_results,
 )
 from crystalkit.training.threads import Window, check_oversubscription, resolve_num_threads
@@ -151,7 +152,7 @@ def _train(
     log_group: str | None,
 ) -> TrainResult:
     console = console or Console(stderr=True)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe)
+    run_dir = normalised(Path(run_dir)) if run_dir is not None else default_run_dir(recipe)
     leftover = check_run_dir(run_dir, recipe, resume, overwrite)
     if leftover and parallel.world.main:
         console.print(f"{run_dir}: a run stopped here before its first checkpoint; starting over")
