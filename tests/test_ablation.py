@@ -513,8 +513,9 @@ def test_a_cell_whose_plugin_code_changed_trains_again(tmp_path: Path):
     assert "code changed" in dry.stdout
     again = invoke("ablate", "--grid", path)
     assert again.exit_code == 0, again.output
-    assert "1 cells trained, 0 already done" in " ".join(again.output.split())
-    assert "code changed: trains from the start" in again.output
+    said = " ".join(again.output.split())
+    assert "1 cells trained, 0 already done" in said
+    assert "code changed: trains from the start" in said
     second = json.loads((cell_dir(grid, cell) / "components.json").read_text())["corruption"]
     assert second["code"] != first["code"] and cell_state(cell_dir(grid, cell)) == "done"
     log = (cell_dir(grid, cell) / "train.log").read_text()
