@@ -197,3 +197,33 @@ def test_busy_cores_reads_the_machines_cpu_time(monkeypatch):
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_vision_lr_scale_gives_the_vision_tower_its_own_rate(tiny_recipe):
+    """The vision tower's parameters (and only they) step at lr * vision_lr_scale; with scale 1
+    the optimizer keeps its two groups (decayed matrices, then the rest) as before; with 0 the
+    tower does not move while the language model trains."""
+    from crystalkit.runs.build import build_backbone, build_dataset
+    from crystalkit.training.optim import build_optimizer
+
+    recipe = tiny_recipe("train.vision_lr_scale=0.1", "train.lr=0.002")
+    backbone = build_backbone(recipe, build_dataset(recipe))
+    tower = {id(p) for p in backbone.vision_tower.parameters()}
+    optimizer, _ = build_optimizer(backbone, recipe.train)
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert [rates[i] for i in tower] == pytest.approx([0.0002] * len(tower))
+    assert {rate for i, rate in rates.items() if i not in tower} == {0.002}
+    assert len(rates) == sum(1 for p in backbone.parameters() if p.requires_grad)
+
+    plain, _ = build_optimizer(backbone, tiny_recipe("train.lr=0.002").train)
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.01, 0.0]
+
+    frozen = tiny_recipe("name=frozen_tower", "train.vision_lr_scale=0", "train.steps=3")
+    run_dir = train(frozen).run_dir
+    trained = load_file(str(ckpt.latest_checkpoint(run_dir).path / files.CHECKPOINT_WEIGHTS))
+    torch.manual_seed(frozen.seed)  # as build_model seeds the init
+    start = build_backbone(frozen, build_dataset(frozen)).state_dict()
+    encoder = [k for k in start if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(trained[k], start[k]) for k in encoder)
+    language = [k for k in start if k.startswith("lm.") and k in trained]  # tied: saved once
+    assert not all(torch.equal(trained[k], start[k]) for k in language)

@@ -223,6 +223,14 @@ class TrainConfig(_Strict):
         "needs several processes",
     )
     lr: float = Field(1e-3, gt=0, le=100, description="peak learning rate (AdamW)")
+    vision_lr_scale: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="the vision tower's learning rate (encoder and projector: "
+        "Backbone.vision_tower) as a multiple of lr; 0 leaves it as it is (its gradients are "
+        "still computed and counted in grad_clip's norm)",
+    )
     weight_decay: float = Field(0.01, ge=0, le=100, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -335,6 +343,9 @@ class StageTrain(_Strict):
     belong to the whole run."""
 
     lr: float | None = Field(None, gt=0, le=100, description="peak learning rate of this stage")
+    vision_lr_scale: float | None = Field(
+        None, ge=0, le=100, description="the vision tower's learning rate as a multiple of lr"
+    )
     weight_decay: float | None = Field(
         None, ge=0, le=100, description="AdamW decoupled weight decay"
     )

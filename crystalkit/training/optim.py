@@ -1,5 +1,7 @@
 """AdamW with warmup + decay, decoupled weight decay only on matrices (not norms, biases, the
-learned position table, or peft's trainable token rows), as is standard for transformer training.
+learned position table, or peft's trainable token rows), as is standard for transformer training;
+the vision tower's parameters get ``lr * train.vision_lr_scale`` (a smaller rate keeps a vision
+encoder's features while the language model learns to read them).
 
 peft's token-row table (LoRA runs) holds the latent tokens' rows themselves, not a difference to
 them: decay would pull the latent embeddings towards zero instead of towards the base model.
@@ -21,7 +23,9 @@ def build_optimizer(
     """``no_decay``: further parameters kept out of weight decay (matrices trained only in some
     rows must not shrink elsewhere)."""
     excluded = {id(p) for p in no_decay}
-    decay, plain = [], []
+    tower = getattr(model, "vision_tower", None) if cfg.vision_lr_scale != 1 else None
+    vision = {id(p) for p in tower.parameters()} if isinstance(tower, torch.nn.Module) else set()
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -31,11 +35,15 @@ def build_optimizer(
             and ".trainable_tokens_delta." not in name
             and id(param) not in excluded
         )
-        (decay if matrix else plain).append(param)
+        groups.setdefault((id(param) in vision, matrix), []).append(param)
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": plain, "weight_decay": 0.0},
+            {
+                "params": params,
+                "weight_decay": cfg.weight_decay if matrix else 0.0,
+                "lr": cfg.lr * (cfg.vision_lr_scale if in_vision else 1.0),
+            }
+            for (in_vision, matrix), params in sorted(groups.items(), key=_group_order)
         ],
         lr=cfg.lr,
         betas=cfg.betas,
@@ -47,3 +55,11 @@ def build_optimizer(
         num_training_steps=cfg.steps,
     )
     return optimizer, scheduler
+
+
+def _group_order(item: tuple[tuple[bool, bool], list]) -> tuple[bool, bool]:
+    """Language-model groups first, decayed matrices before the rest: with ``vision_lr_scale``
+    1 there are just the decayed and the plain group, in that order, as in earlier versions, so
+    a run's optimizer state still loads (and resumes) as before."""
+    (in_vision, matrix), _ = item
+    return in_vision, not matrix
