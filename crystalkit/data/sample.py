@@ -45,7 +45,9 @@ class Sample:
     open-ended question (no ``options``, e.g. conversation data whose options, if any, are part of
     the question text), the answer text itself;
     ``box`` (``x0, y0, x1, y1`` in pixels, exclusive ends) marks the object the question is about,
-    kept for grounding analysis of the latents' attention.
+    kept for grounding analysis of the latents' attention; ``boxes`` lists the evidence one by one
+    (every object the answer depends on: the referent, or each counted object), so that a
+    corruption can remove exactly it and evaluation can bucket items by how small it is.
     """
 
     index: int
@@ -56,6 +58,14 @@ class Sample:
     category: str = ""
     box: tuple[int, int, int, int] | None = None
     meta: dict = field(default_factory=dict)
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def evidence(self) -> list[tuple[int, int, int, int]]:
+        """The evidence boxes: ``boxes``, else ``[box]`` when only the enclosing box is known."""
+        if self.boxes:
+            return list(self.boxes)
+        return [self.box] if self.box is not None else []
 
     @property
     def answer_text(self) -> str:

@@ -186,6 +186,7 @@ class SyntheticShapesSplit(torch.utils.data.Dataset):
             answer=LETTERS[options.index(scene.options[answer])],
             category=task,
             box=box,
+            boxes=[objects[t].box for t in scene.targets],
             meta={
                 "split": self.name,
                 "objects": [{"shape": o.shape, "colour": o.colour, "box": o.box} for o in objects],

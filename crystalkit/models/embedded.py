@@ -71,6 +71,16 @@ class EmbeddedConfig(BaseModel):
     init: Literal["xavier", "default"] = Field(
         "xavier", description="initialisation of the LM's linear layers"
     )
+    token_norm: bool = Field(
+        False,
+        description="LayerNorm on the projected image tokens: centred, unit-scale tokens whose "
+        "content and position are not drowned by the bias every token shares",
+    )
+    image_position: Literal["learned", "sincos"] = Field(
+        "learned",
+        description="2-D position of each image token: a learned table (N(0, 0.02) at init), or "
+        "a fixed 2-D sin-cos table at token scale plus a learned table",
+    )
 
 
 @BACKBONES.register("embedded")
@@ -92,7 +102,14 @@ class EmbeddedBackbone(Backbone):
             nn.GELU(),
             nn.Linear(config.hidden_size, config.hidden_size),
         )
+        self.token_norm = nn.LayerNorm(config.hidden_size) if config.token_norm else nn.Identity()
         self.image_pos = nn.Parameter(torch.zeros(self._num_image_tokens, config.hidden_size))
+        fixed = (
+            sincos_2d(side, config.hidden_size)
+            if config.image_position == "sincos"
+            else torch.zeros(self._num_image_tokens, config.hidden_size)
+        )
+        self.register_buffer("fixed_image_pos", fixed, persistent=False)
         lm_fields = {
             "vocab_size": len(tokenizer),
             "hidden_size": config.hidden_size,
@@ -159,7 +176,7 @@ class EmbeddedBackbone(Backbone):
 
     @property
     def vision_tower(self) -> nn.Module:
-        return nn.ModuleList([self.encoder, self.projector])
+        return nn.ModuleList([self.encoder, self.projector, self.token_norm])
 
     @property
     def image_grid(self) -> tuple[int, int]:
@@ -173,7 +190,7 @@ class EmbeddedBackbone(Backbone):
         """``[B, 3, S, S]`` -> ``[B, N, D]`` image token embeddings."""
         features = self.encoder(pixel_values)[0]
         tokens = rearrange(features, "b c h w -> b (h w) c")
-        return self.projector(tokens) + self.image_pos
+        return self.token_norm(self.projector(tokens)) + self.fixed_image_pos + self.image_pos
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
@@ -184,6 +201,20 @@ class EmbeddedBackbone(Backbone):
         features = self.encode_images(pixel_values).flatten(0, 1)
         is_image = input_ids == self.image_token_id
         return scatter_image_features(embeds, is_image, features, len(pixel_values))
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """``[side * side, dim]`` fixed 2-D sin-cos position table (row-major, as MAE's): half the
+    channels encode the row, half the column, each at ``dim / 4`` frequencies; every entry is in
+    ``[-1, 1]``, the scale of a layer-normed token."""
+    if dim % 4:
+        raise UsageError(f"backbone.hidden_size: sincos image positions need a multiple of 4, got {dim}")
+    freqs = 1.0 / 100.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    coords = torch.arange(side, dtype=torch.float32)[:, None] * freqs  # [side, dim/4]
+    axis = torch.cat([coords.sin(), coords.cos()], dim=1)  # [side, dim/2]
+    rows = axis[:, None, :].expand(side, side, -1)
+    cols = axis[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, dim)
 
 
 def _timm_features(config: EmbeddedConfig) -> nn.Module:
