@@ -208,7 +208,9 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     channels encode the row, half the column, each at ``dim / 4`` frequencies; every entry is in
     ``[-1, 1]``, the scale of a layer-normed token."""
     if dim % 4:
-        raise UsageError(f"backbone.hidden_size: sincos image positions need a multiple of 4, got {dim}")
+        raise UsageError(
+            f"backbone.hidden_size: sincos image positions need a multiple of 4, got {dim}"
+        )
     freqs = 1.0 / 100.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     coords = torch.arange(side, dtype=torch.float32)[:, None] * freqs  # [side, dim/4]
     axis = torch.cat([coords.sin(), coords.cos()], dim=1)  # [side, dim/2]
