@@ -275,6 +275,7 @@ def _print_replacements(summary: dict[str, Any], run_dir: Path) -> None:
 def _print_bench(summary: dict[str, Any], run_dir: Path) -> None:
     title = f"{run_dir} — {summary['bench']} ({summary['scorer']})"
     out.print(_category_table(title, summary["per_category"], summary["accuracy"]))
+    _print_buckets(summary["per_bucket"], summary["per_bucket_samples"])
     out.print(
         f"{summary['bench']} score {summary['score']:.1%} on {summary['num_samples']} samples; "
         f"{len(summary['skipped'])} rows skipped"
@@ -436,8 +437,23 @@ def _category_table(title: str, per_category: dict[str, float], overall: float) 
     return table
 
 
+def _print_buckets(per_bucket: dict[str, float], samples: dict[str, int]) -> None:
+    """Accuracy per area bucket of the evidence, with each bucket's number of samples (a thin
+    bucket's accuracy is noisy); nothing when no sample had evidence boxes."""
+    if not per_bucket:
+        return
+    table = Table(show_edge=False)
+    table.add_column("evidence area")
+    table.add_column("accuracy", justify="right")
+    table.add_column("n", justify="right")
+    for bucket, accuracy in per_bucket.items():
+        table.add_row(escape(bucket), f"{accuracy:.1%}", str(samples[bucket]))
+    out.print(table)
+
+
 def _print_eval(result: Any, split: str, run_dir: Path) -> None:
     out.print(_category_table(f"{run_dir} — {split}", result.per_category, result.accuracy))
+    _print_buckets(result.per_bucket, result.per_bucket_samples)
     out.print(
         f"{split} accuracy {result.accuracy:.1%} on {result.num_samples} samples "
         f"(chance {result.chance:.1%})"

@@ -520,3 +520,48 @@ def test_a_cell_whose_plugin_code_changed_trains_again(tmp_path: Path):
     assert second["code"] != first["code"] and cell_state(cell_dir(grid, cell)) == "done"
     log = (cell_dir(grid, cell) / "train.log").read_text()
     assert "resuming" not in log.split("--- attempt 2")[1]  # from the start, not resumed
+
+
+def test_reports_show_per_bucket_accuracy_and_rank_on_a_bucket(tmp_path: Path):
+    """Per-bucket accuracies are report columns (``area <label>``) and a ranking metric whose
+    label holds dots; a cell whose results.json predates buckets still reports, without them
+    (fake finished cells: only results.json and status.json are read)."""
+    from rich.console import Console
+
+    from crystalkit.ablation.report import write_report
+
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    spec = {
+        "base": "r.yaml",
+        "variants": {"old": [], "small": ["train.steps=2"], "large": ["train.steps=3"]},
+        "metric": {"name": "per_bucket.0.5-5%", "mode": "max"},
+        "output_dir": "out",
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    grid = load_grid(path)
+    buckets = {
+        "small": {"<0.5%": 0.9, "0.5-5%": 0.2, ">=5%": 0.3},
+        "large": {"<0.5%": 0.1, "0.5-5%": 0.8, ">=5%": 0.7},
+    }
+    for cell in grid.cells():
+        directory = cell_dir(grid, cell)
+        directory.mkdir(parents=True)
+        results: dict = {"accuracy": 0.5, "per_category": {"count": 0.4}}
+        if cell.values["variant"] != "old":
+            results["per_bucket"] = buckets[cell.values["variant"]]
+        (directory / "results.json").write_text(json.dumps(results))
+        (directory / STATUS_FILE).write_text(json.dumps({"state": "done"}))
+    printed = io.StringIO()
+    write_report(grid, Console(file=printed, width=250))
+    assert "area <0.5% (%)" in printed.getvalue() and "area >=5% (%)" in printed.getvalue()
+
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert [r["variant"] for r in rows] == ["large", "small", "old"]  # ranked on 0.5-5 %
+    assert [r["per_bucket.<0.5%_mean"] for r in rows] == ["0.1", "0.9", ""]
+    markdown = (tmp_path / "out" / "report.md").read_text().splitlines()
+    assert markdown[0].startswith("| variant | seeds | area 0.5-5% (%) | 95% PI | accuracy (%) |")
+    assert "| area <0.5% (%) | area >=5% (%) |" in markdown[0]
+    assert markdown[-1].startswith("| old | 1/1 | — |")
+    tex = (tmp_path / "out" / "report.tex").read_text()
+    assert r"area \textless{}0.5\% (\%)" in tex and r"area \textgreater{}=5\%" in tex

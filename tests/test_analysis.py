@@ -12,7 +12,15 @@ import torch
 from cli_process import assert_one_error_line, invoke
 from hf_models import build as build_hf
 
-from crystalkit.analysis.report import HEADLINE, analyze, comparison_table, grouped, headline
+from crystalkit.analysis.report import (
+    HEADLINE,
+    analyze,
+    comparison_table,
+    entries,
+    grouped,
+    headline,
+    write_grouped,
+)
 from crystalkit.analysis.sections import (
     Collected,
     collapse_section,
@@ -93,6 +101,57 @@ def test_an_answer_that_reads_only_its_latents_follows_the_donor_under_swap():
     assert section["swap"]["accuracy_drop"] == 1.0
     low, high = section["swap"]["kl_ci"]
     assert low <= section["swap"]["kl"] <= high
+
+
+def _boxed(side: int) -> Sample:
+    """A sample whose one evidence box is ``side`` px square in a 20 x 20 image."""
+    sample = _sample(0)
+    sample.image = torch.zeros(3, 20, 20, dtype=torch.uint8)
+    sample.boxes = [(0, 0, side, side)]
+    return sample
+
+
+def test_rescue_is_reported_per_area_bucket_as_recomputed_row_by_row():
+    """Small evidence (under 5 % of the image) is lost to the corruption and won back by the
+    copied latents; large evidence survives it; samples without boxes are in no bucket."""
+    sides = [2, 8, 0, 3, 9, 8, 2, 0] * 8  # 1 %, 16 %, no box, 2.25 %, ...
+    samples = [_boxed(side) if side else _sample(0) for side in sides]
+    answers = [LETTERS.index(s.answer) for s in samples]
+    small = [side in (2, 3) for side in sides]
+    own = [(a + 1) % 4 if is_small else a for a, is_small in zip(answers, small, strict=True)]
+    data = Collected(area_buckets=(0.05,), answers=answers, samples=samples)
+    _options(data, intact=answers, own=own, copied=answers, no_copy=own)
+    per_bucket = rescue_section(data)["per_bucket"]
+    assert list(per_bucket) == ["<5%", ">=5%"]
+    for bucket, members in (("<5%", small), (">=5%", [side > 3 for side in sides])):
+        rows = [i for i, member in enumerate(members) if member]
+        own_right = sum(own[i] == answers[i] for i in rows) / len(rows)
+        assert per_bucket[bucket]["n"] == len(rows)
+        assert per_bucket[bucket]["accuracy"] == {
+            "intact": 1.0,
+            "own": own_right,
+            "copied": 1.0,
+            "no_copy": own_right,
+        }
+    assert per_bucket["<5%"]["rescue"] == pytest.approx(1.0)
+    assert math.isnan(per_bucket[">=5%"]["rescue"])  # nothing lost: nothing to win back
+
+
+def test_headline_rows_per_bucket_follow_the_intact_accuracy(tmp_path: Path):
+    data = Collected(area_buckets=(0.05,), answers=[0, 0], samples=[_boxed(2), _boxed(9)])
+    _options(data, intact=[0, 1], own=[0, 1])
+    report = analyze(data, latent_block=False)
+    head = headline(report)
+    assert head["accuracy_intact/<5%"] == 1.0 and head["accuracy_intact/>=5%"] == 0.0
+    labels = [entry.label for entry in entries(head)]
+    assert labels[:4] == ["acc intact", "acc <5%", "acc >=5%", "rescue"]
+    old = {k: v for k, v in head.items() if "/" not in k}  # a report from before buckets
+    rows = grouped([("new", 0, head), ("old", 0, old)])
+    assert rows[0]["accuracy_intact/<5%"]["mean"] == 1.0 and "accuracy_intact/<5%" not in rows[1]
+    assert comparison_table(rows).row_count == len(HEADLINE) + 2
+    markdown, per_seed = write_grouped(rows, [("new", 0, head), ("old", 0, old)], tmp_path / "a")
+    assert "| acc intact | acc <5% | acc >=5% | rescue |" in markdown.read_text()
+    assert per_seed.read_text().splitlines()[2].startswith("old,0,0.5,nan,nan,")
 
 
 def _states(latents: torch.Tensor, image: torch.Tensor) -> States:
@@ -261,7 +320,9 @@ def test_analyze_command_writes_the_report_and_groups_a_grids_seeds(tiny_recipe,
         ]
     )
     assert rows[0]["seeds"] == 2 and rows[0]["accuracy_intact"]["ci"] is not None
-    assert comparison_table(rows).row_count == len(HEADLINE)
+    # 6-7 px objects in 32 px images: every sample in the 0.5-5 % bucket of the default edges
+    assert saved["rescue"]["per_bucket"]["0.5-5%"]["n"] == 16 and "acc 0.5-5%" in result.output
+    assert comparison_table(rows).row_count == len(HEADLINE) + 1
 
 
 def test_analyze_command_names_a_missing_run(tmp_path):

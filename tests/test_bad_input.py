@@ -234,6 +234,8 @@ CASES = [
     ),
     override("train={lr: 1, lr: 2}", "duplicate key"),
     override(f"seed={SEED_30_DIGITS}", "seed"),
+    override("eval.area_buckets=[0.05, 0.005]", "eval.area_buckets", "increasing fractions"),
+    override("eval.area_buckets=[a]", "eval.area_buckets.0", "valid number"),
     # -- grid files
     grid("grid_list.yaml", "[1]\n", "grid_list.yaml", "mapping"),
     grid(

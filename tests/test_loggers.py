@@ -154,6 +154,10 @@ def test_tensorboard_holds_the_jsonl_scalars_hparams_and_figures(logged):
         for key, value in scalars(record).items():
             expected.setdefault(key, {})[record["step"]] = value
     assert "val/per_category/colour" in expected and "weight/kl" in expected
+    assert (
+        expected["val/per_bucket_samples/0.5-5%"] == {2: 8.0}
+        and "val/per_bucket/0.5-5%" in expected
+    )
     assert set(events.Tags()["scalars"]) == set(expected)
     for key, by_step in expected.items():
         logged_values = {e.step: e.value for e in events.Scalars(key)}

@@ -50,7 +50,10 @@ class _Strict(BaseModel):
 
 
 class MetricSpec(_Strict):
-    name: str = Field("accuracy", description="results.json key ranked on (per_category.X allowed)")
+    name: str = Field(
+        "accuracy",
+        description="results.json key ranked on (per_category.X and per_bucket.X allowed)",
+    )
     mode: Literal["max", "min"] = Field("max", description="whether higher or lower is better")
 
 

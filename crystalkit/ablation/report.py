@@ -37,12 +37,20 @@ from crystalkit.runs.files import RESULTS_FILE
 
 
 def _metric(results: dict[str, Any], name: str) -> float | None:
+    """The number at dotted ``name`` (``per_category.count``); a key may hold dots itself
+    (``per_bucket.0.5-5%``): where the rest of the name is a key, it is taken whole."""
     value: Any = results
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
+    rest = name
+    while True:
+        if not isinstance(value, dict):
+            return None
+        if rest in value:
+            value = value[rest]
+            return float(value) if isinstance(value, int | float) else None
+        part, dot, rest = rest.partition(".")
+        if not dot or part not in value:
             return None
         value = value[part]
-    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass
@@ -75,7 +83,7 @@ def _flatten(results: dict[str, Any], metric: str) -> dict[str, Any]:
         "train_seconds": results.get("train_seconds"),
         "chance": results.get("chance"),
     }
-    for section in ("per_category", "controls"):
+    for section in ("per_category", "per_bucket", "controls"):
         values = results.get(section)
         flat |= {
             f"{section}.{k}": v for k, v in (values if isinstance(values, dict) else {}).items()
@@ -208,8 +216,15 @@ def _overrides_cell(grid: Grid, row: Row) -> list[str]:
     return [join_overrides(row.overrides)] if grid.has_cell_overrides else []
 
 
+def _shown(name: str) -> str:
+    """A metric's column name: a category alone, an area bucket as ``area <0.5%``."""
+    if name.startswith("per_bucket."):
+        return "area " + name.removeprefix("per_bucket.")
+    return name.removeprefix("per_category.")
+
+
 def _header(grid: Grid, names: list[str], extras: Extras | None = None) -> list[str]:
-    shown = [n.removeprefix("per_category.") for n in names]
+    shown = [_shown(n) for n in names]
     metrics = [n if n == "train_seconds" else f"{n} (%)" for n in shown]
     metric_at = 1 + len(grid.varied_keys) + 1  # right after the ranking metric
     header = [*grid.varied_keys, "seeds", *metrics]
@@ -315,6 +330,8 @@ _LATEX = {
     "}": r"\}",
     "^": r"\^{}",
     "~": r"\~{}",
+    "<": r"\textless{}",  # as text, not the font's inverted exclamation mark
+    ">": r"\textgreater{}",
     "±": r"$\pm$",
 }
 

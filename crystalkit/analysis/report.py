@@ -6,17 +6,19 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from crystalkit.ablation.stats import summary
 from crystalkit.analysis.sections import (
+    BUCKET_KEY,
     INTERVENTIONS,
     PROBES,
     SECTIONS,
     Collected,
     Headline,
+    bucket_headline,
     collect,
 )
 from crystalkit.errors import UsageError
@@ -63,7 +65,15 @@ def analyze_run(
         raise UsageError(f"{run_dir}: nothing to analyse in {name}")
     if method.final_k == 0:
         notes.append("no latent block (K = 0): only the rescue section applies")
-    data = collect(backbone, method, samples, recipe.eval.batch_size, recipe.seed, counterfactual)
+    data = collect(
+        backbone,
+        method,
+        samples,
+        recipe.eval.batch_size,
+        recipe.seed,
+        counterfactual,
+        recipe.eval.area_buckets,
+    )
     sections = analyze(data, latent_block=method.final_k > 0)
     report = {"run": str(run_dir), "step": step, "split": name, "notes": notes, **sections}
     report["headline"] = headline(report)
@@ -83,12 +93,29 @@ def analyze(data: Collected, latent_block: bool) -> dict[str, Any]:
 
 
 def headline(report: dict[str, Any]) -> dict[str, float]:
-    """The comparison table's numbers (NaN where a section, or a part of one, does not apply)."""
-    return {
+    """The comparison table's numbers (NaN where a section, or a part of one, does not apply),
+    then each area bucket's intact accuracy (none in a report written before buckets)."""
+    numbers = {
         entry.key: entry.read(report[section.key]) if section.key in report else math.nan
         for section in SECTIONS
         for entry in section.headline
     }
+    for bucket in report["rescue"].get("per_bucket", {}):
+        entry = bucket_headline(bucket)
+        numbers[entry.key] = entry.read(report["rescue"])
+    return numbers
+
+
+def entries(keys: Iterable[str]) -> list[Headline]:
+    """The rows of a comparison of headlines with ``keys``: :data:`HEADLINE`, with a row per area
+    bucket among ``keys`` (in their order) right after the intact accuracy."""
+    buckets = [
+        bucket_headline(key.removeprefix(BUCKET_KEY))
+        for key in dict.fromkeys(keys)
+        if key.startswith(BUCKET_KEY)
+    ]
+    at = 1 + [entry.key for entry in HEADLINE].index("accuracy_intact")
+    return [*HEADLINE[:at], *buckets, *HEADLINE[at:]]
 
 
 def figure(report: dict[str, Any]) -> bytes:
@@ -133,16 +160,22 @@ def figure(report: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _columns(reports: Sequence[tuple[str, int, dict[str, float]]]) -> list[Headline]:
+    """The headline rows of (label, seed, headline) rows: every bucket any of them has."""
+    return entries(key for _, _, numbers in reports for key in numbers)
+
+
 def grouped(reports: Sequence[tuple[str, int, dict[str, float]]]) -> list[dict[str, Any]]:
     """Headlines of (label, seed, headline) rows grouped by label: mean and 95 % CI over seeds."""
     rows: dict[str, list[dict[str, float]]] = {}
     for label, _, numbers in reports:
         rows.setdefault(label, []).append(numbers)
+    columns = _columns(reports)
     out = []
     for label, runs in rows.items():
         row: dict[str, Any] = {"label": label, "seeds": len(runs)}
-        for entry in HEADLINE:
-            values = [r[entry.key] for r in runs if not math.isnan(r[entry.key])]
+        for entry in columns:
+            values = [r[entry.key] for r in runs if not math.isnan(r.get(entry.key, math.nan))]
             if values:
                 stats = summary(values)
                 row[entry.key] = {"mean": stats.mean, "ci": list(stats.ci) if stats.ci else None}
@@ -178,7 +211,7 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Any:
         label = escape(row["label"]) + (f"\n({seeds} seeds)" if seeds > 1 else "")
         table.add_column(label, justify="right", overflow="fold")
     table.add_column("higher means", style="dim")
-    for entry in HEADLINE:
+    for entry in entries(key for row in rows for key in row):
         cells = (_cell(row.get(entry.key)) for row in rows)
         table.add_row(escape(entry.label), *cells, escape(entry.meaning))
     return table
@@ -190,16 +223,19 @@ def write_grouped(
     """A grid's analysis next to its cells: ``STEM.md`` (one row per grid point: mean [95 % CI]
     over its seeds) and ``STEM_seeds.csv`` (every cell's headline); returns both paths."""
     markdown, per_seed = stem.parent / f"{stem.name}.md", stem.parent / f"{stem.name}_seeds.csv"
-    lines = ["| cell | seeds | " + " | ".join(entry.label for entry in HEADLINE) + " |"]
-    lines.append("|---" * (len(HEADLINE) + 2) + "|")
+    columns = _columns(seeds)
+    lines = ["| cell | seeds | " + " | ".join(entry.label for entry in columns) + " |"]
+    lines.append("|---" * (len(columns) + 2) + "|")
     for row in rows:
-        cells = " | ".join(_cell(row.get(entry.key)) for entry in HEADLINE)
+        cells = " | ".join(_cell(row.get(entry.key)) for entry in columns)
         lines.append(f"| {row['label']} | {row['seeds']} | {cells} |")
     atomic_write_text(markdown, "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["cell", "seed", *(entry.key for entry in HEADLINE)])
+    writer.writerow(["cell", "seed", *(entry.key for entry in columns)])
     for label, seed, numbers in seeds:
-        writer.writerow([label, seed, *(f"{numbers[entry.key]:.6g}" for entry in HEADLINE)])
+        writer.writerow(
+            [label, seed, *(f"{numbers.get(entry.key, math.nan):.6g}" for entry in columns)]
+        )
     atomic_write_text(per_seed, buffer.getvalue())
     return markdown, per_seed

@@ -2,7 +2,8 @@
 
 1. **Rescue** — on the corrupted image, the answer with its own latents, the intact image's
    latents copied in (what training's corrupted path reads) and image-free ``no_copy`` latents:
-   accuracy, option-distribution KL to the intact answer, and the share of the loss won back.
+   accuracy, option-distribution KL to the intact answer, and the share of the loss won back;
+   accuracy and rescue per area bucket of the evidence (:mod:`crystalkit.evaluation.buckets`).
 2. **X -> Z** — how far the latent states move when the image changes (corrupted, another
    sample's image, a blank image, the same scene re-rendered with only the answer changed),
    relative to how far apart two instances' states are; the image tokens' own move for scale.
@@ -52,6 +53,7 @@ from crystalkit.analysis.probing import probe
 from crystalkit.analysis.states import States, prompt_states
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS, Sample
+from crystalkit.evaluation.buckets import area_bucket, bucket_labels, evidence_area
 from crystalkit.evaluation.options import option_logprobs
 from crystalkit.evaluation.replacement import BUILTIN, dataset_mean_kv, mean_replacement
 from crystalkit.models.backbone import Backbone
@@ -65,10 +67,12 @@ INTERVENTIONS = ("corrupted", "other_image", "blank_image", "answer_changed")
 
 @dataclass
 class Collected:
-    """Per-sample outputs gathered batch by batch, and the seed they were gathered with (it drew
-    the corrupted views; bootstrap intervals and probes derive theirs from it)."""
+    """Per-sample outputs gathered batch by batch, the seed they were gathered with (it drew
+    the corrupted views; bootstrap intervals and probes derive theirs from it) and the edges of
+    the area buckets the rescue section reports accuracy per (``eval.area_buckets``)."""
 
     seed: int = 0
+    area_buckets: tuple[float, ...] = ()
     answers: list[int] = field(default_factory=list)
     options: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     states: dict[str, list[States]] = field(default_factory=dict)
@@ -99,15 +103,17 @@ def collect(
     batch_size: int,
     seed: int,
     counterfactual: Callable[[Sample], Sample] | None,
+    area_buckets: Sequence[float] = (),
 ) -> Collected:
-    """Run every view, probe and intervention on ``samples`` (in batches)."""
+    """Run every view, probe and intervention on ``samples`` (in batches); ``area_buckets``:
+    the edges the rescue section's per-bucket accuracy cuts at (none: no buckets)."""
     device = next(backbone.parameters()).device
     backbone.eval()
     batches = [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     prompts = [method.prompt_layout(batch).to(device) for batch in batches]
     has_latents = method.final_k > 0
     mean = mean_replacement(dataset_mean_kv(backbone, prompts)) if has_latents else None
-    out = Collected(seed)
+    out = Collected(seed, tuple(area_buckets))
     for start, batch, prompt in zip(
         range(0, len(samples), batch_size), batches, prompts, strict=True
     ):
@@ -155,9 +161,20 @@ def _ci(statistic: Callable[[torch.Tensor], float], rows: int, seed: int) -> lis
     return list(bootstrap_ci(statistic, rows, draws=500, seed=seed))
 
 
+def _bucket_rows(data: Collected) -> dict[str, torch.Tensor]:
+    """The row indexes of each area bucket that holds samples, smallest evidence first."""
+    labels = [area_bucket(evidence_area(s), data.area_buckets) for s in data.samples]
+    return {
+        bucket: torch.tensor([i for i, label in enumerate(labels) if label == bucket])
+        for bucket in bucket_labels(data.area_buckets)
+        if bucket in labels
+    }
+
+
 def rescue_section(data: Collected) -> dict[str, Any]:
     """Rescue: accuracy and KL to the intact answer of each latent view on the corrupted image,
-    and the share of the loss the copied latents win back."""
+    and the share of the loss the copied latents win back; per area bucket, the number of
+    samples, each view's accuracy and the two rescues (whether small evidence is rescued too)."""
     seed = data.seed
     answers = torch.tensor(data.answers)
     intact = data.logp("intact")
@@ -174,6 +191,11 @@ def rescue_section(data: Collected) -> dict[str, Any]:
             v: _ci(lambda i, k=k: float(k[i].mean()), len(k), seed) for v, k in kl.items()
         },
     }
+    buckets = _bucket_rows(data)
+    section["per_bucket"] = {
+        bucket: {"n": len(rows), "accuracy": {v: float(c[rows].mean()) for v, c in correct.items()}}
+        for bucket, rows in buckets.items()
+    }
     if "copied" in views:
 
         def won_back(i: torch.Tensor) -> float:
@@ -189,6 +211,11 @@ def rescue_section(data: Collected) -> dict[str, Any]:
         section["rescue_ci"] = _ci(won_back, rows, seed)
         section["kl_rescue"] = kl_won_back(torch.arange(rows))
         section["kl_rescue_ci"] = _ci(kl_won_back, rows, seed)
+        for bucket, indexes in buckets.items():
+            section["per_bucket"][bucket] |= {
+                "rescue": won_back(indexes),
+                "kl_rescue": kl_won_back(indexes),
+            }
     return section
 
 
@@ -353,6 +380,20 @@ def _at(*keys: str) -> Reader:
         return value
 
     return read
+
+
+#: the headline key of an area bucket's intact accuracy: this prefix, then the bucket's label
+BUCKET_KEY = "accuracy_intact/"
+
+
+def bucket_headline(bucket: str) -> Headline:
+    """The headline number of one area bucket: its intact accuracy (the rescue section's)."""
+    return Headline(
+        BUCKET_KEY + bucket,
+        f"acc {bucket}",
+        f"... on samples whose smallest evidence box covers {bucket} of the image",
+        _at("per_bucket", bucket, "accuracy", "intact"),
+    )
 
 
 def _last(values: list[float] | None) -> float:

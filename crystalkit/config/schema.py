@@ -279,6 +279,24 @@ class EvalConfig(_Strict):
             "latent replacements zero, mean, shuffle, swap",
         )
     )
+    area_buckets: list[float] = Field(
+        default_factory=lambda: [0.005, 0.05],
+        description="edges of the difficulty buckets, increasing fractions in (0, 1) of the "
+        "image area the smallest evidence box covers (default: buckets <0.5%, 0.5-5%, >=5%); "
+        "accuracy is reported per bucket (per_bucket) next to per category; [] reports none",
+    )
+
+    @field_validator("area_buckets")
+    @classmethod
+    def _increasing_fractions(cls, edges: list[float]) -> list[float]:
+        if any(not 0 < edge < 1 for edge in edges) or any(
+            low >= high for low, high in itertools.pairwise(edges)
+        ):
+            raise ValueError(
+                "expected increasing fractions of the image area, each in (0, 1), e.g. "
+                f"[0.005, 0.05], got {edges}"
+            )
+        return edges
 
 
 class PromptConfig(_Strict):

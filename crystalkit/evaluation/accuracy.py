@@ -20,6 +20,7 @@ from crystalkit.crystal.layout import Layout
 from crystalkit.crystal.method import Method
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
+from crystalkit.evaluation.buckets import area_bucket, bucket_accuracy, evidence_area
 from crystalkit.evaluation.generation import (
     View,
     WrittenBlock,
@@ -58,13 +59,17 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
 
 @dataclass
 class EvalResult:
-    """``wrote_block``: with generated latents, the share of samples whose generation began with
+    """``per_bucket``: accuracy per area bucket of the evidence
+    (:mod:`~crystalkit.evaluation.buckets`), ``per_bucket_samples`` how many samples each holds;
+    ``wrote_block``: with generated latents, the share of samples whose generation began with
     exactly the forced prompt's template, latent block and cue (``None`` with forced latents)."""
 
     accuracy: float
     chance: float
     num_samples: int
     per_category: dict[str, float]
+    per_bucket: dict[str, float]
+    per_bucket_samples: dict[str, int]
     predictions: list[dict[str, Any]] = field(repr=False)
     wrote_block: float | None = None
 
@@ -85,11 +90,14 @@ class EvalResult:
         for p in predictions:
             by_category[p["category"]].append(p["correct"])
         count = max(len(predictions), 1)
+        per_bucket, per_bucket_samples = bucket_accuracy(predictions)
         return cls(
             accuracy=sum(p["correct"] for p in predictions) / count,
             chance=sum(1 / p["num_options"] for p in predictions if p["num_options"]) / count,
             num_samples=len(predictions),
             per_category={k: sum(v) / len(v) for k, v in sorted(by_category.items())},
+            per_bucket=per_bucket,
+            per_bucket_samples=per_bucket_samples,
             predictions=predictions,
             wrote_block=sum(p["wrote_block"] for p in predictions) / count if generated else None,
         )
@@ -100,6 +108,8 @@ class EvalResult:
             "chance": self.chance,
             "num_samples": self.num_samples,
             "per_category": self.per_category,
+            "per_bucket": self.per_bucket,
+            "per_bucket_samples": self.per_bucket_samples,
         }
         if self.wrote_block is not None:
             summary |= {"latent_block": "generated", "wrote_block": self.wrote_block}
@@ -174,6 +184,7 @@ class _Decoding:
         block = method.block.ids(method.final_k)
         self.block_end = block[-1] if block else None
         self.budget = cfg.max_new_tokens + len(self.written)
+        self.area_buckets = cfg.area_buckets
 
     def batch(self, samples: list[Sample], start: int) -> list[dict[str, Any]]:
         """The prediction records of the batch of ``samples`` that begins at index ``start``."""
@@ -223,9 +234,12 @@ class _Decoding:
                 extra["replaced"] = replaced
         raw = self.tokenizer.decode(row, skip_special_tokens=True)
         choice, correct = _score(raw, sample)
+        area = evidence_area(sample)
         return {
             "index": sample.index,
             "category": sample.category,
+            "bucket": area_bucket(area, self.area_buckets),
+            "evidence_area": area,
             "question": sample.question,
             "raw": raw,
             "prediction": choice,

@@ -21,6 +21,7 @@ from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.accuracy import normalise_answer
 from crystalkit.evaluation.benchfiles import BadRow, read_jsonl, read_tsv
+from crystalkit.evaluation.buckets import bucket_accuracy
 from crystalkit.io import atomic_write_json, atomic_write_text, read_yaml
 from crystalkit.runs.files import RECIPE_FILE, bench_file, bench_predictions_file
 
@@ -97,7 +98,8 @@ def load_samples(
 
 
 def score(predictions: list[dict[str, Any]], scorer: Scorer) -> dict[str, Any]:
-    """Overall and per-category scores of evaluated predictions under ``scorer``."""
+    """Overall, per-category and per-area-bucket scores of evaluated predictions under
+    ``scorer``."""
     if scorer == "exact_match":
         for p in predictions:
             p["correct"] = normalise_answer(p["raw"]) == normalise_answer(p["answer_text"])
@@ -107,7 +109,14 @@ def score(predictions: list[dict[str, Any]], scorer: Scorer) -> dict[str, Any]:
         by_category[p["category"]].append(bool(p["correct"]))
     per_category = {k: sum(v) / len(v) for k, v in sorted(by_category.items())}
     accuracy = sum(correct) / max(len(correct), 1)
-    result: dict[str, Any] = {"accuracy": accuracy, "per_category": per_category, "score": accuracy}
+    per_bucket, per_bucket_samples = bucket_accuracy(predictions)
+    result: dict[str, Any] = {
+        "accuracy": accuracy,
+        "per_category": per_category,
+        "per_bucket": per_bucket,
+        "per_bucket_samples": per_bucket_samples,
+        "score": accuracy,
+    }
     if scorer == "mmvp_pairs":  # MMVP: consecutive questions form a pair; both must be right
         pairs = [correct[i] and correct[i + 1] for i in range(0, len(correct) - 1, 2)]
         result["pair_accuracy"] = result["score"] = sum(pairs) / max(len(pairs), 1)

@@ -52,7 +52,9 @@ class MetricLogger:
     Records are those of ``metrics.jsonl``: a training record holds ``step``, ``stage``,
     ``loss``, ``loss/TERM``, ``weight/TERM``, ``k``, ``lr``, ``grad_norm`` and ``samples_per_s``;
     an evaluation record holds ``step``, ``stage``, ``split``, ``accuracy``, ``chance``,
-    ``num_samples`` and ``per_category`` (a mapping). :func:`scalars` flattens either one."""
+    ``num_samples``, ``per_category``, ``per_bucket`` and ``per_bucket_samples`` (mappings: the
+    accuracy per category and per area bucket of the evidence, and each bucket's number of
+    samples). :func:`scalars` flattens either one."""
 
     #: whether :meth:`image` does anything (the trainer draws the figure only if one wants it)
     wants_images = False
@@ -72,7 +74,8 @@ class MetricLogger:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """A record's numbers under flat, ``/``-separated names: training keys as they are, an
-    evaluation record's under its split (``val/accuracy``, ``val/per_category/colour``)."""
+    evaluation record's under its split (``val/accuracy``, ``val/per_category/colour``,
+    ``val/per_bucket/<0.5%``)."""
     prefix = f"{record['split']}/" if "split" in record else ""
     flat: dict[str, float] = {}
 
