@@ -19,7 +19,9 @@ BACKBONES: Registry = Registry(
     factory="create",
 )
 DATASETS: Registry = Registry("datasets", ("crystalkit.data.synthetic", "crystalkit.data.llava"))
-CORRUPTIONS: Registry = Registry("corruptions", ("crystalkit.corruptions.basic",))
+CORRUPTIONS: Registry = Registry(
+    "corruptions", ("crystalkit.corruptions.basic", "crystalkit.corruptions.evidence")
+)
 OBJECTIVES: Registry = Registry("objectives", ("crystalkit.objectives.alignment",))
 SCHEDULES: Registry = Registry("schedules", ("crystalkit.latents.schedules",))
 WEIGHTS: Registry = Registry("weights", ("crystalkit.objectives.weights",))

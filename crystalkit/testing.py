@@ -24,6 +24,9 @@ names, when the recipe loads; run them (and the property-based variants) in your
     def test_sharpness_objective():
         check_objective(Sharpness())
 
+A corruption that reads the evidence (``uses_boxes = True``) gets boxes too: :func:`dummy_boxes`
+from ``check_corruption``, drawn ones (:func:`box_lists`) from ``assert_corruption_contract``.
+
 :class:`ContractError` is an :class:`AssertionError`, so pytest reports a breach as a failed
 assertion. The ``assert_*_contract`` helpers need `hypothesis <https://hypothesis.readthedocs.io>`_
 (``pip install hypothesis``); the ``check_*`` ones only torch.
@@ -43,7 +46,13 @@ from typing import Any
 
 import torch
 
-from crystalkit.corruptions.contract import check_corruption, dummy_images, output_breach
+from crystalkit.corruptions.contract import (
+    check_corruption,
+    dummy_boxes,
+    dummy_images,
+    output_breach,
+    reads_boxes,
+)
 from crystalkit.errors import ContractError, UsageError
 from crystalkit.objectives.contract import check_declarations, check_objective, dummy_outputs
 from crystalkit.params import config_model
@@ -52,8 +61,10 @@ __all__ = [
     "ContractError",
     "assert_corruption_contract",
     "assert_objective_contract",
+    "box_lists",
     "check_corruption",
     "check_objective",
+    "dummy_boxes",
     "dummy_images",
     "dummy_outputs",
     "image_batches",
@@ -104,6 +115,26 @@ def image_batches(
         return images.to(draw(st.sampled_from(list(dtypes))))
 
     return batches()
+
+
+def box_lists(shape: torch.Size | tuple[int, ...], max_boxes: int = 3) -> Any:
+    """A hypothesis strategy of evidence boxes for a batch of ``shape`` ``[B, 3, H, W]``: per
+    image 1 to ``max_boxes`` non-empty boxes ``(x0, y0, x1, y1)`` inside it (exclusive ends; they
+    may overlap, touch the border or fill the image), as crystalkit hands them to a corruption
+    that reads them."""
+    st = _hypothesis().strategies
+    batch, _, height, width = shape
+
+    def span(side: int) -> Any:
+        return st.integers(0, side - 1).flatmap(
+            lambda low: st.integers(low + 1, side).map(lambda high: (low, high))
+        )
+
+    box = st.tuples(span(width), span(height)).map(
+        lambda xy: (xy[0][0], xy[1][0], xy[0][1], xy[1][1])
+    )
+    image = st.lists(box, min_size=1, max_size=max_boxes)
+    return st.lists(image, min_size=batch, max_size=batch)
 
 
 def signature_params(factory: Callable[..., Any]) -> Any:
@@ -208,8 +239,9 @@ def assert_corruption_contract(
     """Check :func:`check_corruption` on ``factory(**kwargs)`` over many drawn cases: ``kwargs``
     from ``params`` (a strategy of keyword dicts; default :func:`signature_params`, drawn from the
     factory's typed parameters), images from ``images`` (default :func:`image_batches`; pass e.g.
-    ``image_batches(min_side=8)`` for a corruption that needs bigger images) and seeds. Raises the
-    (shrunk) :class:`ContractError`."""
+    ``image_batches(min_side=8)`` for a corruption that needs bigger images), evidence boxes for
+    one that reads them (:func:`box_lists`) and seeds. Raises the (shrunk)
+    :class:`ContractError`."""
     hypothesis = _hypothesis()
     st = hypothesis.strategies
 
@@ -218,9 +250,14 @@ def assert_corruption_contract(
         kwargs=signature_params(factory) if params is None else params,
         batch=image_batches() if images is None else images,
         seed=st.integers(0, 2**32 - 1),
+        data=st.data(),
     )
-    def corruption_contract(kwargs: dict[str, Any], batch: torch.Tensor, seed: int) -> None:
-        check_corruption(_build(hypothesis, factory, kwargs, params is None), batch, seed)
+    def corruption_contract(
+        kwargs: dict[str, Any], batch: torch.Tensor, seed: int, data: Any
+    ) -> None:
+        corruption = _build(hypothesis, factory, kwargs, params is None)
+        boxes = data.draw(box_lists(batch.shape)) if reads_boxes(corruption) else None
+        check_corruption(corruption, batch, seed, boxes)
 
     corruption_contract()
 

@@ -2,31 +2,36 @@
 
 A corruption is a callable ``(images, generator) -> images`` over a float batch ``[B, 3, H, W]``
 in ``[0, 1]``; all randomness comes from ``generator`` so a step's corruption is reproducible.
-Parameters are the constructor's typed keyword arguments (validated from the recipe).
+Parameters are the constructor's typed keyword arguments (validated from the recipe). One that
+reads the evidence boxes (``uses_boxes``) also gets them (:mod:`crystalkit.corruptions.contract`).
 
-Every built-in draws its random parameters per sample (``sample(shape, generator)``) and applies
-them with batched tensor ops (``apply(images, params)``); ``__call__`` is the two in sequence. The
-split lets tests and analysis code see which parameters a batch received. Random numbers are drawn
-on ``generator.device`` and moved to the images' device, so a CPU generator works with CUDA images
-(pass a generator on the images' device to avoid the copy).
+Every built-in draws its random parameters per sample (``sample(shape, generator)``, plus the
+boxes for one that reads them) and applies them with batched tensor ops (``apply(images,
+params)``); ``__call__`` is the two in sequence. The split lets tests and analysis code see which
+parameters a batch received. Random numbers are drawn on ``generator.device`` and moved to the
+images' device, so a CPU generator works with CUDA images (pass a generator on the images' device
+to avoid the copy).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from crystalkit.components import build_component
-from crystalkit.corruptions.contract import Corruption, call_corruption
+from crystalkit.corruptions.boxes import Boxes, evidence_size
+from crystalkit.corruptions.contract import Corruption, apply_corruption, reads_boxes
 from crystalkit.errors import UsageError
 from crystalkit.registries import CORRUPTIONS
 
 Tensor = torch.Tensor
 Params = dict[str, Tensor]
+Shape = torch.Size | tuple[int, ...]
+Generator = torch.Generator
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -62,13 +67,27 @@ def _check_range(name: str, value: tuple[float, float], low: float, high: float 
         )
 
 
+def per_image_boxes(what: str, boxes: Boxes | None, batch: int) -> Boxes:
+    """``boxes`` if they hold one list per image of the batch, else a ``ValueError``."""
+    if boxes is None or len(boxes) != batch:
+        raise ValueError(
+            f"{what} needs one list of evidence boxes per image ({batch}), got "
+            f"{'none' if boxes is None else len(boxes)}"
+        )
+    return boxes
+
+
 def _check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be within [0, 1], got {value}")
 
 
 class _Sampled:
-    """Base for built-ins: ``__call__`` = ``apply(images, sample(images.shape, generator))``."""
+    """Base for built-ins: ``__call__`` = ``apply(images, sample(images.shape, generator))``
+    (``sample(images.shape, generator, boxes)`` for one that reads the boxes)."""
+
+    #: whether ``sample`` takes the evidence boxes (the contract's declaration)
+    uses_boxes: bool = False
 
     def sample(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> Params:
         raise NotImplementedError
@@ -76,10 +95,15 @@ class _Sampled:
     def apply(self, images: Tensor, params: Params) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, boxes: Boxes | None = None
+    ) -> Tensor:
         _check_batch(images)
-        params = {k: v.to(images.device) for k, v in self.sample(images.shape, generator).items()}
-        return self.apply(images, params)
+        if self.uses_boxes:
+            drawn = self.sample(images.shape, generator, boxes)
+        else:
+            drawn = self.sample(images.shape, generator)
+        return self.apply(images, {k: v.to(images.device) for k, v in drawn.items()})
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -108,23 +132,45 @@ class GaussianBlur(_Sampled):
     """Gaussian blur, radius drawn per sample (the reference corruption), scaled to image size.
 
     Args:
-        radius: range of the blur's standard deviation in pixels of a ``reference_size`` image,
-            drawn uniformly per sample (reference: 2-5 at 448 px).
+        radius: range of the blur's standard deviation, drawn uniformly per sample: in pixels of a
+            ``reference_size`` image (reference: 2-5 at 448 px), or with ``relative_to:
+            evidence`` in multiples of the sample's evidence size.
         reference_size: image side the radius is given for; smaller images get a proportionally
             smaller blur, so the corruption removes the same share of detail at any resolution.
+        relative_to: image: ``radius`` is in pixels of a ``reference_size`` image; evidence: in
+            multiples of the evidence size (the mean side of the sample's evidence boxes, averaged
+            over its boxes), so the blur removes the same share of what the question needs
+            whatever the objects' size (reads the boxes; ``reference_size`` is unused).
     """
 
-    def __init__(self, radius: tuple[float, float] = (2.0, 5.0), reference_size: int = 448) -> None:
+    def __init__(
+        self,
+        radius: tuple[float, float] = (2.0, 5.0),
+        reference_size: int = 448,
+        relative_to: Literal["image", "evidence"] = "image",
+    ) -> None:
         _check_range("radius", radius, 0.0)
         if reference_size < 1:
             raise ValueError(f"reference_size must be >= 1, got {reference_size}")
+        if relative_to not in ("image", "evidence"):
+            raise ValueError(f"relative_to must be 'image' or 'evidence', got {relative_to!r}")
         self.radius = (float(radius[0]), float(radius[1]))
         self.reference_size = reference_size
+        self.relative_to = relative_to
 
-    def sample(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> Params:
+    @property
+    def uses_boxes(self) -> bool:
+        """Only a blur relative to the evidence reads the boxes."""
+        return self.relative_to == "evidence"
+
+    def sample(self, shape: Shape, generator: Generator, boxes: Boxes | None = None) -> Params:
         batch, _, height, _ = shape
-        scale = height / self.reference_size
-        return {"sigma": _uniform(generator, batch, *self.radius) * scale}
+        radius = _uniform(generator, batch, *self.radius)
+        if self.relative_to == "image":
+            return {"sigma": radius * (height / self.reference_size)}
+        boxes = per_image_boxes("blur relative_to: evidence", boxes, batch)
+        sizes = torch.tensor([evidence_size(b) for b in boxes], device=radius.device)
+        return {"sigma": radius * sizes}
 
     @staticmethod
     def kernel_radius(sigma: Tensor, height: int, width: int) -> Tensor:
@@ -449,13 +495,14 @@ class Compose:
         names = [_spec_name(step) for step in steps]
         #: (what, source) of each third-party step, whose errors are a PluginError naming it
         self._third_party = [CORRUPTIONS.third_party(name) if name else None for name in names]
+        #: the composition reads the boxes when a step does; it hands them to those steps only
+        self.uses_boxes = any(reads_boxes(step) for step in built)
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, boxes: Boxes | None = None
+    ) -> Tensor:
         for step, blamed in zip(self.steps, self._third_party, strict=True):
-            if blamed is None:
-                images = step(images, generator)
-            else:
-                images = call_corruption(step, images, generator, *blamed)
+            images = apply_corruption(step, images, generator, boxes, blamed)
         return images
 
     def __repr__(self) -> str:

@@ -25,7 +25,8 @@ import torch
 from crystalkit.components import build_component
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.sources import Sources, resolve_or_explain
-from crystalkit.corruptions.contract import Corruption, call_corruption
+from crystalkit.corruptions.boxes import Box, Boxes, ResizeMode, box_breach, resized_box
+from crystalkit.corruptions.contract import Corruption, apply_corruption, reads_boxes
 from crystalkit.crystal.layout import Layout, Packer
 from crystalkit.crystal.paths import STRATEGIES, Needs, intact_only, resolve_layers
 from crystalkit.data.sample import Sample
@@ -164,21 +165,59 @@ class Method:
         W]`` when their sizes differ, each corrupted in turn with the one generator).
         ``crystal.corrupt_at``: ``sample`` corrupts the image the sample holds (the backbone
         resizes afterwards); ``model_input`` first resizes it to what the vision tower sees
-        (:meth:`~crystalkit.models.backbone.Backbone.input_size`)."""
-        images = [s.image.float() / 255.0 for s in samples]
-        if self.recipe.crystal.corrupt_at == "model_input":
-            images = [self._model_input(image) for image in images]
-        generator = torch.Generator().manual_seed(seed)
+        (:meth:`~crystalkit.models.backbone.Backbone.input_size`). A corruption that reads the
+        evidence gets each sample's boxes, resized with its image
+        (:func:`~crystalkit.corruptions.boxes.resized_box`)."""
         corruption = self.corruption  # first: a missing plugin is named with what to install
+        images = [s.image.float() / 255.0 for s in samples]
+        boxes = [self._evidence(s) for s in samples] if reads_boxes(corruption) else None
+        if self.recipe.crystal.corrupt_at == "model_input":
+            resized = [self._model_input(image) for image in images]
+            if boxes is not None:
+                boxes = [
+                    [resized_box(b, i.shape[-2:], r.shape[-2:], self._resize_mode) for b in bs]
+                    for bs, i, r in zip(boxes, images, resized, strict=True)
+                ]
+            images = resized
+        generator = torch.Generator().manual_seed(seed)
 
-        def apply(batch: torch.Tensor) -> torch.Tensor:
-            if self.corruption_blame is None:
-                return corruption(batch, generator)
-            return call_corruption(corruption, batch, generator, *self.corruption_blame)
+        def apply(batch: torch.Tensor, batch_boxes: Boxes | None) -> torch.Tensor:
+            return apply_corruption(
+                corruption, batch, generator, batch_boxes, self.corruption_blame
+            )
 
         if len({tuple(image.shape) for image in images}) == 1:
-            return apply(torch.stack(images))
-        return [apply(image[None])[0] for image in images]
+            return apply(torch.stack(images), boxes)
+        return [
+            apply(image[None], None if boxes is None else boxes[i : i + 1])[0]
+            for i, image in enumerate(images)
+        ]
+
+    def _evidence(self, sample: Sample) -> list[Box]:
+        """``sample``'s evidence boxes, for a corruption that reads them: a sample without any
+        (data that does not mark its evidence, e.g. a benchmark file) is a usage error."""
+        evidence = sample.evidence
+        name = self.recipe.corruption.name
+        if not evidence:
+            raise UsageError(
+                f"corruption {name!r} reads each sample's evidence boxes, but sample "
+                f"{sample.index} has none (Sample.boxes and Sample.box are empty); use it on data "
+                "that marks its evidence (synthetic_shapes does), or a corruption that reads no "
+                "boxes"
+            )
+        height, width = sample.image.shape[-2:]
+        for box in evidence:
+            breach = box_breach(box, height, width)
+            if breach is not None:
+                raise UsageError(
+                    f"corruption {name!r}: sample {sample.index}'s evidence box {box} {breach}"
+                )
+        return [tuple(int(v) for v in box) for box in evidence]
+
+    @property
+    def _resize_mode(self) -> ResizeMode:
+        """The filter of :meth:`_model_input`: what the backbone's own resize uses."""
+        return "bicubic" if self.packer.backbone.resizes_itself else "bilinear"
 
     def _model_input(self, image: torch.Tensor) -> torch.Tensor:
         """``[3, H, W]`` in [0, 1] at the size the backbone's vision tower sees."""
@@ -191,9 +230,12 @@ class Method:
             )
         if tuple(size) == tuple(image.shape[-2:]):
             return image
-        mode = "bicubic" if backbone.resizes_itself else "bilinear"  # what each resize uses
         out = torch.nn.functional.interpolate(
-            image[None], size=tuple(size), mode=mode, antialias=True, align_corners=False
+            image[None],
+            size=tuple(size),
+            mode=self._resize_mode,
+            antialias=True,
+            align_corners=False,
         )
         return out[0].clamp(0.0, 1.0)
 
