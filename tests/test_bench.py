@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from crystalkit.data.boxes import resize_boxes
 from crystalkit.data.sample import LETTERS, OptionKeyError, ordered_options
 from crystalkit.errors import UsageError
 from crystalkit.evaluation.benchfiles import read_jsonl, read_tsv
@@ -168,6 +169,64 @@ def test_jsonl_rows_with_image_root(tmp_path: Path):
     assert [s.answer for s in samples] == ["A", "B"]
     assert [b.index for b in bad] == ["q3", "q4", "line 5"]
     assert "not found" in bad[0].reason
+
+
+def test_evidence_boxes_are_read_checked_and_resized_with_the_image(tmp_path: Path):
+    (tmp_path / "a.png").write_bytes(_png((0, 255, 0)))  # 20 x 12
+    row = {"image": "a.png", "question": "where ?", "options": ["x", "y"], "answer": "A"}
+    lines = [
+        {**row, "id": "one", "boxes": [[2, 3, 10, 6]]},
+        {**row, "id": "two", "boxes": [[0, 0, 5, 5], [12.5, 6, 20, 12]]},
+        {**row, "id": "none"},
+        {**row, "id": "outside", "boxes": [[0, 0, 21, 5]]},
+        {**row, "id": "flat", "boxes": [[0, 0, 4]]},
+        {**row, "id": "empty", "boxes": [[3, 0, 3, 5]]},
+        {**row, "id": "huge", "boxes": [[0, 0, 10**400, 5]]},
+        {**row, "id": "bool", "boxes": [[False, 0, True, 5]]},
+    ]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    samples, bad = read_jsonl(path, tmp_path, 8)
+    assert [s.boxes for s in samples] == [[(0, 2, 4, 4)], [(0, 0, 2, 4), (4, 4, 8, 8)], []]
+    assert [s.box for s in samples] == [(0, 2, 4, 4), (0, 0, 8, 8), None]
+    assert [b.index for b in bad] == ["outside", "flat", "empty", "huge", "bool"]
+    assert all(b.reason.startswith("'boxes' must be a list of [x0, y0, x1, y1]") for b in bad)
+    assert "inside the 20 x 12 image" in bad[0].reason
+    native, _ = read_jsonl(path, tmp_path, None)
+    assert native[1].boxes == [(0, 0, 5, 5), (12, 6, 20, 12)]
+    tsv = _tsv(
+        tmp_path / "bench.tsv",
+        [
+            ["1", _b64((255, 0, 0)), "q", "a", "b", "A", "[[2, 3, 10, 6]]"],
+            ["2", "1", "q", "a", "b", "A", ""],
+            ["3", "1", "q", "a", "b", "A", "[[2, 3"],
+        ],
+        header=["index", "image", "question", "A", "B", "answer", "boxes"],
+    )
+    samples, bad = read_tsv(tsv, 8)
+    assert [s.boxes for s in samples] == [[(0, 2, 4, 4)], []]
+    assert [(b.index, b.reason.split(" (")[0]) for b in bad] == [("3", "'boxes' is not JSON")]
+
+
+@given(
+    st.integers(1, 300),
+    st.integers(1, 300),
+    st.integers(1, 64),
+    st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
+)
+def test_resized_boxes_hold_every_pixel_whose_footprint_meets_the_box(width, height, size, f):
+    """Against a reference that walks the output pixels: pixel j covers [j, j + 1) * native /
+    size of the native image, and is in the box when that span meets it."""
+    x0, x1 = sorted((int(f[0] * width), int(f[1] * width)))
+    y0, y1 = sorted((int(f[2] * height), int(f[3] * height)))
+    (box,) = resize_boxes([(x0, y0, x0 + 1 + x1 - x0, y1 + 1)], width + 1, height + 1, size)
+
+    def span(lo: int, hi: int, native: int) -> tuple[int, int]:
+        inside = [j for j in range(size) if j * native < hi * size and lo * size < (j + 1) * native]
+        return inside[0], inside[-1] + 1
+
+    assert box[::2] == span(x0, x1 + 1, width + 1)
+    assert box[1::2] == span(y0, y1 + 1, height + 1)
 
 
 @given(st.lists(st.text(min_size=1), min_size=1, max_size=len(LETTERS)), st.randoms())

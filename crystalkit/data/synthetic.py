@@ -1,25 +1,24 @@
 """A synthetic fine-grained perception benchmark: the CPU stand-in for V* / HR-Bench.
 
-Each image shows a few small coloured shapes on a noisy mid-grey background; the question asks for
-the colour, shape, position (quadrant) or count of small objects, with four options (A-D). Scenes
-are built so that neither the text nor a glance at the image gives the answer away:
+Each image shows a few small coloured shapes on a noisy mid-grey background (or a dimmed
+photograph); the question asks for the colour, shape, position (quadrant) or count of small
+objects, with four options (A-D). The scenes (:mod:`crystalkit.data.scenes`) are built so that
+neither the text nor a glance at the image gives the answer away.
 
-* the referent is always unique ("the triangle" only when exactly one triangle exists);
-* the wrong options of colour / shape questions are drawn uniformly and also *appear in the image*
-  on distractors, so "which option colour is present?" does not work and, for text alone, every
-  option is equally likely to be right;
-* answers are uniform over the options and independent of the question text;
-* position targets share their colour with one distractor and their shape with another, so the
-  model has to bind colour and shape at the target.
+Difficulty dials: the objects' size relative to the image (``target_area``), how alike the
+distractors are to the referent (``distractors``), occluder bars over the objects of count
+questions (``occlusion``) and photographs as backgrounds (``background``); their defaults keep
+the original benchmark, sample for sample.
 
-Objects sit in the cells of an even grid (one object per cell, jittered inside it), so they never
-overlap or touch and never straddle the image's midlines. Sample ``i`` of split ``s`` depends only
-on ``(seed, s, i)``: it is regenerated on demand, identical across processes and calls.
+Objects sit in the cells of an even grid (one object per cell, jittered inside it;
+:mod:`crystalkit.data.layout`), so they never overlap or touch and never straddle the image's
+midlines. Sample ``i`` of split ``s`` depends only on ``(seed, s, i)``: it is regenerated on
+demand, identical across processes and calls.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -28,97 +27,77 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from crystalkit.data.backgrounds import GREY, photo_background, photo_files
+from crystalkit.data.boxes import enclosing
+from crystalkit.data.layout import Grid, SceneObject, grid_cells, min_image_size, occlude, quadrant
 from crystalkit.data.sample import LETTERS, Sample
+from crystalkit.data.scenes import (
+    COLOURS,
+    DISTRACTOR_TASKS,
+    NUM_OPTIONS,
+    QUADRANTS,
+    SCENES,
+    Distractors,
+    Scene,
+    Task,
+    corpus_words,
+    pick,
+)
+from crystalkit.data.shapes import ALL_SHAPES, SHAPES, ambiguous_shapes, shape_mask
 from crystalkit.data.splits import SPLITS, named_split
 from crystalkit.registries import DATASETS
 
-Task = Literal["colour", "shape", "position", "count"]
+__all__ = [
+    "COLOURS",
+    "OCCLUDER",
+    "QUADRANTS",
+    "SHAPES",
+    "SceneObject",
+    "SyntheticShapes",
+    "SyntheticShapesSplit",
+    "area_sides",
+    "grid_cells",
+    "quadrant",
+    "shape_mask",
+]
 
-NUM_OPTIONS = 4
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (40, 90, 235),
-    "yellow": (240, 220, 40),
-    "purple": (170, 50, 220),
-    "white": (245, 245, 245),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
-QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
-COUNTS: tuple[str, ...] = tuple(str(k) for k in range(1, NUM_OPTIONS + 1))
-BACKGROUND = 128
+#: the occluder bars' colour: near black, far from the background and from every palette colour
+OCCLUDER = (24, 24, 24)
 _SHAPE_TASKS = frozenset({"colour", "shape", "position"})  # tasks that name or ask for a shape
-_MARGIN = 1  # free pixels between an object and its grid cell's edge, so objects never touch
-_SUPERSAMPLE = 8
 #: the ``(min, max)`` config fields and the least ``min`` each allows
 _RANGE_FLOORS = {"object_size": 3, "num_distractors": 0}
+_MIN_SIDE = _RANGE_FLOORS["object_size"]
+#: under target_area, a distractor's side is the target's within this relative jitter
+_SIZE_JITTER = 0.1
 
-_COLOUR_NAMES = tuple(COLOURS)
-_COLOUR_PIXELS = {
-    name: torch.tensor(rgb, dtype=torch.float32)[:, None, None] for name, rgb in COLOURS.items()
-}
-_TEMPLATES = {
-    "colour": "what colour is the {shape} ?",
-    "shape": "what shape is the {colour} object ?",
-    "position": "where is the {colour} {shape} ?",
-    "count": "how many {colour} objects are there ?",
+_PIXELS = {
+    name: torch.tensor(rgb, dtype=torch.float32)[:, None, None]
+    for name, rgb in (*COLOURS.items(), ("occluder", OCCLUDER))
 }
 
 
-@functools.cache
-def shape_mask(shape: str, side: int) -> torch.Tensor:
-    """Boolean ``[side, side]`` mask of ``shape`` filling a ``side``-pixel square.
-
-    A pixel is on when the shape covers at least half of it (8x8 supersampling), so small shapes
-    keep crisp, exact colours; the triangle and cross are widened by half a pixel so that they
-    reach the top row / stay visible at small sizes.
-    """
-    n = side * _SUPERSAMPLE
-    t = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
-    v, u = torch.meshgrid(t, t, indexing="ij")  # v grows downwards, both in [-1, 1]
-    half_px = 1 / side
-    if shape == "circle":
-        inside = u * u + v * v <= 1
-    elif shape == "square":
-        inside = torch.ones_like(u, dtype=torch.bool)
-    elif shape == "triangle":
-        inside = u.abs() <= (v + 1) / 2 + half_px
-    elif shape == "cross":
-        inside = torch.minimum(u.abs(), v.abs()) <= max(1 / 3, half_px)
-    elif shape == "diamond":
-        inside = u.abs() + v.abs() <= 1
-    else:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
-    coverage = inside.float().reshape(side, _SUPERSAMPLE, side, _SUPERSAMPLE).mean(dim=(1, 3))
-    return coverage >= 0.5
-
-
-def _ambiguous_shapes(side: int) -> tuple[str, str] | None:
-    """The first pair of shapes that render identically at ``side`` pixels, if any."""
-    for i, a in enumerate(SHAPES):
-        for b in SHAPES[i + 1 :]:
-            if torch.equal(shape_mask(a, side), shape_mask(b, side)):
-                return a, b
-    return None
-
-
-def grid_cells(image_size: int, max_side: int) -> int:
-    """Grid cells per axis: even (no cell straddles a midline), each fits the largest object."""
-    return (image_size // (max_side + 2 * _MARGIN)) // 2 * 2
+def area_sides(area: tuple[float, float], image_size: int) -> tuple[int, int]:
+    """The least and greatest whole-pixel side whose square covers a fraction of an
+    ``image_size`` x ``image_size`` image within ``area`` (min > max when none does)."""
+    pixels = image_size * image_size
+    lo_pixels, hi_pixels = area[0] * pixels, area[1] * pixels
+    lo = math.isqrt(math.ceil(lo_pixels))
+    while lo * lo < lo_pixels:
+        lo += 1
+    return lo, math.isqrt(math.floor(hi_pixels))
 
 
 @dataclass(frozen=True)
-class SceneObject:
-    """One drawn object; ``box`` is ``(x0, y0, x1, y1)`` with exclusive ends."""
+class _Draft:
+    """A sample before rendering: its index, task, scene, placed objects, option order and
+    grid."""
 
-    shape: str
-    colour: str
-    box: tuple[int, int, int, int]
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """The object's pixels inside its box (``[h, w]`` bool)."""
-        return shape_mask(self.shape, self.box[2] - self.box[0])
+    index: int
+    task: str
+    scene: Scene
+    objects: list[SceneObject]
+    options: list[str]
+    grid: Grid
 
 
 class SyntheticShapesSplit(torch.utils.data.Dataset):
@@ -129,120 +108,104 @@ class SyntheticShapesSplit(torch.utils.data.Dataset):
         self.name = name
         self.length = length
         self._split_code = SPLITS.index(name)
-        self._cells = grid_cells(config.image_size, config.object_size[1])
-        edges = [i * config.image_size // self._cells for i in range(self._cells + 1)]
-        self._edges = np.array(edges)
+        self._sides = config.object_sides()
+        self._grid = Grid.fit(config.image_size, self._sides[1])
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Sample:
-        task, scene, objects, options, rng = self._scene(index)
-        return self._sample(index, task, scene, objects, options, rng)
+        draft, rng = self._draft(index)
+        return self._sample(draft, rng)
 
     def counterfactual(self, index: int) -> Sample:
         """Sample ``index`` re-rendered with only its answer changed: the same question, options,
-        objects and noise, except that the target moves to another quadrant (position), one
-        object of the asked colour is added or removed (count), or the referent takes another
-        option's colour or shape (colour, shape). The change is seeded by the sample."""
-        task, scene, objects, options, rng = self._scene(index)
+        objects and background, except that the target moves to another quadrant (position), one
+        object of the asked colour is added or removed (count; an added one has an occluder of
+        its own under ``occlusion``), or the referent takes another option's colour or shape
+        (colour, shape). The change is seeded by the sample."""
+        draft, rng = self._draft(index)
         edit = np.random.default_rng([self.config.seed, self._split_code, index, 1])
-        objects, scene = _EDITS[task](self, objects, scene, edit)
-        return self._sample(index, task, scene, objects, options, rng)
+        objects, scene = _EDITS[draft.task](self, draft, edit)
+        return self._sample(replace(draft, objects=objects, scene=scene), rng)
 
-    def _scene(
-        self, index: int
-    ) -> tuple[str, _Scene, list[SceneObject], list[str], np.random.Generator]:
+    def _draft(self, index: int) -> tuple[_Draft, np.random.Generator]:
         """Everything of sample ``index`` but its pixels, and the generator left where rendering
-        the noise starts."""
+        the background starts."""
         if not 0 <= index < self.length:
             raise IndexError(f"{self.name} split index {index} out of range [0, {self.length})")
-        rng = np.random.default_rng([self.config.seed, self._split_code, index])
-        task = self.config.tasks[rng.integers(len(self.config.tasks))]
-        scene = _SCENES[task](self.config, rng)
-        objects = self._place(scene.drawn, rng)
-        order = rng.permutation(NUM_OPTIONS) if self.config.shuffle_options else range(NUM_OPTIONS)
-        return task, scene, objects, [scene.options[k] for k in order], rng
+        config = self.config
+        rng = np.random.default_rng([config.seed, self._split_code, index])
+        task = config.tasks[rng.integers(len(config.tasks))]
+        scene = SCENES[task](rng, config.num_distractors, config.distractors)
+        if config.target_area is None:
+            grid = self._grid
+            objects = grid.place(scene.drawn, rng, self._sides)
+        else:
+            sides = self._scene_sides(scene, rng)
+            grid = Grid.fit(config.image_size, int(sides.max()))
+            objects = grid.place(scene.drawn, rng, sides)
+        if task == "count" and config.occlusion > 0:
+            objects = [self._occlude(o, grid, rng) for o in objects]
+        order = rng.permutation(NUM_OPTIONS) if config.shuffle_options else range(NUM_OPTIONS)
+        options = [scene.options[k] for k in order]
+        return _Draft(index, task, scene, objects, options, grid), rng
 
-    def _sample(
-        self,
-        index: int,
-        task: str,
-        scene: _Scene,
-        objects: list[SceneObject],
-        options: list[str],
-        rng: np.random.Generator,
-    ) -> Sample:
+    def _scene_sides(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+        """Sides under ``target_area``: the targets' area is drawn log-uniformly (then rounded to
+        a whole-pixel side within the range); the distractors take the targets' side within
+        +-10 %, so the area bucket describes the whole scene and size never marks the targets."""
+        lo, hi = self._sides
+        size = self.config.image_size
+        area = math.exp(rng.uniform(*np.log(self.config.target_area)))
+        side = min(max(round(math.sqrt(area) * size), lo), hi)
+        jitter_lo = max(lo, round(side * (1 - _SIZE_JITTER)))
+        jitter_hi = min(hi, round(side * (1 + _SIZE_JITTER)))
+        sides = rng.integers(jitter_lo, jitter_hi + 1, size=len(scene.drawn))
+        sides[scene.targets] = side
+        return sides
+
+    def _occlude(self, obj: SceneObject, grid: Grid, rng: np.random.Generator) -> SceneObject:
+        return occlude(obj, grid.bounds(grid.cell_of(obj)), self.config.occlusion, rng)
+
+    def _sample(self, draft: _Draft, rng: np.random.Generator) -> Sample:
+        scene, objects, options = draft.scene, draft.objects, draft.options
         answer = scene.answer
         if answer is None:
             answer = quadrant(objects[scene.targets[0]].box, self.config.image_size)
-        boxes = np.array([objects[t].box for t in scene.targets])
-        box = (*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist())
+        boxes = [objects[t].box for t in scene.targets]
         return Sample(
-            index=index,
+            index=draft.index,
             image=self._render(objects, rng),
             question=scene.question,
             options=options,
             answer=LETTERS[options.index(scene.options[answer])],
-            category=task,
-            box=box,
-            boxes=[objects[t].box for t in scene.targets],
+            category=draft.task,
+            box=enclosing(boxes),
+            boxes=boxes,
             meta={
                 "split": self.name,
-                "objects": [{"shape": o.shape, "colour": o.colour, "box": o.box} for o in objects],
+                "objects": [o.describe() for o in objects],
                 "targets": scene.targets,
             },
         )
 
-    def _free_cells(self, objects: list[SceneObject]) -> list[tuple[int, int]]:
-        """Grid cells (row, col) no object occupies."""
-        taken = {self._cell_of(o) for o in objects}
-        return [
-            (r, c) for r in range(self._cells) for c in range(self._cells) if (r, c) not in taken
-        ]
-
-    def _cell_of(self, obj: SceneObject) -> tuple[int, int]:
-        x0, y0 = obj.box[:2]
-        return int(np.searchsorted(self._edges, y0, "right") - 1), int(
-            np.searchsorted(self._edges, x0, "right") - 1
-        )
-
-    def _put(
-        self, obj: SceneObject, cell: tuple[int, int], rng: np.random.Generator
-    ) -> SceneObject:
-        """``obj`` at a random offset inside grid ``cell``."""
-        side = obj.box[2] - obj.box[0]
-        row, col = cell
-        x_lo, y_lo = self._edges[col] + _MARGIN, self._edges[row] + _MARGIN
-        x = x_lo + rng.integers(0, self._edges[col + 1] - _MARGIN - side - x_lo + 1)
-        y = y_lo + rng.integers(0, self._edges[row + 1] - _MARGIN - side - y_lo + 1)
-        return SceneObject(obj.shape, obj.colour, (int(x), int(y), int(x + side), int(y + side)))
-
-    def _place(self, drawn: list[tuple[str, str]], rng: np.random.Generator) -> list[SceneObject]:
-        """Give each (shape, colour) its own random grid cell and a random size and offset."""
-        lo, hi = self.config.object_size
-        n = len(drawn)
-        cells = rng.choice(self._cells * self._cells, size=n, replace=False)
-        sides = rng.integers(lo, hi + 1, size=n)
-        rows, cols = np.divmod(cells, self._cells)
-        x_lo, y_lo = self._edges[cols] + _MARGIN, self._edges[rows] + _MARGIN
-        x_room = self._edges[cols + 1] - _MARGIN - sides - x_lo
-        y_room = self._edges[rows + 1] - _MARGIN - sides - y_lo
-        x0 = x_lo + rng.integers(0, x_room + 1)
-        y0 = y_lo + rng.integers(0, y_room + 1)
-        return [
-            SceneObject(shape, colour, (int(x), int(y), int(x + s), int(y + s)))
-            for (shape, colour), x, y, s in zip(drawn, x0, y0, sides, strict=True)
-        ]
-
     def _render(self, objects: list[SceneObject], rng: np.random.Generator) -> torch.Tensor:
-        """Paint the objects on mid-grey, add per-pixel Gaussian noise, quantise to uint8."""
+        """Paint the objects on the background, then their occluders, add per-pixel Gaussian
+        noise, quantise to uint8."""
         size = self.config.image_size
-        image = torch.full((3, size, size), float(BACKGROUND))
+        if self.config.background == "photo":
+            image = photo_background(size, rng)
+        else:
+            image = torch.full((3, size, size), float(GREY))
         for obj in objects:
             x0, y0, x1, y1 = obj.box
             patch = image[:, y0:y1, x0:x1]
-            patch[:] = torch.where(obj.mask, _COLOUR_PIXELS[obj.colour], patch)
+            patch[:] = torch.where(obj.mask, _PIXELS[obj.colour], patch)
+        for obj in objects:
+            if obj.occluder is not None:
+                x0, y0, x1, y1 = obj.occluder
+                image[:, y0:y1, x0:x1] = _PIXELS["occluder"]
         if self.config.background_noise > 0:
             noise = rng.standard_normal((3, size, size), dtype=np.float32)
             image.add_(torch.from_numpy(noise), alpha=255 * self.config.background_noise)
@@ -251,167 +214,69 @@ class SyntheticShapesSplit(torch.utils.data.Dataset):
         return image.add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
-def quadrant(box: tuple[int, int, int, int], image_size: int) -> int:
-    """Index into :data:`QUADRANTS` of the box's centre."""
-    x0, y0, x1, y1 = box
-    bottom = (y0 + y1) / 2 >= image_size / 2
-    right = (x0 + x1) / 2 >= image_size / 2
-    return 2 * bottom + right
-
-
-@dataclass(frozen=True)
-class _Scene:
-    """What to draw and what to ask, before placement.
-
-    ``drawn`` holds ``(shape, colour)`` pairs, targets first; ``answer`` indexes the canonical
-    ``options``, or is ``None`` when it is the first target's quadrant (known after placement).
-    """
-
-    drawn: list[tuple[str, str]]
-    targets: list[int]
-    question: str
-    options: tuple[str, ...]
-    answer: int | None
-
-
-def _pick(names: tuple[str, ...], rng: np.random.Generator, exclude: str | None = None) -> str:
-    candidates = [n for n in names if n != exclude]
-    return candidates[rng.integers(len(candidates))]
-
-
-def _num_distractors(config: SyntheticShapes.Config, rng: np.random.Generator) -> int:
-    lo, hi = config.num_distractors
-    return int(rng.integers(lo, hi + 1))
-
-
-def _attribute_scene(
-    config: SyntheticShapes.Config,
-    rng: np.random.Generator,
-    asked: tuple[str, ...],
-    other: tuple[str, ...],
-) -> tuple[list[tuple[str, str]], tuple[str, ...], int, str]:
-    """A referent unique by its ``other`` attribute whose ``asked`` attribute is the answer.
-
-    The answer and the three wrong options are drawn uniformly, so the option set says nothing
-    about which option is right; each wrong option is also shown on a distractor (while there are
-    distractors), so the image contains every option and only the referent tells them apart.
-    Returns ``(asked, other)`` pairs (referent first), canonical options, answer index, referent.
-    """
-    answer = _pick(asked, rng)
-    referent = _pick(other, rng)
-    rest = [a for a in asked if a != answer]
-    foils = [rest[k] for k in rng.choice(len(rest), NUM_OPTIONS - 1, replace=False)]
-    n = _num_distractors(config, rng)
-    values = foils[:n] + [_pick(asked, rng) for _ in range(n - len(foils))]
-    pairs = [(answer, referent)] + [(value, _pick(other, rng, referent)) for value in values]
-    canonical = tuple(a for a in asked if a == answer or a in foils)
-    return pairs, canonical, canonical.index(answer), referent
-
-
-def _colour_scene(config: SyntheticShapes.Config, rng: np.random.Generator) -> _Scene:
-    """'what colour is the triangle ?' with exactly one triangle."""
-    pairs, options, answer, shape = _attribute_scene(config, rng, _COLOUR_NAMES, SHAPES)
-    drawn = [(s, c) for c, s in pairs]
-    return _Scene(drawn, [0], _TEMPLATES["colour"].format(shape=shape), options, answer)
-
-
-def _shape_scene(config: SyntheticShapes.Config, rng: np.random.Generator) -> _Scene:
-    """'what shape is the red object ?' with exactly one red object."""
-    drawn, options, answer, colour = _attribute_scene(config, rng, SHAPES, _COLOUR_NAMES)
-    return _Scene(drawn, [0], _TEMPLATES["shape"].format(colour=colour), options, answer)
-
-
-def _position_scene(config: SyntheticShapes.Config, rng: np.random.Generator) -> _Scene:
-    """'where is the red triangle ?': one distractor shares its colour, another its shape."""
-    shape, colour = _pick(SHAPES, rng), _pick(_COLOUR_NAMES, rng)
-    others = [(s, c) for s in SHAPES for c in _COLOUR_NAMES if (s, c) != (shape, colour)]
-    drawn = [(shape, colour)]
-    for j in range(_num_distractors(config, rng)):
-        if j == 0:
-            drawn.append((_pick(SHAPES, rng, shape), colour))
-        elif j == 1:
-            drawn.append((shape, _pick(_COLOUR_NAMES, rng, colour)))
-        else:
-            drawn.append(others[rng.integers(len(others))])
-    question = _TEMPLATES["position"].format(colour=colour, shape=shape)
-    return _Scene(drawn, [0], question, QUADRANTS, None)
-
-
-def _count_scene(config: SyntheticShapes.Config, rng: np.random.Generator) -> _Scene:
-    """'how many red objects are there ?': 1-4 of them (uniform), distractors in other colours."""
-    colour = _pick(_COLOUR_NAMES, rng)
-    k = int(rng.integers(1, NUM_OPTIONS + 1))
-    drawn = [(_pick(SHAPES, rng), colour) for _ in range(k)]
-    n = _num_distractors(config, rng)
-    drawn += [(_pick(SHAPES, rng), _pick(_COLOUR_NAMES, rng, colour)) for _ in range(n)]
-    return _Scene(drawn, list(range(k)), _TEMPLATES["count"].format(colour=colour), COUNTS, k - 1)
+#: a counterfactual edit: (split, draft, the edit's generator) -> (objects, scene)
+_Edit = Callable[
+    [SyntheticShapesSplit, _Draft, np.random.Generator], tuple[list[SceneObject], Scene]
+]
 
 
 def _move_target(
-    split: SyntheticShapesSplit,
-    objects: list[SceneObject],
-    scene: _Scene,
-    rng: np.random.Generator,
-) -> tuple[list[SceneObject], _Scene]:
+    split: SyntheticShapesSplit, draft: _Draft, rng: np.random.Generator
+) -> tuple[list[SceneObject], Scene]:
     """Position: the target to a free cell of another quadrant."""
-    target = scene.targets[0]
-    size = split.config.image_size
-    here = quadrant(objects[target].box, size)
-    half = split._cells // 2
-    cells = [(r, c) for r, c in split._free_cells(objects) if 2 * (r >= half) + (c >= half) != here]
-    moved = split._put(objects[target], cells[rng.integers(len(cells))], rng)
-    return [moved if i == target else o for i, o in enumerate(objects)], scene
+    objects, grid, target = draft.objects, draft.grid, draft.scene.targets[0]
+    here = quadrant(objects[target].box, split.config.image_size)
+    half = grid.cells // 2
+    cells = [(r, c) for r, c in grid.free_cells(objects) if 2 * (r >= half) + (c >= half) != here]
+    if not cells:
+        raise ValueError(
+            f"{split.name} sample {draft.index} has no counterfactual: its {len(objects)} objects "
+            "fill every grid cell outside the target's quadrant, so the target cannot move; "
+            "reduce num_distractors"
+        )
+    moved = grid.put(objects[target], cells[rng.integers(len(cells))], rng)
+    return [moved if i == target else o for i, o in enumerate(objects)], draft.scene
 
 
 def _recount(
-    split: SyntheticShapesSplit,
-    objects: list[SceneObject],
-    scene: _Scene,
-    rng: np.random.Generator,
-) -> tuple[list[SceneObject], _Scene]:
+    split: SyntheticShapesSplit, draft: _Draft, rng: np.random.Generator
+) -> tuple[list[SceneObject], Scene]:
     """Count: one more object of the asked colour (one fewer when there are already four)."""
+    objects, scene, grid = draft.objects, draft.scene, draft.grid
     k = len(scene.targets)
     if k < NUM_OPTIONS:
         colour = objects[scene.targets[0]].colour
-        free = split._free_cells(objects)
-        template = SceneObject(_pick(SHAPES, rng), colour, objects[scene.targets[0]].box)
-        added = split._put(template, free[rng.integers(len(free))], rng)
+        free = grid.free_cells(objects)
+        template = SceneObject(pick(SHAPES, rng), colour, objects[scene.targets[0]].box)
+        added = grid.put(template, free[rng.integers(len(free))], rng)
+        if split.config.occlusion > 0:
+            added = split._occlude(added, grid, rng)
         objects = [*objects[:k], added, *objects[k:]]
         return objects, replace(scene, targets=list(range(k + 1)), answer=k)
     objects = objects[: k - 1] + objects[k:]
     return objects, replace(scene, targets=list(range(k - 1)), answer=k - 2)
 
 
-def _reattribute(field: str) -> Callable[..., tuple[list[SceneObject], _Scene]]:
+def _reattribute(field: str) -> _Edit:
     """Colour / shape: the referent takes another option's ``field``."""
 
     def edit(
-        split: SyntheticShapesSplit,
-        objects: list[SceneObject],
-        scene: _Scene,
-        rng: np.random.Generator,
-    ) -> tuple[list[SceneObject], _Scene]:
-        referent = objects[0]
+        split: SyntheticShapesSplit, draft: _Draft, rng: np.random.Generator
+    ) -> tuple[list[SceneObject], Scene]:
+        referent, scene = draft.objects[0], draft.scene
         others = [o for o in scene.options if o != getattr(referent, field)]
         value = others[rng.integers(len(others))]
         changed = replace(referent, **{field: value})
-        return [changed, *objects[1:]], replace(scene, answer=scene.options.index(value))
+        return [changed, *draft.objects[1:]], replace(scene, answer=scene.options.index(value))
 
     return edit
 
 
-_EDITS = {
+_EDITS: dict[str, _Edit] = {
     "colour": _reattribute("colour"),
     "shape": _reattribute("shape"),
     "position": _move_target,
     "count": _recount,
-}
-
-_SCENES = {
-    "colour": _colour_scene,
-    "shape": _shape_scene,
-    "position": _position_scene,
-    "count": _count_scene,
 }
 
 
@@ -420,8 +285,9 @@ class SyntheticShapes:
     """Small coloured shapes among distractors; colour / shape / position / count questions.
 
     Every sample has four options (letters A-D). ``box`` is the asked-about object's box; for count
-    questions it encloses all counted objects. ``meta`` holds the scene: ``objects`` (shape, colour,
-    box of every object) and ``targets`` (indices of the asked-about ones).
+    questions it encloses all counted objects, and ``boxes`` lists them one by one. ``meta`` holds
+    the scene: ``objects`` (shape, colour, box of every object, and the box of its ``occluder``
+    bar if it has one) and ``targets`` (indices of the asked-about ones).
     """
 
     class Config(BaseModel):
@@ -430,10 +296,18 @@ class SyntheticShapes:
         image_size: int = Field(
             64, ge=16, le=4096, description="side of the square RGB image, in pixels"
         )
-        object_size: tuple[int, int] = Field(
+        object_size: tuple[int, int] | None = Field(
             (6, 10),
             description="min and max object side in pixels; each object's side is drawn uniformly "
-            "in between (shapes are told apart from 6 px up)",
+            "in between (shapes are told apart from 6 px up); null when target_area sizes the "
+            "objects",
+        )
+        target_area: tuple[float, float] | None = Field(
+            None,
+            description="min and max area of the question's targets as a fraction of the image "
+            "(box area / image area), drawn log-uniformly per sample; the distractors take the "
+            "targets' side within +-10 % (and within the range). Replaces object_size, which "
+            "must then be null; null = sizes from object_size",
         )
         num_distractors: tuple[int, int] = Field(
             (3, 6),
@@ -441,8 +315,16 @@ class SyntheticShapes:
             "(clutter); below 3, wrong options of colour/shape questions may be missing from the "
             "image, which makes those questions easier",
         )
+        distractors: Distractors = Field(
+            "different",
+            description="how alike distractors are to the referent: different (any shape and "
+            "colour); same_colour (position questions: every distractor but one in the target's "
+            "colour, with another shape); detail (colour, shape and position questions: "
+            "distractors whose shape differs from the referent's only by a detail: circle/ring, "
+            "square/notched square, triangle/notched triangle)",
+        )
         tasks: list[Task] = Field(
-            default_factory=lambda: list(_SCENES),
+            default_factory=lambda: list(SCENES),
             description="question types, drawn uniformly per sample: colour (of a unique shape), "
             "shape (of a unique colour), position (quadrant of a unique colour+shape), "
             "count (objects of a colour, 1-4)",
@@ -452,12 +334,26 @@ class SyntheticShapes:
         )
         val_size: int = Field(512, ge=0, le=10_000_000, description="samples in the val split")
         test_size: int = Field(1024, ge=0, le=10_000_000, description="samples in the test split")
+        background: Literal["noise", "photo"] = Field(
+            "noise",
+            description="noise: mid-grey; photo: a random crop of one of scikit-learn's two "
+            "sample photographs, at a quarter of its contrast around mid-grey so that objects "
+            "stay the nearest colour to themselves (background_noise is added to either)",
+        )
         background_noise: float = Field(
             0.08,
             ge=0,
             le=1,
-            description="std of the per-pixel Gaussian noise added to the whole mid-grey image, "
+            description="std of the per-pixel Gaussian noise added to the whole image, "
             "as a fraction of full intensity (0 = clean)",
+        )
+        occlusion: float = Field(
+            0.0,
+            ge=0,
+            le=0.75,
+            description="count questions: every object (counted or not) lies partly behind a "
+            "near-black bar that hides at most this fraction of its pixels (at least 1 - "
+            "occlusion stays visible); 0 = no bars",
         )
         shuffle_options: bool = Field(
             True,
@@ -470,12 +366,26 @@ class SyntheticShapes:
 
         @field_validator(*_RANGE_FLOORS)
         @classmethod
-        def _check_range(cls, value: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        def _check_range(
+            cls, value: tuple[int, int] | None, info: ValidationInfo
+        ) -> tuple[int, int] | None:
+            if value is None:
+                return value
             lo, hi = value
             floor = _RANGE_FLOORS[info.field_name]
             if lo < floor or lo > hi:
                 raise ValueError(
                     f"{info.field_name} must be (min, max) with {floor} <= min <= max, got {value}"
+                )
+            return value
+
+        @field_validator("target_area")
+        @classmethod
+        def _check_area(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+            if value is not None and not 0 < value[0] <= value[1] < 1:
+                raise ValueError(
+                    f"target_area must be (min, max) fractions of the image area with "
+                    f"0 < min <= max < 1, got {value}"
                 )
             return value
 
@@ -486,34 +396,93 @@ class SyntheticShapes:
                 raise ValueError(f"tasks must be a non-empty list without repeats, got {value}")
             return value
 
+        def object_sides(self) -> tuple[int, int]:
+            """The least and greatest object side in pixels, whichever key sizes the objects."""
+            if self.object_size is not None:
+                return self.object_size
+            assert self.target_area is not None  # the validator requires one of them
+            return area_sides(self.target_area, self.image_size)
+
         @model_validator(mode="after")
         def _check_scene_fits(self) -> SyntheticShapes.Config:
-            lo, hi = self.object_size
+            self._check_sizing()
+            key = "object_size" if self.target_area is None else "target_area"
+            value = getattr(self, key)
+            lo, hi = self.object_sides()
             cells = grid_cells(self.image_size, hi)
             if cells < 2:
                 raise ValueError(
-                    f"image_size {self.image_size} is too small for objects of {hi} px; "
-                    f"need image_size >= {2 * (hi + 2 * _MARGIN)}"
+                    f"image_size {self.image_size} is too small for objects of {hi} px ({key} "
+                    f"{value}); need image_size >= {min_image_size(hi)}"
                 )
             targets = NUM_OPTIONS if "count" in self.tasks else 1
             needed = self.num_distractors[1] + targets
             if needed > cells * cells:
                 raise ValueError(
-                    f"image_size {self.image_size} with objects up to {hi} px holds at most "
-                    f"{cells * cells} objects ({cells}x{cells} grid), but a scene may need "
-                    f"{needed} ({self.num_distractors[1]} distractors + {targets} targets); "
-                    "enlarge image_size, shrink object_size or reduce num_distractors"
+                    f"image_size {self.image_size} with objects up to {hi} px ({key} {value}) "
+                    f"holds at most {cells * cells} objects ({cells}x{cells} grid), but a scene "
+                    f"may need {needed} ({self.num_distractors[1]} distractors + {targets} "
+                    f"targets); enlarge image_size, shrink {key} or reduce num_distractors"
                 )
+            self._check_dials_apply()
             if _SHAPE_TASKS.intersection(self.tasks):
+                shapes = ALL_SHAPES if self.distractors == "detail" else SHAPES
                 for side in range(lo, hi + 1):
-                    pair = _ambiguous_shapes(side)
+                    pair = ambiguous_shapes(side, shapes)
                     if pair is not None:
                         raise ValueError(
-                            f"object_size {self.object_size}: a {pair[0]} and a {pair[1]} look "
-                            f"identical at {side} px, so colour/shape/position questions would be "
-                            "ambiguous; raise object_size or use tasks ['count']"
+                            f"{key} {value}: a {pair[0]} and a {pair[1]} look identical at "
+                            f"{side} px, so colour/shape/position questions would be ambiguous; "
+                            f"raise {key} or use tasks ['count']"
                         )
             return self
+
+        def _check_sizing(self) -> None:
+            """Exactly one of object_size and target_area sizes the objects, at least 3 px."""
+            if self.object_size is None and self.target_area is None:
+                raise ValueError(
+                    "object_size is null but target_area is not set: one of them must size the "
+                    "objects (e.g. object_size: [6, 10])"
+                )
+            if self.object_size is not None and self.target_area is not None:
+                raise ValueError(
+                    f"target_area {self.target_area} sizes every object relative to the image, "
+                    f"so object_size must be null (it is {self.object_size}); set object_size: "
+                    "null"
+                )
+            if self.target_area is None:
+                return
+            lo, hi = area_sides(self.target_area, self.image_size)
+            if lo > hi:
+                raise ValueError(
+                    f"target_area {self.target_area} holds no whole-pixel side on a "
+                    f"{self.image_size} px image (a side of {hi} px is below it, {lo} px above "
+                    "it); widen the range or change image_size"
+                )
+            if lo < _MIN_SIDE:
+                least = _MIN_SIDE**2 / self.image_size**2
+                raise ValueError(
+                    f"target_area {self.target_area} allows sides of {lo} px on a "
+                    f"{self.image_size} px image, below the least {_MIN_SIDE} px; raise its min "
+                    f"to at least {least:.3g}"
+                )
+
+        def _check_dials_apply(self) -> None:
+            """A dial that changes none of the configured tasks is a mistake, not a no-op; photo
+            backgrounds need their files."""
+            changed = DISTRACTOR_TASKS[self.distractors]
+            if not changed.intersection(self.tasks):
+                raise ValueError(
+                    f"distractors {self.distractors!r} changes {'/'.join(sorted(changed))} "
+                    f"questions only, and tasks {self.tasks} has none"
+                )
+            if self.background == "photo":
+                photo_files()  # missing photos: an error when the recipe loads, not mid-run
+            if self.occlusion > 0 and "count" not in self.tasks:
+                raise ValueError(
+                    f"occlusion {self.occlusion} hides parts of the objects of count questions "
+                    f"only, and tasks {self.tasks} has none; add 'count' or set occlusion: 0"
+                )
 
     def __init__(self, config: SyntheticShapes.Config | None = None):
         self.config = config if config is not None else self.Config()
@@ -531,8 +500,7 @@ class SyntheticShapes:
         """Every word of any question, option or answer letter, sorted.
 
         It covers all tasks whatever ``tasks`` selects, so a tokenizer built from it stays valid
-        when a model trained on some tasks is evaluated on others.
+        when a model trained on some tasks is evaluated on others; ``distractors: detail`` adds
+        the detail shapes' words.
         """
-        texts = [*_TEMPLATES.values(), *_COLOUR_NAMES, *SHAPES, *QUADRANTS, *COUNTS]
-        words = {w for text in texts for w in text.split() if not w.startswith("{")}
-        return sorted(words | set(LETTERS[:NUM_OPTIONS]))
+        return sorted(corpus_words(self.config.distractors) | set(LETTERS[:NUM_OPTIONS]))

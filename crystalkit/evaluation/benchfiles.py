@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from crystalkit.data.boxes import Box, enclosing, read_boxes, resize_boxes
 from crystalkit.data.images import ImageFileError, open_rgb, sample_tensor
 from crystalkit.data.sample import LETTERS, OptionKeyError, Sample, ordered_options
 from crystalkit.errors import UsageError
@@ -84,6 +85,26 @@ def _options(cells: dict[str, str]) -> list[str]:
     return options
 
 
+def _boxes(value: object, image: Image.Image, size: int | None) -> list[Box]:
+    """A row's optional evidence boxes, in the pixels of its (tiled) image, on the sample's."""
+    try:
+        boxes = read_boxes(value, *image.size)
+    except ValueError as exc:
+        raise _RowError(str(exc)) from None
+    return resize_boxes(boxes, *image.size, size)
+
+
+def _tsv_boxes(text: str) -> object:
+    """The ``boxes`` cell's JSON (an empty or ``nan`` cell: none)."""
+    text = text.strip()
+    if not text or text.lower() == "nan":
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _RowError(f"'boxes' is not JSON (got {text!r:.80})") from None
+
+
 def _answer_letter(answer: str, options: list[str]) -> str:
     answer = answer.strip()
     if answer in LETTERS[: len(options)] and answer:
@@ -97,7 +118,7 @@ def _answer_letter(answer: str, options: list[str]) -> str:
 def read_tsv(path: Path, image_size: int | None) -> tuple[list[Sample], list[BadRow]]:
     """A VLMEvalKit TSV: ``index``, ``image`` (base64, a list of base64, or another row's index)
     or ``image_path``, ``question``, options ``A``..``E``, ``answer``, optional ``hint``,
-    ``category``, ``l2-category``, ``split``."""
+    ``category``, ``l2-category``, ``split``, ``boxes`` (JSON: the evidence boxes)."""
     csv.field_size_limit(sys.maxsize)
     try:
         with path.open(encoding="utf-8", newline="") as handle:
@@ -163,14 +184,18 @@ def _tsv_sample(
     if hint and hint.lower() != "nan":
         question = f"{hint} {question}"
     meta = {k: row[k] for k in ("l2-category", "split", "index") if row.get(k)}
+    image = _tsv_image(row, by_index, root)
+    boxes = _boxes(_tsv_boxes(row.get("boxes") or ""), image, size)
     return Sample(
         index=position,
-        image=sample_tensor(_tsv_image(row, by_index, root), size),
+        image=sample_tensor(image, size),
         question=question,
         options=options,
         answer=_answer_letter(row.get("answer") or "", options),
         category=(row.get("category") or "").strip(),
+        box=enclosing(boxes) if boxes else None,
         meta=meta,
+        boxes=boxes,
     )
 
 
@@ -179,7 +204,8 @@ def read_jsonl(
 ) -> tuple[list[Sample], list[BadRow]]:
     """One JSON object per line: ``id``, ``image`` or ``images`` (paths relative to
     ``image_root``), ``question``, ``options`` (a list, or a mapping keyed by the letters A-H in
-    any order), ``answer`` (letter or option text), ``category``. Options keyed by anything else
+    any order), ``answer`` (letter or option text), ``category``, ``boxes`` (the evidence boxes:
+    ``[[x0, y0, x1, y1], ...]`` in pixels of the image). Options keyed by anything else
     are one :class:`~crystalkit.errors.UsageError` naming the row."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -228,12 +254,16 @@ def _jsonl_sample(record: object, position: int, root: Path, size: int | None) -
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise _RowError("'question' must be a non-empty string")
+    image = _tile([_open_path(root / p) for p in paths])
+    boxes = _boxes(record.get("boxes"), image, size)
     return Sample(
         index=position,
-        image=sample_tensor(_tile([_open_path(root / p) for p in paths]), size),
+        image=sample_tensor(image, size),
         question=question.strip(),
         options=[o.strip() for o in options],
         answer=_answer_letter(str(record.get("answer", "")), options),
         category=str(record.get("category", "")),
+        box=enclosing(boxes) if boxes else None,
         meta={"id": record.get("id")},
+        boxes=boxes,
     )
