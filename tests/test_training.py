@@ -227,3 +227,19 @@ def test_vision_lr_scale_gives_the_vision_tower_its_own_rate(tiny_recipe):
     assert encoder and all(torch.equal(trained[k], start[k]) for k in encoder)
     language = [k for k in start if k.startswith("lm.") and k in trained]  # tied: saved once
     assert not all(torch.equal(trained[k], start[k]) for k in language)
+
+
+def test_extra_splits_are_evaluated_beside_the_periodic_split(tiny_recipe):
+    recipe = tiny_recipe("train.steps=5", "train.eval_every=2", "eval.extra_splits=[train]")
+    run = train(recipe).run_dir  # periodic at steps 2 and 4; step 5 is the final evaluation
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    evaluated = [(r["step"], r["split"]) for r in records if "split" in r and "accuracy" in r]
+    assert evaluated[:4] == [(2, "val"), (2, "train"), (4, "val"), (4, "train")]
+    assert {split for _, split in evaluated[4:]} <= {"test"}
+
+
+def test_a_misspelt_evaluation_split_stops_before_training(tiny_recipe):
+    recipe = tiny_recipe("train.steps=4", "train.eval_every=2", "eval.extra_splits=[trian]")
+    with pytest.raises(UsageError, match=r"no split 'trian'.*did you mean 'train'"):
+        train(recipe, stop_after=1)
+    assert not (Path(recipe.output_dir) / recipe.name / "metrics.jsonl").exists()

@@ -258,6 +258,11 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     split: str = Field("val", description="split evaluated periodically during training")
+    extra_splits: list[str] = Field(
+        default_factory=list,
+        description="more splits evaluated at every periodic evaluation, logged under their own "
+        "names: [train] gives train-vs-validation learning curves (under- or overfitting)",
+    )
     final_split: str = Field("test", description="split evaluated once training finishes")
     max_samples: int | None = Field(None, ge=1, description="cap on evaluated samples per split")
     batch_size: int = Field(128, ge=1, le=1_000_000, description="samples per evaluation batch")

@@ -273,6 +273,10 @@ class _TrainingRun:
         self.world.barrier()  # every rank has read the run dir before rank 0 changes it
         torch.manual_seed(self.recipe.seed)
         self.dataset = build_dataset(self.recipe)
+        evaluated = self.recipe.eval
+        periodic = [evaluated.split, *evaluated.extra_splits] if self.cfg.eval_every else []
+        for split in (*periodic, evaluated.final_split):
+            self.dataset.split(split)  # a misspelt split stops here, not after hours of training
         if checkpoint is None and self.world.main:
             self._start_outputs()
         self.world.barrier()  # the warm-start snapshot is complete before any rank reads it
@@ -412,13 +416,15 @@ class _TrainingRun:
         return rate
 
     def evaluate(self, done: int) -> None:
-        """The periodic evaluation on ``eval.split``; its time is left out of samples/s."""
-        split = self.recipe.eval.split
-        result = self._evaluate(done, split, self.stage, self.method)
-        if self.world.main:
-            self.progress.print(
-                f"step {done}: {split} accuracy {result.accuracy:.1%} (chance {result.chance:.1%})"
-            )
+        """The periodic evaluation on ``eval.split`` and ``eval.extra_splits``; its time is left
+        out of samples/s."""
+        for split in dict.fromkeys([self.recipe.eval.split, *self.recipe.eval.extra_splits]):
+            result = self._evaluate(done, split, self.stage, self.method)
+            if self.world.main:
+                self.progress.print(
+                    f"step {done}: {split} accuracy {result.accuracy:.1%} "
+                    f"(chance {result.chance:.1%})"
+                )
         self.window = Window()  # rate: training only
 
     def _evaluate(self, step: int, split_name: str, stage: Stage, method: Method) -> EvalResult:
