@@ -49,6 +49,25 @@ def test_expansion_is_the_cartesian_product_with_unique_stable_ids(grid, seeds):
         assert set(cell.values) == set(grid)
 
 
+@settings(max_examples=40, deadline=None)
+@given(grid=grids, seeds=st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True))
+def test_seed_keys_set_every_cell_and_source_to_its_seed(grid, seeds):
+    plain = expand(GridFile(base="r.yaml", grid=grid, seeds=seeds))
+    spec = GridFile(base="r.yaml", grid=grid, seeds=seeds, seed_keys=["seed", "dataset.seed"])
+    both = expand(spec)
+    assert [c.seed for c in both] == [c.seed for c in plain]
+    for cell, before in zip(both, plain, strict=True):
+        assert cell.overrides == (*before.overrides, f"dataset.seed={cell.seed}")
+    assert not {c.id for c in both} & {c.id for c in plain}  # other items: other runs
+
+
+def test_seed_keys_refuse_repeats_and_a_varied_key():
+    with pytest.raises(ValueError, match="each key once; seed repeats"):
+        GridFile(base="r.yaml", seed_keys=["seed", "seed"])
+    with pytest.raises(ValueError, match="seed_keys: dataset.seed is varied too"):
+        GridFile(base="r.yaml", grid={"dataset.seed": [0, 1]}, seed_keys=["seed", "dataset.seed"])
+
+
 @settings(max_examples=60, deadline=None)
 @given(grid=grids.filter(bool), data=st.data())
 def test_exclude_removes_exactly_the_matching_cells(grid, data):

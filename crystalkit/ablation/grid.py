@@ -12,6 +12,7 @@ A grid file names a base recipe and the keys to vary::
       finetune: [method=finetune, latents.schedule.k=0]
       crystal: []
     seeds: [0, 1, 2]
+    seed_keys: [seed, dataset.seed]         # keys set to each cell's seed (default: [seed])
     exclude: [{corruption.name: none, latents.family: recurrent}]
     cells: [{match: {corruption.name: mask}, overrides: [corruption.fraction=0.75]}]
     warm_start: {base: ../recipes/direct_finetune.yaml, overrides: [train.steps=600]}
@@ -84,6 +85,13 @@ class GridFile(_Strict):
         default_factory=list, description="groups of keys whose value lists are zipped"
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seed_keys: list[str] = Field(
+        default_factory=lambda: ["seed"],
+        min_length=1,
+        description="recipe keys each cell sets to its seed; [seed, dataset.seed] also draws the "
+        "dataset (its scenes, so its test items) anew per seed, so that intervals over seeds "
+        "include item-sampling noise",
+    )
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     variants: dict[str, list[str]] = Field(
         default_factory=dict, description="named arms: variant name -> its overrides"
@@ -120,6 +128,18 @@ class GridFile(_Strict):
             raise ValueError(f"each seed once; {repeated[0]} repeats")
         return seeds
 
+    @field_validator("seed_keys")
+    @classmethod
+    def _distinct_keys(cls, keys: list[str]) -> list[str]:
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"each key once; {repeated[0]} repeats")
+        return keys
+
+    def seeded(self, seed: int) -> tuple[str, ...]:
+        """The overrides that give a cell its seed."""
+        return tuple(f"{key}={seed}" for key in self.seed_keys)
+
     @field_validator("zip")
     @classmethod
     def _equal_lengths(cls, groups: list[dict[str, list[Any]]]) -> list[dict[str, list[Any]]]:
@@ -139,6 +159,9 @@ class GridFile(_Strict):
             raise ValueError(f"keys varied twice (grid and zip): {', '.join(repeated)}")
         if VARIANT in keys:
             raise ValueError(f"{VARIANT!r} is the axis of variants:, not a key to vary")
+        seeded = sorted(set(keys) & set(self.seed_keys))
+        if seeded:
+            raise ValueError(f"seed_keys: {', '.join(seeded)} is varied too; set it one way")
         if self.variants:
             keys.append(VARIANT)
         entries = [
@@ -234,7 +257,7 @@ class Grid:
         if source is None:
             return []
         return [
-            Cell((), seed, (*source.overrides, f"seed={seed}"), base=source.base)
+            Cell((), seed, (*source.overrides, *self.spec.seeded(seed)), base=source.base)
             for seed in self.spec.seeds
         ]
 
@@ -337,7 +360,7 @@ def expand(spec: GridFile, sources: dict[int, str] | None = None) -> list[Cell]:
         ]
         for seed in spec.seeds:
             warm = [override_text("warm_start.source", sources[seed])] if sources else []
-            overrides = (*spec.overrides, *warm, *varied, *extra, f"seed={seed}")
+            overrides = (*spec.overrides, *warm, *varied, *extra, *spec.seeded(seed))
             cells.append(Cell(assignment, seed, overrides))
     return cells
 
