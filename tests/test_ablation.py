@@ -64,7 +64,7 @@ def test_seed_keys_set_every_cell_and_source_to_its_seed(grid, seeds):
 def test_seed_keys_refuse_repeats_and_a_varied_key():
     with pytest.raises(ValueError, match="each key once; seed repeats"):
         GridFile(base="r.yaml", seed_keys=["seed", "seed"])
-    with pytest.raises(ValueError, match="seed_keys: dataset.seed is varied too"):
+    with pytest.raises(ValueError, match=r"seed_keys: dataset\.seed is varied too"):
         GridFile(base="r.yaml", grid={"dataset.seed": [0, 1]}, seed_keys=["seed", "dataset.seed"])
 
 
