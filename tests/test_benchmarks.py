@@ -102,3 +102,28 @@ def test_the_7b_slice_is_the_paper_recipe_at_the_real_widths():
         3584,
         14,
     )
+
+
+def test_position_errors_name_the_distractor_an_answer_points_at():
+    from crystalkit.data.synthetic import QUADRANTS, SyntheticShapes, quadrant
+
+    errors = _benchmark("position_errors")
+    config = SyntheticShapes.Config(tasks=["position"], num_distractors=(2, 2))
+    split = SyntheticShapes(config).split("test")
+    checked = 0
+    for index in range(64):
+        sample = split[index]
+        target, colour, shape = (
+            QUADRANTS[quadrant(tuple(o["box"]), config.image_size)] for o in sample.meta["objects"]
+        )
+        if len({target, colour, shape}) < 3:
+            continue
+        letter = {q: "ABCD"[i] for i, q in enumerate(sample.options)}
+        empty = next(q for q in QUADRANTS if q not in (target, colour, shape))
+        assert errors.classify(sample, letter[target], correct=True) == errors.RIGHT
+        assert errors.classify(sample, letter[colour], False) == "a same-colour distractor"
+        assert errors.classify(sample, letter[shape], False) == "a same-shape distractor"
+        assert errors.classify(sample, letter[empty], False) == "no object"
+        assert errors.classify(sample, None, False) == "no answer"
+        checked += 1
+    assert checked >= 5
