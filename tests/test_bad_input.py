@@ -240,12 +240,19 @@ CASES = [
     grid("grid_list.yaml", "[1]\n", "grid_list.yaml", "mapping"),
     grid(
         "grid_huge.yaml",
-        f"base: BASE\ngrid: {{train.lr: {AXIS}, train.steps: {AXIS}, seed: {[0, *AXIS]}}}\n",
+        f"base: BASE\ngrid: {{train.lr: {AXIS}, train.steps: {AXIS}, "
+        f"train.weight_decay: {[0, *AXIS]}}}\n",
         "grid_huge.yaml",
         "60,840 cells",
         "at most 10,000",
     ),
     grid("grid_seeds.yaml", "base: BASE\nseeds: [0, 1, 0]\n", "grid_seeds.yaml", "0 repeats"),
+    grid(
+        "grid_seed_axis.yaml",
+        "base: BASE\ngrid: {seed: [0, 1]}\n",  # each cell's seed=S would silently win
+        "grid_seed_axis.yaml",
+        "seed_keys: seed is varied too",
+    ),
     grid("grid_base.yaml", "base: nope.yaml\n", "grid_base.yaml", "base", "not found"),
     grid("grid_key.yaml", "base: BASE\ngrid: {'bad key!': [1]}\n", "grid_key.yaml", "bad key!"),
     grid("grid_seed.yaml", f"base: BASE\nseeds: [{SEED_30_DIGITS}]\n", "grid_seed.yaml", "seed"),
