@@ -53,7 +53,7 @@ def _check_batch(images: Tensor) -> None:
         )
 
 
-def _work_dtype(images: Tensor) -> torch.dtype:
+def work_dtype(images: Tensor) -> torch.dtype:
     """Compute in float32 for half types (CPU convolutions and HSV maths need it)."""
     return images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -77,12 +77,12 @@ def per_image_boxes(what: str, boxes: Boxes | None, batch: int) -> Boxes:
     return boxes
 
 
-def _check_unit(name: str, value: float) -> None:
+def check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be within [0, 1], got {value}")
 
 
-class _Sampled:
+class Sampled:
     """Base for built-ins: ``__call__`` = ``apply(images, sample(images.shape, generator))``
     (``sample(images.shape, generator, boxes)`` for one that reads the boxes)."""
 
@@ -128,7 +128,7 @@ class NoCorruption:
 
 
 @CORRUPTIONS.register("blur")
-class GaussianBlur(_Sampled):
+class GaussianBlur(Sampled):
     """Gaussian blur, radius drawn per sample (the reference corruption), scaled to image size.
 
     Args:
@@ -179,7 +179,7 @@ class GaussianBlur(_Sampled):
 
     def apply(self, images: Tensor, params: Params) -> Tensor:
         batch, channels, height, width = images.shape
-        dtype = _work_dtype(images)
+        dtype = work_dtype(images)
         sigma = params["sigma"].to(dtype)
         half = self.kernel_radius(sigma, height, width)
         pad = int(half.max()) if batch else 0
@@ -200,7 +200,7 @@ class GaussianBlur(_Sampled):
 
 
 @CORRUPTIONS.register("erase")
-class RandomErase(_Sampled):
+class RandomErase(Sampled):
     """Random erasing: one box per sample (10-30 % of the area) filled with a constant.
 
     Args:
@@ -218,7 +218,7 @@ class RandomErase(_Sampled):
         _check_range("area", area, 0.0, 1.0)
         if not 0.0 < aspect[0] <= aspect[1]:
             raise ValueError(f"aspect must be an ordered pair of positive ratios, got {aspect}")
-        _check_unit("value", value)
+        check_unit("value", value)
         self.area = (float(area[0]), float(area[1]))
         self.aspect = (float(aspect[0]), float(aspect[1]))
         self.value = float(value)
@@ -251,7 +251,7 @@ def _patch_grid(images_shape: torch.Size | tuple[int, ...], patch: int) -> tuple
 
 
 @CORRUPTIONS.register("mask")
-class PatchMask(_Sampled):
+class PatchMask(Sampled):
     """Patch masking: a random fraction of a patch grid filled with a constant, per sample.
 
     Args:
@@ -263,8 +263,8 @@ class PatchMask(_Sampled):
     def __init__(self, patch_size: int = 8, fraction: float = 0.5, value: float = 0.5) -> None:
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-        _check_unit("fraction", fraction)
-        _check_unit("value", value)
+        check_unit("fraction", fraction)
+        check_unit("value", value)
         self.patch_size = patch_size
         self.fraction = float(fraction)
         self.value = float(value)
@@ -286,7 +286,7 @@ class PatchMask(_Sampled):
 
 
 @CORRUPTIONS.register("patch_shuffle")
-class PatchShuffle(_Sampled):
+class PatchShuffle(Sampled):
     """Patch shuffling: an independent random permutation of the patch grid per sample.
 
     Args:
@@ -323,7 +323,7 @@ class PatchShuffle(_Sampled):
 
 
 @CORRUPTIONS.register("noise")
-class GaussianNoise(_Sampled):
+class GaussianNoise(Sampled):
     """Additive Gaussian noise, standard deviation drawn per sample, clamped to [0, 1].
 
     Args:
@@ -340,7 +340,7 @@ class GaussianNoise(_Sampled):
         return {"std": std, "noise": noise}
 
     def apply(self, images: Tensor, params: Params) -> Tensor:
-        dtype = _work_dtype(images)
+        dtype = work_dtype(images)
         noise = params["noise"].to(dtype) * params["std"].to(dtype)[:, None, None, None]
         return (images.to(dtype) + noise).clamp(0.0, 1.0).to(images.dtype)
 
@@ -400,7 +400,7 @@ def hsv_to_rgb(images: Tensor) -> Tensor:
 
 
 @CORRUPTIONS.register("color_jitter")
-class ColorJitter(_Sampled):
+class ColorJitter(Sampled):
     """Colour jitter (torchvision semantics): brightness, contrast, saturation, hue in random order.
 
     Args:
@@ -457,7 +457,7 @@ class ColorJitter(_Sampled):
         return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
 
     def apply(self, images: Tensor, params: Params) -> Tensor:
-        dtype = _work_dtype(images)
+        dtype = work_dtype(images)
         x = images.to(dtype)
         enabled = [getattr(self, name) > 0 for name in self.OPS]  # strength 0 skips the op
         for step in range(len(self.OPS)):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Integral
 from typing import Literal
 
-Box = tuple[int, int, int, int]
+from crystalkit.data.boxes import Box
+
 #: one list of evidence boxes per image of a batch
 Boxes = list[list[Box]]
 ResizeMode = Literal["bilinear", "bicubic"]
@@ -29,20 +29,6 @@ FILTER_REACH: dict[ResizeMode, float] = {"bilinear": 1.0, "bicubic": 2.0}
 #: output pixels of slack in :func:`_resized_span`: a filter edge that falls exactly on a pixel
 #: centre counts however the division rounds
 _SLACK = 1e-6
-
-
-def box_breach(box: Sequence[int], height: int, width: int) -> str | None:
-    """Why ``box`` is not a non-empty box inside a ``height x width`` image (one phrase), or
-    ``None``."""
-    if len(box) != 4 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in box):
-        return "is not four integers (x0, y0, x1, y1)"
-    x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        return (
-            f"is empty or outside the {width}x{height} image (expected 0 <= x0 < x1 <= width and "
-            "0 <= y0 < y1 <= height, exclusive ends)"
-        )
-    return None
 
 
 def _resized_span(low: int, high: int, size: int, new_size: int, reach: float) -> tuple[int, int]:

@@ -17,11 +17,11 @@ from crystalkit.corruptions.basic import (
     GaussianBlur,
     Generator,
     Params,
+    Sampled,
     Shape,
-    _check_unit,
-    _Sampled,
-    _work_dtype,
+    check_unit,
     per_image_boxes,
+    work_dtype,
 )
 from crystalkit.corruptions.boxes import Box, Boxes, evidence_size, widened_box
 from crystalkit.registries import CORRUPTIONS
@@ -39,7 +39,7 @@ MAD_TO_STD = 1.4826
 
 
 @CORRUPTIONS.register("evidence")
-class EvidenceCorruption(_Sampled):
+class EvidenceCorruption(Sampled):
     """Removes exactly the question's evidence: erases, blurs or occludes its boxes (reads them).
 
     Args:
@@ -65,7 +65,7 @@ class EvidenceCorruption(_Sampled):
             raise ValueError(f"margin must be >= 0, got {margin}")
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
-        _check_unit("value", value)
+        check_unit("value", value)
         self.mode = mode
         self.margin = float(margin)
         self.sigma = float(sigma)
@@ -116,7 +116,7 @@ def _erase(images: Tensor, boxes: list[tuple[int, Box]], region: Tensor, noise: 
     the box outside every evidence box (:func:`_rings`): robust statistics, so a distractor in the
     ring barely moves them, and per box, so a background that varies across the image is
     followed. The statistics of all boxes are taken at once (NaN outside each ring)."""
-    dtype = _work_dtype(images)
+    dtype = work_dtype(images)
     x = images.to(dtype)
     out = x.clone()
     if not boxes:

@@ -25,10 +25,11 @@ import torch
 from crystalkit.components import build_component
 from crystalkit.config.schema import ComponentSpec, Recipe
 from crystalkit.config.sources import Sources, resolve_or_explain
-from crystalkit.corruptions.boxes import Box, Boxes, ResizeMode, box_breach, resized_box
+from crystalkit.corruptions.boxes import Boxes, ResizeMode, resized_box
 from crystalkit.corruptions.contract import Corruption, apply_corruption, reads_boxes
 from crystalkit.crystal.layout import Layout, Packer
 from crystalkit.crystal.paths import STRATEGIES, Needs, intact_only, resolve_layers
+from crystalkit.data.boxes import Box, box_breach
 from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
 from crystalkit.latents.blocks import LatentBlock

@@ -5,8 +5,24 @@ checked against their image and carried along when the image is resized, so that
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from numbers import Integral
 
 Box = tuple[int, int, int, int]
+
+
+def box_breach(box: Sequence[int], height: int, width: int) -> str | None:
+    """Why ``box`` is not a non-empty box inside a ``height x width`` image (one phrase), or
+    ``None``."""
+    if len(box) != 4 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in box):
+        return "is not four integers (x0, y0, x1, y1)"
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        return (
+            f"is empty or outside the {width}x{height} image (expected 0 <= x0 < x1 <= width and "
+            "0 <= y0 < y1 <= height, exclusive ends)"
+        )
+    return None
 
 
 def read_boxes(value: object, width: int, height: int) -> list[Box]:
@@ -25,11 +41,10 @@ def read_boxes(value: object, width: int, height: int) -> list[Box]:
     for box in value:
         if not (isinstance(box, list) and len(box) == 4 and all(map(_finite, box))):
             raise ValueError(f"{expected}, got the box {box!r:.80}")
-        x0, y0 = math.floor(box[0]), math.floor(box[1])
-        x1, y1 = math.ceil(box[2]), math.ceil(box[3])
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        pixels = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+        if box_breach(pixels, height, width) is not None:
             raise ValueError(f"{expected}, got the box {box!r:.80}")
-        boxes.append((x0, y0, x1, y1))
+        boxes.append(pixels)
     return boxes
 
 

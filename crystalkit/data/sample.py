@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from crystalkit.data.boxes import Box
+
 LETTERS = "ABCDEFGH"
 
 
@@ -56,12 +58,12 @@ class Sample:
     options: list[str]
     answer: str
     category: str = ""
-    box: tuple[int, int, int, int] | None = None
+    box: Box | None = None
     meta: dict = field(default_factory=dict)
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
 
     @property
-    def evidence(self) -> list[tuple[int, int, int, int]]:
+    def evidence(self) -> list[Box]:
         """The evidence boxes: ``boxes``, else ``[box]`` when only the enclosing box is known."""
         if self.boxes:
             return list(self.boxes)

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+from crystalkit.data.boxes import Box
 from crystalkit.data.sample import Sample
-
-Box = tuple[int, int, int, int]
 
 
 def box_area(box: Box, height: int, width: int) -> float:
