@@ -176,6 +176,20 @@ def test_plain_prompt_keeps_the_fixed_prompt(family):
     assert custom.question_suffix == suffix
 
 
+@pytest.mark.parametrize("family", sorted(PLAIN))
+def test_question_first_puts_the_question_before_the_image(family):
+    backbone = build(family, "backbone.prompt=plain")[1]
+    prefix, before, after = backbone.prompt_ids("where is it ?", question_first=True)
+    encode = backbone.tokenizer.encode
+    assert before == encode("where is it ?", add_special_tokens=False)
+    assert (
+        prefix + after
+        == backbone.prompt_ids("", question_first=False)[0] + backbone.prompt_ids("")[2]
+    )
+    with pytest.raises(UsageError, match=r"prompt\.question_first"):
+        build(family)[1].prompt_ids("where is it ?", question_first=True)
+
+
 def test_prompt_text_without_plain_is_refused():
     with pytest.raises(ValueError, match="set prompt: plain to use them"):
         HFConfig(config={}, prompt_prefix="Q:")

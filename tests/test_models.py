@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from crystalkit.crystal.layout import Packer
 from crystalkit.crystal.packing import Segment
-from crystalkit.data.prompt import IGNORE_INDEX
+from crystalkit.data.prompt import IGNORE_INDEX, format_question
 from crystalkit.evaluation.accuracy import extract_choice
 from crystalkit.evaluation.generation import generate_answers
 from crystalkit.models.masks import additive, causal_allowed, positions_from_mask
@@ -82,6 +82,25 @@ def test_packer_lays_out_segments_and_labels_only_the_answer(parts):
         Segment.LATENT,
         Segment.ANSWER_INTACT,
     }
+
+
+def test_question_first_moves_the_question_before_the_image_and_nothing_else(parts):
+    backbone, split = parts
+    samples = [split[i] for i in range(3)]
+    default, first = Packer(backbone)(samples), Packer(backbone, question_first=True)(samples)
+    for row, sample in enumerate(samples):
+        ids = first.input_ids[row][_valid(first)[row].bool()].tolist()
+        question = backbone.tokenizer.encode(
+            format_question(sample.question, sample.options), add_special_tokens=False
+        )
+        image = backbone.image_prompt_ids()
+        assert ids[: 1 + len(question) + len(image)] == [ids[0], *question, *image]
+        old = default.input_ids[row][_valid(default)[row].bool()].tolist()
+        assert old[: 1 + len(image) + len(question)] == [ids[0], *image, *question]
+        assert ids[1 + len(question) + len(image) :] == old[1 + len(image) + len(question) :]
+    torch.testing.assert_close(
+        first.labels[first.labels != IGNORE_INDEX], default.labels[default.labels != IGNORE_INDEX]
+    )
 
 
 def test_image_features_land_on_placeholders(parts):

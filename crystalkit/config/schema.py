@@ -310,6 +310,23 @@ class PromptConfig(_Strict):
         description="what the model learns to write: the option letter, or the option's text "
         "(evaluation accepts either)",
     )
+    question_first: bool = Field(
+        False,
+        description="put the question before the image (default: image, then question); "
+        "causal attention then lets every image token read the question",
+    )
+
+
+class PerceptionConfig(_Strict):
+    """Dense perception pretraining (``method: perceive``): every cell of the vision tower's
+    feature grid classified by the object centred in it."""
+
+    attributes: list[str] = Field(
+        default_factory=lambda: ["colour", "shape"],
+        min_length=1,
+        description="the object attributes classified per cell (keys of each sample's "
+        "meta['objects'] entries; their values come from the dataset)",
+    )
 
 
 class LoraConfig(_Strict):
@@ -399,7 +416,7 @@ class StageSpec(_Strict):
         description="share of train.steps; the fractions sum to 1 (one stage may leave it "
         "out and take the rest)",
     )
-    method: Literal["finetune", "crystal"] | None = Field(None, description="method")
+    method: Literal["finetune", "crystal", "perceive"] | None = Field(None, description="method")
     latents: StageLatents | None = Field(
         None, description="latents.family, latents.schedule and latents.write"
     )
@@ -458,11 +475,13 @@ class Recipe(_Strict):
         description="data (DATASETS)",
     )
     prompt: PromptConfig = Field(default_factory=PromptConfig)
-    method: Literal["finetune", "crystal"] = Field(
+    method: Literal["finetune", "crystal", "perceive"] = Field(
         "finetune",
         description="finetune: the intact path alone (CE); crystal: intact + corrupted paths "
-        "with the latent copy and the objectives",
+        "with the latent copy and the objectives; perceive: dense perception pretraining of "
+        "the vision tower (see perception)",
     )
+    perception: PerceptionConfig = Field(default_factory=PerceptionConfig)
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
     corruption: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="blur"),

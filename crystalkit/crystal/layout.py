@@ -38,7 +38,9 @@ class Layout:
     ``corrupted_pixels`` their corrupted versions (present when the corrupted path is);
     ``detach_corrupted_image`` stops the gradient at the corrupted image's features. ``written``
     (``[B, T]`` bool, with ``latents.write``) marks the labels of the latent template the model
-    writes (opening text, latent block, closing text, answer cue) apart from the answer's."""
+    writes (opening text, latent block, closing text, answer cue) apart from the answer's;
+    ``cell_labels`` (``[B, A, cells]``, ``method: perceive``) each image cell's class per
+    attribute."""
 
     input_ids: torch.Tensor
     segments: torch.Tensor
@@ -50,12 +52,14 @@ class Layout:
     detach_corrupted_image: bool = False
     written: torch.Tensor | None = None
     image_grid: torch.Tensor | None = None
+    cell_labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Layout:
         corrupted, written, grid = self.corrupted_pixels, self.written, self.image_grid
+        cells = self.cell_labels
         return replace(
             self,
             input_ids=fn(self.input_ids),
@@ -65,6 +69,7 @@ class Layout:
             corrupted_pixels=None if corrupted is None else fn(corrupted),
             written=None if written is None else fn(written),
             image_grid=None if grid is None else fn(grid),
+            cell_labels=None if cells is None else fn(cells),
         )
 
     def to(self, device: torch.device | str) -> Layout:
@@ -223,7 +228,8 @@ class _Piece:
 class Packer:
     """Lays out samples for one backbone (``answer``: train on the option letter or its text;
     ``template``: the latent template's opening and closing text; ``write``: label the template
-    and the latent block as well as the answer)."""
+    and the latent block as well as the answer; ``question_first``: the question before the
+    image)."""
 
     def __init__(
         self,
@@ -231,13 +237,15 @@ class Packer:
         answer: Literal["letter", "text"] = "letter",
         template: tuple[str, str] = ("", ""),
         write: bool = False,
+        question_first: bool = False,
     ):
         self.backbone = backbone
+        self.question_first = question_first
         self.answer = answer
         self.write = write
         tok = backbone.tokenizer
         self._eos, self._pad = tok.eos_token_id, tok.pad_token_id
-        self._prefix = backbone.prompt_ids("")[0]
+        self._prefix = backbone.prompt_ids("", question_first)[0]
         self._image = backbone.image_prompt_ids()
         self._cue = self._encode(ANSWER_CUE)
         self._open, self._close = (self._encode(text) if text else [] for text in template)
@@ -333,16 +341,17 @@ class Packer:
         grids: Sequence[torch.Tensor | None],
         opening: list[int],
     ) -> _Piece:
-        """The question segment: image placeholders, question, then the template's ``opening``
-        text (labelled: the model writes it)."""
+        """The question segment: image placeholders and question (or question and image), then
+        the template's ``opening`` text (labelled: the model writes it)."""
         rows: list[list[int]] = []
         labels: list[list[int]] = []
         for s, grid in zip(samples, grids, strict=True):
-            prefix, question = self.backbone.prompt_ids(format_question(s.question, s.options))
+            text = format_question(s.question, s.options)
+            prefix, before, after = self.backbone.prompt_ids(text, self.question_first)
             if prefix != self._prefix:
                 raise ValueError(f"the prompt's prefix depends on the question: {s.question!r}")
             image = self._image if grid is None else self.backbone.image_prompt_ids(grid)
-            ids = [*image, *question, *opening]
+            ids = [*before, *image, *after, *opening]
             rows.append(ids)
             labels.append([IGNORE_INDEX] * (len(ids) - len(opening)) + opening)
         return _Piece(rows, labels, (0, len(opening)))

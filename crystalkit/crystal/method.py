@@ -10,6 +10,9 @@ Each weight is a schedule over the steps of the recipe (a plain number is a cons
 with ``gradient: false`` enters the loss value detached: it is computed and logged, and it trains
 nothing (the released code's attention term).
 
+``method: perceive`` trains the vision tower alone on dense per-cell labels
+(:mod:`crystalkit.crystal.perception`), the stand-in for a pretrained vision tower.
+
 With ``latents.write`` the cross-entropy also covers the latent template and block the model
 writes (:meth:`Method._written_terms`: one mean per term over all its tokens, the latent block
 shared by both paths counted once).
@@ -29,6 +32,7 @@ from crystalkit.corruptions.boxes import Boxes, ResizeMode, resized_box
 from crystalkit.corruptions.contract import Corruption, apply_corruption, reads_boxes
 from crystalkit.crystal.layout import Layout, Packer
 from crystalkit.crystal.paths import STRATEGIES, Needs, intact_only, resolve_layers
+from crystalkit.crystal.perception import attach_heads, cell_labels, perception_terms
 from crystalkit.data.boxes import Box, box_breach
 from crystalkit.data.sample import Sample
 from crystalkit.errors import UsageError
@@ -74,12 +78,20 @@ class Method:
         backbone: Backbone,
         training: bool = True,
         sources: Sources | None = None,
+        object_attributes: dict[str, Sequence[str]] | None = None,
     ):
         """``training=False`` (evaluation, generation, export): no objectives, and the corruption
         is built when first used, so a run evaluates without its training-only plugins;
-        ``sources`` (the run's recorded component sources) then say what to install."""
+        ``sources`` (the run's recorded component sources) then say what to install;
+        ``object_attributes`` (the dataset's: each attribute's values) label ``perceive``."""
         self.recipe = recipe
         self.crystal = recipe.method == "crystal"
+        self.perceive = recipe.method == "perceive"
+        self.vocab: dict[str, list[str]] = {}
+        if self.perceive:
+            attributes = recipe.perception.attributes
+            attach_heads(backbone, attributes, object_attributes)
+            self.vocab = {a: list(object_attributes[a]) for a in attributes}  # type: ignore[index]
         self.sources = sources or {}
         self.schedule = build_schedule(recipe)
         self.block, self.final_k = build_latents(recipe, backbone)
@@ -89,6 +101,7 @@ class Method:
             answer=recipe.prompt.answer,
             template=(template.open, template.close),
             write=recipe.latents.write,
+            question_first=recipe.prompt.question_first,
         )
         self.strategy = STRATEGIES[recipe.crystal.strategy] if self.crystal else intact_only
         self.ce_weight = build_weight(
@@ -159,6 +172,8 @@ class Method:
             recurrent=self.block.recurrent,
         )
         layout.detach_corrupted_image = self.crystal and self.recipe.crystal.detach_corrupted_image
+        if self.perceive:
+            layout.cell_labels = cell_labels(samples, self.vocab, self.packer.backbone.image_grid)
         return layout
 
     def corrupt(self, samples: Sequence[Sample], seed: int) -> torch.Tensor | list[torch.Tensor]:
@@ -299,6 +314,9 @@ class Method:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss and each (unweighted) term, with ``weights`` (default: those of the
         first step, see :meth:`weights_at`)."""
+        if self.perceive:
+            total, terms = perception_terms(backbone, layout.pixel_values, layout.cell_labels)
+            return total, {"perceive": total, **terms}
         return self.terms(self.strategy(backbone, layout, self.needs), weights)
 
     def terms(

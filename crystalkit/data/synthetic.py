@@ -32,6 +32,7 @@ from crystalkit.data.boxes import enclosing
 from crystalkit.data.layout import Grid, SceneObject, grid_cells, min_image_size, occlude, quadrant
 from crystalkit.data.sample import LETTERS, Sample
 from crystalkit.data.scenes import (
+    COLOUR_NAMES,
     COLOURS,
     DISTRACTOR_TASKS,
     NUM_OPTIONS,
@@ -495,6 +496,13 @@ class SyntheticShapes:
     def split(self, name: str) -> SyntheticShapesSplit:
         """The ``train``, ``val`` or ``test`` split (disjoint: each has its own seed stream)."""
         return named_split("synthetic_shapes", self._splits, name)
+
+    @property
+    def object_attributes(self) -> dict[str, tuple[str, ...]]:
+        """The values each attribute of ``meta["objects"]`` may take (what ``method: perceive``
+        classifies): every colour and every shape, the detail shapes included, whatever the
+        config draws, so heads trained on one config fit another."""
+        return {"colour": COLOUR_NAMES, "shape": ALL_SHAPES}
 
     def corpus(self) -> list[str]:
         """Every word of any question, option or answer letter, sorted.

@@ -112,6 +112,17 @@ class Backbone(nn.Module, ABC):
         return None
 
     @property
+    def vision_feature_channels(self) -> int | None:
+        """Channels of :meth:`vision_features`; ``None`` when the backbone exposes no feature
+        map (dense perception pretraining then cannot train it)."""
+        return None
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's feature map ``[B, C, rows, cols]`` over :attr:`image_grid`, before
+        the projection into the language model (what ``method: perceive`` trains)."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no vision feature map")
+
+    @property
     def resizes_itself(self) -> bool:
         """Whether images reach :meth:`preprocess_images` at their own size (each gets its own
         grid, :meth:`image_grid_of`) instead of one square size for all."""
@@ -202,16 +213,21 @@ class Backbone(nn.Module, ABC):
         header); the answer ends with ``tokenizer.eos_token``."""
         return ""
 
-    def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
-        """``(ids before the image, ids after it)`` of the prompt around ``question`` (through
-        :attr:`question_suffix`): by default :attr:`prompt_prefix`, then :attr:`image_suffix`
-        with the question, then :attr:`question_suffix`, each encoded on its own."""
+    def prompt_ids(
+        self, question: str, question_first: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
+        """``(prefix, ids before the image, ids after it)`` of the prompt around ``question``
+        (through :attr:`question_suffix`): :attr:`prompt_prefix`, then :attr:`image_suffix` with
+        the question, then :attr:`question_suffix`, each encoded on its own. ``question_first``
+        moves the question before the image (:attr:`image_suffix` still follows the image)."""
 
         def encode(text: str) -> list[int]:
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-        after = [*encode(self.image_suffix + question), *encode(self.question_suffix)]
-        return encode(self.prompt_prefix), after
+        prefix, suffix = encode(self.prompt_prefix), encode(self.question_suffix)
+        if question_first:
+            return prefix, encode(question), [*encode(self.image_suffix), *suffix]
+        return prefix, [], [*encode(self.image_suffix + question), *suffix]
 
     def image_prompt_ids(self, grid: torch.Tensor | None = None) -> list[int]:
         """The token ids one image occupies in a prompt (placeholders, plus any markers around

@@ -186,9 +186,16 @@ class EmbeddedBackbone(Backbone):
     def preprocess_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         return (resize_unit(images, self.config.image_size) - 0.5) / 0.5
 
+    @property
+    def vision_feature_channels(self) -> int:
+        return self.encoder.feature_info.channels()[0]
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values)[0]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> ``[B, N, D]`` image token embeddings."""
-        features = self.encoder(pixel_values)[0]
+        features = self.vision_features(pixel_values)
         tokens = rearrange(features, "b c h w -> b (h w) c")
         return self.token_norm(self.projector(tokens)) + self.fixed_image_pos + self.image_pos
 

@@ -95,7 +95,13 @@ def build_model(
     inherited = set(backbone.tokenizer.get_vocab()) if warm is not None else set()
     methods, introduced, seen = [], [], set(inherited)
     for stage in plan_stages(recipe):
-        method = Method(stage.recipe, backbone, training=training, sources=sources)
+        method = Method(
+            stage.recipe,
+            backbone,
+            training=training,
+            sources=sources,
+            object_attributes=getattr(dataset, "object_attributes", None),
+        )
         tokens = backbone.tokenizer.convert_ids_to_tokens(method.block.new_token_ids)
         fresh = [
             i for t, i in zip(tokens, method.block.new_token_ids, strict=True) if t not in seen

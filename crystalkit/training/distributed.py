@@ -226,6 +226,12 @@ class ShardLoss:
                 "ce_corrupted": "corrupted_ce_tokens",
                 "ce_template": "template_tokens",
             }
+        if method.perceive:  # per-cell means over every cell: a mean over samples
+            self.ce_unit = "samples"
+            self.units = {
+                "perceive": "samples",
+                **{f"perceive_{a}": "samples" for a in method.vocab},
+            }
         self.trains: dict[str, bool] = {}
         for key, _, objective, trains in method.objectives:
             self.units[key] = objective_units(objective)

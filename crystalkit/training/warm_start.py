@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from crystalkit.config.schema import Recipe
+from crystalkit.crystal.perception import HEADS
 from crystalkit.data.prompt import template_text
 from crystalkit.errors import UsageError
 from crystalkit.models.backbone import Backbone
@@ -75,6 +76,8 @@ def _load_source(path: Path) -> tuple[Recipe, Backbone, int, bool]:
     if merged:
         model.peft.merge_and_unload()
     backbone = model.backbone.cpu()
+    if hasattr(backbone, HEADS):  # training scaffolding of the source's perceive stage
+        delattr(backbone, HEADS)
     backbone.requires_grad_(True)
     return recipe, backbone, step, merged
 

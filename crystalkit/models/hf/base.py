@@ -494,7 +494,9 @@ class HFBackbone(Backbone):
             rows.append(out["pixel_values"])
         return rows
 
-    def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
+    def prompt_ids(
+        self, question: str, question_first: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
         """Under ``prompt: chat_template``, the prompt encoded as the family's processor encodes
         ``apply_chat_template``'s text: as one string, with the image markup where the template
         writes it (split off afterwards), and the bos token added as an id. A SentencePiece
@@ -502,7 +504,12 @@ class HFBackbone(Backbone):
         tokens (the legacy ``Prepend`` normalizer), so text encoded in pieces would differ at
         their seams. ``prompt: plain`` encodes its pieces one by one, as it always has."""
         if self.config.prompt == "plain":
-            return super().prompt_ids(question)
+            return super().prompt_ids(question, question_first)
+        if question_first:
+            raise UsageError(
+                "prompt.question_first: backbone.prompt: chat_template renders the image before "
+                "the question; set backbone.prompt: plain to put the question first"
+            )
         tokenizer, parts, markup = self.tokenizer, self._prompt, self.chat_image_markup
         text = parts.prefix + markup + parts.between + question + parts.suffix
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -517,7 +524,7 @@ class HFBackbone(Backbone):
                 "around it (expected special tokens); set backbone.prompt: plain"
             )
         lead = [tokenizer.bos_token_id] if parts.bos else []
-        return [*lead, *ids[:at]], ids[at + len(marks) :]
+        return [*lead, *ids[:at]], [], ids[at + len(marks) :]
 
     @property
     def image_suffix(self) -> str:
