@@ -294,3 +294,26 @@ def test_a_composition_reads_boxes_when_a_step_does_and_hands_them_to_it():
     expected = build_corruption(steps[1])(images, gen(0), boxes)
     assert torch.equal(composed(images, gen(0), boxes), expected)
     assert math.isclose(float(expected[1, 0, 3, 2]), 0.5)
+
+
+@pytest.mark.parametrize("tasks", [["count"], ["colour", "shape", "position"]])
+def test_scope_objects_leaves_nothing_but_background(tiny_recipe, tasks):
+    """``scope: objects`` erases every object of the scene and its occluder bar, so nothing is
+    left to answer by elimination; ``scope: evidence`` leaves the distractors (the premise)."""
+    from crystalkit.runs.build import build_dataset, build_model
+
+    dials = (
+        ["dataset.occlusion=0.4", "dataset.num_distractors=[0, 0]"] if tasks == ["count"] else []
+    )
+    base = [f"dataset.tasks={tasks}", "dataset.background_noise=0.0", "method=crystal", *dials]
+    recipe = tiny_recipe(*base, "corruption={name: evidence, scope: objects}")
+    dataset = build_dataset(recipe)
+    samples = [dataset.split("train")[i] for i in range(16)]
+    method = build_model(recipe, dataset).method
+    erased = torch.stack(list(method.corrupt(samples, 0)))
+    background = float(samples[0].image[0, 0, 0]) / 255
+    assert float((erased - background).abs().max()) == 0.0
+    kept = build_model(tiny_recipe(*base, "corruption={name: evidence}"), dataset).method.corrupt(
+        samples, 0
+    )
+    assert float((torch.stack(list(kept)) - background).abs().max()) > 0.2

@@ -28,6 +28,7 @@ from crystalkit.registries import CORRUPTIONS
 
 Tensor = torch.Tensor
 Mode = Literal["erase", "blur", "occlude"]
+Scope = Literal["evidence", "objects"]
 #: the ring whose pixels an erased box's fill imitates reaches this many pixels past the box, at
 #: least (else the box's own larger side)
 MIN_RING = 4
@@ -52,15 +53,27 @@ class EvidenceCorruption(Sampled):
         sigma: blur mode's standard deviation, in multiples of the sample's evidence size (the
             mean side of its boxes, averaged over its boxes).
         value: occlude mode's patch value in [0, 1] (0.5 = mid grey).
+        scope: evidence: the boxes of the objects the answer depends on; objects: every object
+            of the scene (``meta["objects"]``), so that nothing is left to answer by
+            elimination (erasing the one triangle leaves the other objects' colours, and the
+            answer is the option no object shows).
     """
 
     uses_boxes = True
 
     def __init__(
-        self, mode: Mode = "erase", margin: float = 0.0, sigma: float = 2.0, value: float = 0.5
+        self,
+        mode: Mode = "erase",
+        margin: float = 0.0,
+        sigma: float = 2.0,
+        value: float = 0.5,
+        scope: Scope = "evidence",
     ) -> None:
         if mode not in ("erase", "blur", "occlude"):
             raise ValueError(f"mode must be one of erase, blur, occlude, got {mode!r}")
+        if scope not in ("evidence", "objects"):
+            raise ValueError(f"scope must be one of evidence, objects, got {scope!r}")
+        self.box_scope = scope
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if sigma <= 0:

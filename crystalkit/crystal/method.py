@@ -210,10 +210,23 @@ class Method:
         ]
 
     def _evidence(self, sample: Sample) -> list[Box]:
-        """``sample``'s evidence boxes, for a corruption that reads them: a sample without any
-        (data that does not mark its evidence, e.g. a benchmark file) is a usage error."""
-        evidence = sample.evidence
+        """``sample``'s evidence boxes, for a corruption that reads them (every object's box when
+        it declares ``box_scope = "objects"``, occluder bars included): a sample without any (data that does not mark
+        its evidence, e.g. a benchmark file) is a usage error."""
         name = self.recipe.corruption.name
+        if getattr(self.corruption, "box_scope", "evidence") == "objects":
+            objects = sample.meta.get("objects", [])  # with their occluder bars: no outlines left
+            evidence = [o["box"] for o in objects] + [
+                o["occluder"] for o in objects if "occluder" in o
+            ]
+            if not evidence:
+                raise UsageError(
+                    f"corruption {name!r} reads every object's box, but sample {sample.index} "
+                    "lists no objects (meta['objects']); use scope: evidence, or data that lists "
+                    "its objects (synthetic_shapes does)"
+                )
+        else:
+            evidence = sample.evidence
         if not evidence:
             raise UsageError(
                 f"corruption {name!r} reads each sample's evidence boxes, but sample "

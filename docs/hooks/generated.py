@@ -10,7 +10,7 @@ holds a block like::
 
 Blocks:
 
-    keys top | prompt | latents | latents_template | crystal | train | eval | lora | warm_start
+    keys top | prompt | latents | latents_template | crystal | train | eval | lora | perception | warm_start
          | stage | stage_train
                                   a recipe section's keys (crystalkit.config.schema)
     keys KIND:NAME                a registered component's parameters, e.g. keys corruption:blur
@@ -66,6 +66,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         LatentsConfig,
         LatentTemplate,
         LoraConfig,
+        PerceptionConfig,
         PromptConfig,
         Recipe,
         StageSpec,
@@ -83,6 +84,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
         "train": TrainConfig,
         "eval": EvalConfig,
         "lora": LoraConfig,
+        "perception": PerceptionConfig,
         "warm_start": WarmStartConfig,
         "stage": StageSpec,
         "stage_train": StageTrain,
