@@ -379,7 +379,7 @@ def test_grids_vary_a_stages_keys_by_its_name():
     from crystalkit.ablation.grid import Grid
 
     recipes = ROOT / "recipes"
-    spec = GridFile(base="crystal_default.yaml", grid={"stages.crystal.train.lr": [1e-3, 5e-4]})
+    spec = GridFile(base="instruct.yaml", grid={"stages.finetune.train.lr": [1e-3, 5e-4]})
     grid = Grid(recipes / "grid.yaml", spec)
     assert [grid.recipe(cell).stages[-1].train.lr for cell in grid.cells()] == [1e-3, 5e-4]
 

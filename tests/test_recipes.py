@@ -13,7 +13,6 @@ import pytest
 from crystalkit.config.json_schema import recipe_json_schema
 from crystalkit.config.loader import dump_recipe, load_recipe
 from crystalkit.config.schema import EvalConfig, Recipe, TrainConfig
-from crystalkit.config.stages import plan_stages
 from crystalkit.errors import RecipeError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,28 +163,25 @@ def test_crystal_scratch_inherits_direct_finetune():
     assert derived.dataset == base.dataset
 
 
-def test_the_main_job_finetunes_then_runs_the_crystal_scratch_configuration():
+def test_the_main_job_runs_the_crystal_scratch_configuration_on_the_testbed_from_the_instruct_model():
     scratch = load_recipe(ROOT / "recipes" / "crystal_scratch.yaml")
+    testbed = load_recipe(ROOT / "recipes" / "testbed.yaml")
+    instruct = load_recipe(ROOT / "recipes" / "instruct.yaml")
     default = load_recipe(ROOT / "recipes" / "crystal_default.yaml")
-    finetune, crystal = default.stages
-    assert (finetune.name, finetune.method, crystal.name, crystal.method) == (
-        "finetune",
-        "finetune",
-        "crystal",
-        "crystal",
-    )
-    assert finetune.latents.schedule.params == {"k": 0}
-    assert crystal.latents.schedule == scratch.latents.schedule
-    assert crystal.latents.family == scratch.latents.family
-    assert crystal.corruption == scratch.corruption and crystal.crystal == scratch.crystal
+    assert default.stages == [] and default.method == "crystal"
+    assert default.warm_start.source == "checkpoints/instruct"
+    assert default.latents == scratch.latents and default.crystal == scratch.crystal
     # CrystaL as released: the attention term is logged but trains nothing
     released = scratch.objectives | {
         "attention": scratch.objectives["attention"].model_copy(update={"gradient": False})
     }
-    assert crystal.objectives == released
-    last = plan_stages(default)[-1]
-    assert 3 * last.steps >= default.train.steps  # the CrystaL stage: at least a third of the run
-    assert default.backbone == scratch.backbone and default.dataset == scratch.dataset
+    assert default.objectives == released
+    # the testbed's data, model and prompt: those the instruct model was trained on
+    for recipe in (default, instruct):
+        assert recipe.dataset == testbed.dataset and recipe.backbone == testbed.backbone
+        assert recipe.prompt == testbed.prompt and recipe.prompt.question_first
+    assert default.corruption.name == "evidence"
+    assert default.corruption.params == {"mode": "erase", "scope": "objects"}
 
 
 # -- error messages ---------------------------------------------------------------------------
