@@ -3,8 +3,9 @@
     python benchmarks/main_job.py                          # seeds 0-4 of crystal_default.yaml
     python benchmarks/main_job.py recipes/direct_finetune.yaml --seeds 0 1 2
 
-Each seed runs ``crystalkit train RECIPE seed=S`` in a fresh process (start-up, both stages,
-periodic validation and the final test pass included), as a user would, into a temporary folder.
+Each seed runs ``crystalkit train RECIPE seed=S dataset.seed=S`` in a fresh process from the
+repository root (where warm starts resolve), start-up, warm start, training and the final test
+pass included, as a user would, into a temporary folder.
 Prints the wall-clock and the test accuracy of every seed, then mean, sd and the 95 % prediction
 interval of the accuracy. Absolute times drift with the machine's load: run it on an idle machine.
 """
@@ -32,11 +33,14 @@ def run(recipe: Path, seed: int, output: Path) -> tuple[float, dict]:
         "train",
         str(recipe),
         f"seed={seed}",
+        f"dataset.seed={seed}",  # test items vary with the seed, as in ablations/main_job.yaml
         f"name=seed_{seed}",
         f"output_dir={output}",
     ]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     seconds = time.perf_counter() - start
     results = json.loads((output / f"seed_{seed}" / "results.json").read_text(encoding="utf-8"))
     return seconds, results

@@ -36,8 +36,8 @@ def test_the_checkpoint_loads_as_a_run():
     recipe, _, backbone, method, step = load_run(CHECKPOINT)
     weights = load_file(str(ckpt.latest_checkpoint(CHECKPOINT).path / files.CHECKPOINT_WEIGHTS))
     state = backbone.state_dict()
-    assert step == recipe.train.steps and state.keys() == weights.keys()
-    assert all(torch.equal(state[k], weights[k]) for k in state)
+    assert step == recipe.train.steps and set(weights) <= set(state)  # tied rows saved once
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
     assert method.packer.question_first and hasattr(backbone, HEADS)
 
 
